@@ -1,0 +1,99 @@
+"""Config sections shared by both training stages.
+
+Every field here is part of the stable config surface: tools outside the repository override them with
+`--config.a.b=value`, so rename nothing without keeping the old spelling working.
+"""
+
+import ml_collections
+
+
+def get_data_config(image_size: int = 32) -> ml_collections.ConfigDict:
+  """Input pipeline settings (see diffusion/data/pipeline.py)."""
+  data = ml_collections.ConfigDict()
+  data.name = 'shapes'  # 'shapes' (embedded), 'folder', or any TFDS dataset prepared in ArrayRecord format.
+  data.data_dir = ''  # '' = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+  data.image_size = image_size
+  data.image_key = 'image'
+  data.caption_key = 'caption'
+  data.train_split = 'train'
+  data.eval_split = 'validation'
+  data.random_crop = False
+  data.random_flip = False  # Off by default: flipping breaks "left of" captions.
+  data.max_text_length = 16
+  data.worker_count = 0
+  data.shapes = ml_collections.ConfigDict(dict(max_objects=2, num_train=20000, num_eval=1000))
+  data.folder = ml_collections.ConfigDict(dict(path='', captions_file=''))
+  return data
+
+
+def get_train_config() -> ml_collections.ConfigDict:
+  train = ml_collections.ConfigDict()
+  train.num_steps = 100_000
+  train.batch_size = 256  # Global batch, over all hosts and devices.
+  train.log_every = 50
+  train.eval_every = 1000
+  train.eval_batches = 4
+  train.checkpoint_every = 1000
+  train.keep_checkpoints = 3
+  train.sample_every = 5000
+  train.max_bad_steps = 10
+  return train
+
+
+def get_optim_config() -> ml_collections.ConfigDict:
+  optim = ml_collections.ConfigDict()
+  optim.lr = 1e-4
+  optim.warmup_steps = 1000
+  optim.lr_schedule = 'cosine'  # 'cosine' | 'constant'
+  optim.end_lr_factor = 0.1
+  optim.weight_decay = 0.01
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.grad_clip = 1.0
+  optim.ema_decay = 0.9999
+  return optim
+
+
+def get_mesh_config() -> ml_collections.ConfigDict:
+  mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # -1 takes the devices the other axes leave.
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  return mesh
+
+
+def get_wandb_config(project: str) -> ml_collections.ConfigDict:
+  wandb = ml_collections.ConfigDict()
+  wandb.mode = 'offline'  # 'online' | 'offline' | 'disabled'
+  wandb.project = project
+  wandb.entity = ''
+  wandb.name = ''
+  wandb.group = ''
+  wandb.tags = ''  # Comma-separated.
+  return wandb
+
+
+def get_vae_model_config() -> ml_collections.ConfigDict:
+  """The SD 1.x/2.x f8 AutoencoderKL; field names as diffusers' `AutoencoderKL`."""
+  vae = ml_collections.ConfigDict()
+  vae.in_channels = 3
+  vae.out_channels = 3
+  vae.block_out_channels = (128, 256, 512, 512)
+  vae.layers_per_block = 2
+  vae.latent_channels = 4
+  vae.norm_num_groups = 32
+  vae.act_fn = 'silu'
+  vae.mid_block_add_attention = True
+  vae.scaling_factor = -1.0  # -1: computed from data at the start of stage 2 (as LDM does) and stored.
+  vae.dtype = 'float32'
+  return vae
+
+
+def get_tiny_vae_model_config() -> ml_collections.ConfigDict:
+  """A ~0.24M-parameter f4 autoencoder: 32 px images -> 8x8x4 latents."""
+  vae = get_vae_model_config()
+  vae.block_out_channels = (16, 32, 32)
+  vae.layers_per_block = 1
+  vae.norm_num_groups = 8
+  return vae

@@ -1,0 +1,153 @@
+r"""Stage 2: text-conditioned latent diffusion on top of a trained VAE.
+
+Presets:
+  base: an SD-1.x-like U-Net (~860M parameters) at 256 px with an f8 VAE and a CLIP-L-sized text transformer,
+        on a TFDS image-text dataset (accelerators).
+  tiny: a ~1.1M-parameter U-Net on 8x8x4 latents of the embedded shapes dataset (the CPU quickstart).
+
+  python train.py --config configs/vae_base.py:tiny --workdir workdirs/vae_tiny
+  python train.py --config configs/ldm_base.py:tiny --workdir workdirs/ldm_tiny \
+      --config.vae_workdir=workdirs/vae_tiny
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_unet_config() -> ml_collections.ConfigDict:
+  """SD 1.x's UNet2DConditionModel; field names as diffusers'."""
+  unet = ml_collections.ConfigDict()
+  unet.sample_size = 32
+  unet.in_channels = 4
+  unet.out_channels = 4
+  unet.block_out_channels = (320, 640, 1280, 1280)
+  unet.layers_per_block = 2
+  unet.down_block_types = ('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D')
+  unet.up_block_types = ('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D')
+  unet.mid_block_type = 'UNetMidBlock2DCrossAttn'
+  unet.attention_head_dim = 8
+  unet.num_attention_heads = ml_collections.FieldReference(None, field_type=int)
+  unet.cross_attention_dim = 768
+  unet.transformer_layers_per_block = 1
+  unet.use_linear_projection = False
+  unet.flip_sin_to_cos = True
+  unet.freq_shift = 0
+  unet.norm_num_groups = 32
+  unet.norm_eps = 1e-5
+  unet.act_fn = 'silu'
+  unet.dtype = 'float32'
+  return unet
+
+
+def get_text_config() -> ml_collections.ConfigDict:
+  """A text transformer with CLIPTextModel's architecture; field names as transformers' CLIPTextConfig."""
+  text = ml_collections.ConfigDict()
+  text.type = 'transformer'  # Trained from scratch with the U-Net.
+  text.tokenizer = ''  # '' builds a word-level tokenizer from the dataset vocabulary; else a path or hub id.
+  text.vocab_size = -1  # Set from the tokenizer at the start of training.
+  text.hidden_size = 768
+  text.intermediate_size = 3072
+  text.num_hidden_layers = 12
+  text.num_attention_heads = 12
+  text.max_position_embeddings = 77
+  text.hidden_act = 'quick_gelu'
+  text.layer_norm_eps = 1e-5
+  text.eos_token_id = 2
+  text.projection_dim = ml_collections.FieldReference(None, field_type=int)
+  text.trainable = True
+  text.dtype = 'float32'
+  return text
+
+
+def get_diffusion_config() -> ml_collections.ConfigDict:
+  diffusion = ml_collections.ConfigDict()
+  diffusion.prediction_type = 'eps'  # 'eps' | 'x0' | 'v'
+  diffusion.schedule = 'scaled_linear'
+  diffusion.num_train_timesteps = 1000
+  diffusion.beta_start = 0.00085
+  diffusion.beta_end = 0.012
+  diffusion.rescale_zero_terminal_snr = False
+  diffusion.loss_weighting = 'uniform'  # 'uniform' | 'min_snr'
+  diffusion.min_snr_gamma = 5.0
+  diffusion.offset_noise = 0.0
+  diffusion.caption_dropout = 0.1  # Probability of training on the empty prompt (classifier-free guidance).
+  return diffusion
+
+
+def get_sample_config() -> ml_collections.ConfigDict:
+  sample = ml_collections.ConfigDict()
+  sample.sampler = 'ddim'
+  sample.num_steps = 50
+  sample.guidance_scale = 7.5
+  sample.eta = 0.0
+  sample.negative_prompt = ''
+  sample.prompts = ('a red circle', 'a blue square', 'a green triangle', 'a yellow circle')
+  sample.num_images_per_prompt = 2
+  sample.use_ema = True
+  return sample
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  preset = arg or 'base'
+  config = ml_collections.ConfigDict()
+  config.model_type = 'ldm'
+  config.preset = preset
+  config.seed = 0
+  config.vae_workdir = ''  # Where stage 2 takes the frozen VAE from; its params are copied into this workdir.
+  config.data = common.get_data_config(image_size=256)
+  config.data.name = 'coco_captions'
+  config.data.caption_key = 'captions/text'
+  config.data.max_text_length = 77
+  config.model = ml_collections.ConfigDict()
+  config.model.vae = common.get_vae_model_config()  # Replaced by the VAE workdir's model config at start.
+  config.model.unet = get_unet_config()
+  config.model.text = get_text_config()
+  config.model.text.tokenizer = 'openai/clip-vit-large-patch14'
+  config.model.text.eos_token_id = -1  # CLIP BPE: pool at argmax(input_ids).
+  config.diffusion = get_diffusion_config()
+  config.sample = get_sample_config()
+  config.sample.prompts = ('a photo of a dog', 'a red bus on a street', 'a bowl of fruit', 'a city at night')
+  config.train = common.get_train_config()
+  config.optim = common.get_optim_config()
+  config.mesh = common.get_mesh_config()
+  config.wandb = common.get_wandb_config('ldm-jax')
+
+  if preset == 'base':
+    pass
+  elif preset == 'tiny':
+    config.data = common.get_data_config(image_size=32)
+    config.data.shapes.max_objects = 1
+    config.model.vae = common.get_tiny_vae_model_config()
+    unet = config.model.unet
+    unet.sample_size = 8
+    unet.block_out_channels = (32, 64)
+    unet.layers_per_block = 1
+    unet.down_block_types = ('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D')
+    unet.up_block_types = ('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D')
+    unet.attention_head_dim = 4
+    unet.cross_attention_dim = 64
+    unet.norm_num_groups = 8
+    text = config.model.text
+    text.tokenizer = ''
+    text.hidden_size = 64
+    text.intermediate_size = 128
+    text.num_hidden_layers = 2
+    text.num_attention_heads = 4
+    text.max_position_embeddings = 16
+    text.eos_token_id = 2
+    config.train.num_steps = 3000
+    config.train.batch_size = 64
+    config.train.log_every = 100
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 500
+    config.train.sample_every = 1500
+    config.optim.lr = 1e-3
+    config.optim.warmup_steps = 200
+    config.optim.weight_decay = 0.0
+    config.optim.ema_decay = 0.999
+    config.sample.num_steps = 25
+    config.sample.guidance_scale = 3.0
+  else:
+    raise ValueError(f'unknown preset {preset!r} for configs/ldm_base.py; known: base, tiny')
+  return config

@@ -1,0 +1,57 @@
+r"""Stage 1: train the AutoencoderKL (VAE) that maps images to latents.
+
+Presets:
+  base: the SD 1.x/2.x f8 VAE at 256 px on a TFDS image-text dataset (accelerators).
+  tiny: a ~0.24M-parameter f4 VAE on the embedded shapes dataset at 32 px (the CPU quickstart).
+
+  python train.py --config configs/vae_base.py:tiny --workdir workdirs/vae_tiny
+  python train.py --config configs/vae_base.py --workdir gs://bucket/vae --config.train.batch_size=128
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  preset = arg or 'base'
+  config = ml_collections.ConfigDict()
+  config.model_type = 'vae'
+  config.preset = preset
+  config.seed = 0
+  config.data = common.get_data_config(image_size=256)
+  config.data.name = 'coco_captions'
+  config.data.caption_key = 'captions/text'
+  config.data.random_flip = True
+  config.model = ml_collections.ConfigDict()
+  config.model.vae = common.get_vae_model_config()
+  config.loss = ml_collections.ConfigDict()
+  config.loss.rec_loss = 'l1'  # 'l1' | 'l2'
+  config.loss.kl_weight = 1e-6
+  config.loss.perceptual_weight = 0.0  # Pluggable term, off by default.
+  config.loss.adversarial_weight = 0.0  # Pluggable term, off by default.
+  config.train = common.get_train_config()
+  config.optim = common.get_optim_config()
+  config.optim.lr = 4.5e-6 * 8  # LDM's base lr scaled for batch 8 per accelerator.
+  config.optim.weight_decay = 0.0
+  config.mesh = common.get_mesh_config()
+  config.wandb = common.get_wandb_config('ldm-jax-vae')
+
+  if preset == 'base':
+    pass
+  elif preset == 'tiny':
+    config.data = common.get_data_config(image_size=32)
+    config.data.shapes.max_objects = 1
+    config.model.vae = common.get_tiny_vae_model_config()
+    config.train.num_steps = 1000
+    config.train.batch_size = 32
+    config.train.log_every = 100
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 500
+    config.train.sample_every = 1000
+    config.optim.lr = 2e-3
+    config.optim.warmup_steps = 100
+    config.optim.ema_decay = 0.99
+  else:
+    raise ValueError(f'unknown preset {preset!r} for configs/vae_base.py; known: base, tiny')
+  return config

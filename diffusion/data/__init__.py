@@ -1,0 +1,10 @@
+"""Input pipelines, the embedded shapes dataset, tokenizers and the shapes caption oracle.
+
+Modules (import the one you need; this package imports nothing heavy by itself):
+  shapes       scene sampling, rendering and captions (NumPy only)
+  tfds_shapes  the shapes dataset as a TFDS ArrayRecord builder, prepared locally
+  oracle       reads which coloured shapes an image shows; scores images against captions
+  tokenizer    word-level tokenizer, save/load (also hub tokenizers), tokenize
+  folder       image folder + captions file as a data source
+  pipeline     create_data_source / create_input_pipeline (grain; deterministic, resumable)
+"""

@@ -1,0 +1,258 @@
+"""Grain input pipelines: data source -> decode -> resize/crop/flip -> tokenize -> batch.
+
+One pipeline for every dataset. `data_config.name` picks the source: 'shapes' (the embedded
+dataset, prepared into `data_dir` on first use), 'folder' (images + captions file), or any other
+name, read as a TFDS dataset prepared in ArrayRecord format with `tfds.data_source`.
+
+Determinism: the example order comes from `IndexSampler(seed)`; random crop, flip and the choice
+among several captions use the per-example generator grain derives from (seed, example index).
+The loader's iterator has `get_state()` / `set_state()`, so a restored run continues with
+exactly the batches it would have seen. Each host reads only its own shard
+(`ShardOptions(process_index, process_count)`).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
+
+from diffusion.data import folder as folder_lib
+from diffusion.data import tfds_shapes
+from diffusion.data import tokenizer as tokenizer_lib
+
+SourceFactory = Callable[[ml_collections.ConfigDict, str], Any]
+_SOURCES: dict[str, SourceFactory] = {}
+# Reader threads per process: enough to overlap file reads and image decoding, few enough that
+# small in-memory records do not lose to GIL contention (grain's default is 16).
+_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=128)
+
+
+def register_source(name: str) -> Callable[[SourceFactory], SourceFactory]:
+  """Decorator: makes `factory(data_config, split) -> data source` available as data.name."""
+  def decorator(factory: SourceFactory) -> SourceFactory:
+    if name in _SOURCES:
+      raise ValueError(f"data source {name!r} is already registered; known: {sorted(_SOURCES)}")
+    _SOURCES[name] = factory
+    return factory
+  return decorator
+
+
+def known_sources() -> list[str]:
+  """Registered source names (any other name is looked up as a TFDS dataset)."""
+  return sorted(_SOURCES)
+
+
+@register_source("shapes")
+def _shapes_source(data_config: ml_collections.ConfigDict, split: str):
+  opts = data_config.shapes
+  builder = tfds_shapes.prepare_shapes(
+      data_config.data_dir or None, resolution=data_config.image_size,
+      max_objects=opts.max_objects, num_train=opts.num_train, num_eval=opts.num_eval)
+  return builder.as_data_source(split)
+
+
+@register_source("folder")
+def _folder_source(data_config: ml_collections.ConfigDict, split: str):
+  return folder_lib.FolderDataSource(
+      data_config.folder.path, data_config.folder.captions_file, split=split,
+      train_split=data_config.train_split)
+
+
+def _tfds_source(data_config: ml_collections.ConfigDict, split: str):
+  try:
+    return tfds.data_source(data_config.name, split=split, data_dir=data_config.data_dir or None,
+                            download=False)
+  except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError, AssertionError) as e:
+    raise ValueError(
+        f"unknown data.name {data_config.name!r}: not one of {known_sources()} and not a TFDS "
+        f"dataset prepared in ArrayRecord format under data_dir={data_config.data_dir!r} "
+        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    ) from e
+
+
+def create_data_source(data_config: ml_collections.ConfigDict, split: str):
+  """The grain random-access source (records are dicts holding an image and a caption)."""
+  factory = _SOURCES.get(data_config.name, _tfds_source)
+  return factory(data_config, split)
+
+
+def _lookup(record: Any, key_path: str) -> Any:
+  """record['a']['b'] for 'a/b'; lists of dicts along the way are mapped over."""
+  value = record
+  for key in key_path.split("/"):
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], dict):
+      value = [v[key] for v in value]
+    elif isinstance(value, dict):
+      if key not in value:
+        raise KeyError(f"record has no {key_path!r} (available: {sorted(value)})")
+      value = value[key]
+    else:
+      raise KeyError(f"cannot look up {key_path!r} in a {type(value).__name__}")
+  return value
+
+
+def record_caption(record: Any, data_config: ml_collections.ConfigDict) -> str:
+  """The (first) caption of a raw source record, e.g. to build a vocabulary."""
+  value = _lookup(record, data_config.caption_key)
+  if isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) > 0:
+    value = value[0]
+  return _as_text(value)
+
+
+def _as_text(value: Any) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    return _as_text(value.item())
+  return str(value)
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+  """uint8 (H, W, 3) from grey (H, W[, 1]) or RGBA images."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  if image.dtype != np.uint8:
+    raise ValueError(f"expected uint8 images, got {image.dtype}")
+  return image[..., :3]
+
+
+class DecodeRecord(grain.transforms.Map):
+  """Picks image and caption(s) out of a record; decodes encoded image bytes.
+
+  Undecodable images become None (dropped by `KeepDecoded`); each is logged with a running count
+  in `num_skipped` (per process).
+  """
+
+  def __init__(self, image_key: str, caption_key: str):
+    self.image_key, self.caption_key = image_key, caption_key
+    self.num_skipped = 0
+
+  def map(self, record: dict) -> dict:
+    image = _lookup(record, self.image_key)
+    caption = _lookup(record, self.caption_key)
+    if isinstance(image, (bytes, np.bytes_)):
+      try:
+        with Image.open(io.BytesIO(image)) as im:
+          image = np.asarray(im.convert("RGB"))
+      except Exception:  # pylint: disable=broad-except  # Any undecodable file is skipped.
+        self.num_skipped += 1
+        logging.warning("Skipping undecodable image %s (%d skipped so far).",
+                        record.get("file_name", "?"), self.num_skipped)
+        image = None
+    if isinstance(caption, np.ndarray) and caption.ndim > 0:
+      caption = list(caption)
+    captions = [_as_text(c) for c in caption] if isinstance(caption, (list, tuple)) else [
+        _as_text(caption)]
+    return {"image": None if image is None else _as_rgb(image), "captions": captions}
+
+
+class KeepDecoded(grain.transforms.Filter):
+  """Drops records whose image could not be decoded."""
+
+  def filter(self, element: dict) -> bool:
+    return element["image"] is not None and bool(element["captions"])
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def swap_left_right(caption: str) -> str:
+  """'a red circle to the left of ...' -> '... to the right of ...' (for flipped images)."""
+  def swap(m: re.Match) -> str:
+    word = {"left": "right", "right": "left"}[m.group(1).lower()]
+    return word.capitalize() if m.group(1)[0].isupper() else word
+  return _LEFT_RIGHT.sub(swap, caption)
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+  """Resizes (antialiased bicubic) so the shorter side is `size`; no-op if it already is."""
+  h, w = image.shape[:2]
+  if min(h, w) == size:
+    return image
+  scale = size / min(h, w)
+  new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+  return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC))
+
+
+class Augment(grain.transforms.RandomMap):
+  """Picks one caption, resizes the shorter side to `image_size`, crops a square, maybe flips.
+
+  Flipping swaps the words left/right in the caption, so spatial captions stay true.
+  """
+
+  def __init__(self, image_size: int, random_crop: bool, random_flip: bool):
+    self.image_size, self.random_crop, self.random_flip = image_size, random_crop, random_flip
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    captions = element["captions"]
+    caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
+    image = resize_shorter_side(element["image"], self.image_size)
+    h, w = image.shape[:2]
+    s = self.image_size
+    if self.random_crop:
+      top, left = int(rng.integers(h - s + 1)), int(rng.integers(w - s + 1))
+    else:
+      top, left = (h - s) // 2, (w - s) // 2
+    image = image[top:top + s, left:left + s]
+    if self.random_flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+      caption = swap_left_right(caption)
+    return {"image": image, "caption": caption}
+
+
+def _stack(elements: list[dict]) -> dict:
+  """Batches uint8 images and keeps captions as a list (tokenized once per batch)."""
+  return {"image": np.stack([e["image"] for e in elements]),
+          "caption": [e["caption"] for e in elements]}
+
+
+class Finalize(grain.transforms.Map):
+  """Batch: uint8 images -> float32 in [-1, 1]; captions -> int32 token ids (B, max_length)."""
+
+  def __init__(self, tokenizer, max_length: int):
+    self.tokenizer, self.max_length = tokenizer, max_length
+
+  def map(self, element: dict) -> dict:
+    image = element["image"].astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+    if self.tokenizer is None:  # Image-only consumers (the VAE stage).
+      return {"image": image}
+    ids = tokenizer_lib.tokenize(self.tokenizer, element["caption"], self.max_length)
+    return {"image": image, "input_ids": ids}
+
+
+def create_input_pipeline(data_config: ml_collections.ConfigDict, split: str, *, tokenizer,
+                          batch_size: int, seed: int, shuffle: bool = True,
+                          num_epochs: int | None = None, process_index: int = 0,
+                          process_count: int = 1, drop_remainder: bool = True) -> grain.DataLoader:
+  """This host's batches: dict(image=float32 (B, H, W, 3) in [-1, 1], input_ids=int32 (B, L)).
+
+  `batch_size` is per host. `num_epochs=None` repeats forever. Iterate with `iter(loader)`; the
+  iterator's `get_state()` / `set_state()` save and restore the position.
+  """
+  source = create_data_source(data_config, split)
+  shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
+                                      drop_remainder=drop_remainder)
+  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard,
+                                        shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+  operations = [
+      DecodeRecord(data_config.image_key, data_config.caption_key),
+      KeepDecoded(),
+      Augment(data_config.image_size, data_config.random_crop, data_config.random_flip),
+      grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder,
+                             batch_fn=_stack),
+      Finalize(tokenizer, data_config.max_text_length),
+  ]
+  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                          worker_count=data_config.worker_count, read_options=_READ_OPTIONS)

@@ -1,0 +1,127 @@
+"""Metric writers: a progress line on the console, `metrics.jsonl` in the workdir, and W&B.
+
+Only process 0 writes. W&B runs offline by default (`config.wandb.mode`), writing under `<workdir>/wandb`, so runs on
+machines without network are synced later with `wandb sync`.
+"""
+
+import json
+import os
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+
+def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+  """Tiles uint8 images (N, H, W, C) into one (rows*H, cols*W, C) image with a white border."""
+  n, h, w, c = images.shape
+  ncols = ncols or int(np.ceil(np.sqrt(n)))
+  nrows = int(np.ceil(n / ncols))
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  for i, image in enumerate(images):
+    r, col = divmod(i, ncols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
+  return grid
+
+
+def to_uint8(images: Any) -> np.ndarray:
+  """[-1, 1] floats -> uint8, rounding like diffusers' `numpy_to_pil`."""
+  images = np.asarray(images, dtype=np.float32)
+  return np.round(np.clip((images + 1.0) * 127.5, 0, 255)).astype(np.uint8)
+
+
+def save_png(image: np.ndarray, path: str, upscale: int = 1) -> None:
+  pil = Image.fromarray(image)
+  if upscale > 1:
+    pil = pil.resize((pil.width * upscale, pil.height * upscale), Image.NEAREST)
+  pil.save(path)
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class MetricWriter:
+  """Writes scalars to the console, `<workdir>/metrics.jsonl` and W&B; images to W&B and `<workdir>/samples`."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, total_steps: int, batch_size: int):
+    self.workdir = workdir
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self.is_lead = jax.process_index() == 0
+    self._wandb = None
+    self._last_time, self._last_step = None, None
+    if self.is_lead:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self._wandb = _init_wandb(workdir, config)
+
+  def start(self, step: int) -> None:
+    self._last_time, self._last_step = time.perf_counter(), step
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any], progress: bool = True) -> None:
+    """Logs one step's scalars; with `progress`, adds and prints steps/s, images/s and ETA."""
+    if not self.is_lead:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    if progress and self._last_time is not None and step > self._last_step:
+      now = time.perf_counter()
+      steps_per_sec = (step - self._last_step) / (now - self._last_time)
+      scalars['steps_per_sec'] = steps_per_sec
+      scalars['images_per_sec'] = steps_per_sec * self.batch_size
+      self._last_time, self._last_step = now, step
+      eta = _format_eta((self.total_steps - step) / max(steps_per_sec, 1e-9))
+      shown = ' '.join(f'{k}={v:.4g}' for k, v in scalars.items() if k not in ('steps_per_sec', 'images_per_sec'))
+      print(f'step {step}/{self.total_steps} {shown} steps/s={steps_per_sec:.2f} '
+            f'images/s={scalars["images_per_sec"]:.1f} eta={eta}', flush=True)
+    elif scalars:
+      print(f'step {step} ' + ' '.join(f'{k}={v:.4g}' for k, v in scalars.items()), flush=True)
+    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self._jsonl.flush()
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=step)
+
+  def write_images(self, step: int, name: str, grid: np.ndarray, caption: str = '') -> str | None:
+    """Saves a uint8 grid as `<workdir>/samples/<name>_<step>.png` and logs it to W&B."""
+    if not self.is_lead:
+      return None
+    directory = os.path.join(self.workdir, 'samples')
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f'{name}_{step:07d}.png')
+    save_png(grid, path)
+    if self._wandb is not None:
+      import wandb
+      self._wandb.log({name: wandb.Image(path, caption=caption)}, step=step)
+    return path
+
+  def close(self) -> None:
+    if self.is_lead:
+      self._jsonl.close()
+      if self._wandb is not None:
+        self._wandb.finish()
+        self._wandb = None
+
+
+def _init_wandb(workdir: str, config: ml_collections.ConfigDict):
+  if config.wandb.mode == 'disabled':
+    return None
+  import wandb
+
+  os.environ.setdefault('WANDB_SILENT', 'true')
+  tags: Sequence[str] = [t for t in config.wandb.tags.split(',') if t]
+  run_id_file = os.path.join(workdir, 'wandb_run_id')
+  run_id = open(run_id_file).read().strip() if os.path.exists(run_id_file) else wandb.util.generate_id()
+  with open(run_id_file, 'w') as f:
+    f.write(run_id)
+  try:
+    return wandb.init(project=config.wandb.project, entity=config.wandb.entity or None, name=config.wandb.name or None,
+                      group=config.wandb.group or None, tags=tags, mode=config.wandb.mode, dir=workdir,
+                      config=config.to_dict(), id=run_id, resume='allow')
+  except Exception as e:  # W&B must never stop a training run.
+    print(f'warning: W&B could not start ({e}); continuing without it', file=sys.stderr)
+    return None

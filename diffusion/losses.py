@@ -1,0 +1,165 @@
+"""Training losses: the diffusion loss (with pluggable per-timestep weightings) and the VAE loss.
+
+Both are pure functions of arrays, so train steps can jit, shard and differentiate them freely. The
+diffusion loss returns one value per example; the caller averages (and may mask) it.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from diffusion import process
+from diffusion.errors import ConfigError
+
+Array = jax.Array
+DiffusionLossFn = Callable[[Array, Array, Array, Array, process.NoiseSchedule], Array]
+
+# ----------------------------------------------------------------------------------------------------------
+# Diffusion loss.
+
+# A weighting factory: (diffusion_config, prediction_type) -> (snr (B,) -> weight (B,)).
+WeightingFactory = Callable[[Mapping[str, Any], str], Callable[[Array], Array]]
+_WEIGHTINGS: dict[str, WeightingFactory] = {}
+
+
+def register_loss_weighting(name: str) -> Callable[[WeightingFactory], WeightingFactory]:
+  """Registers a per-timestep loss weighting under `name` (raises on a duplicate)."""
+
+  def decorator(factory: WeightingFactory) -> WeightingFactory:
+    if name in _WEIGHTINGS:
+      raise ValueError(f'loss weighting {name!r} is already registered')
+    _WEIGHTINGS[name] = factory
+    return factory
+
+  return decorator
+
+
+def available_loss_weightings() -> list[str]:
+  return sorted(_WEIGHTINGS)
+
+
+@register_loss_weighting('uniform')
+def _uniform(diffusion_config: Mapping[str, Any], prediction_type: str) -> Callable[[Array], Array]:
+  del diffusion_config, prediction_type
+  return jnp.ones_like
+
+
+@register_loss_weighting('min_snr')
+def _min_snr(diffusion_config: Mapping[str, Any], prediction_type: str) -> Callable[[Array], Array]:
+  """Min-SNR-gamma (Hang et al. 2023): weight min(snr, gamma) on the x0 error, whatever the target.
+
+  Since |target - output|^2 = c(snr) |x0 - x0_hat|^2 (c = snr for eps, snr + 1 for v, 1 for x0), the
+  weight on the target's error is min(snr, gamma) / c(snr); for eps at snr = 0 it is the limit 1.
+  """
+  gamma = float(diffusion_config.get('min_snr_gamma', 5.0))
+  if gamma <= 0:
+    raise ConfigError('diffusion.min_snr_gamma', f'must be > 0, got {gamma}')
+
+  def weight(snr: Array) -> Array:
+    factor = process.x0_mse_factor(prediction_type, snr)
+    safe = jnp.where(factor > 0, factor, 1.0)
+    return jnp.where(factor > 0, jnp.minimum(snr, gamma) / safe, 1.0)
+
+  return weight
+
+
+def get_diffusion_loss_fn(diffusion_config: Mapping[str, Any]) -> DiffusionLossFn:
+  """loss_fn(output, x0, noise, t, schedule) -> (B,) weighted mean squared error to the training target.
+
+  `output` is the raw network output at x_t = q_sample(schedule, x0, noise, t); the target and the weighting
+  follow `diffusion_config.prediction_type` and `diffusion_config.loss_weighting`.
+  """
+  prediction_type = diffusion_config.get('prediction_type', 'eps')
+  process.get_prediction_type(prediction_type)  # Fails early on an unknown type.
+  name = diffusion_config.get('loss_weighting', 'uniform')
+  if name not in _WEIGHTINGS:
+    raise ConfigError('diffusion.loss_weighting',
+                      f'unknown loss weighting {name!r}; known: {", ".join(available_loss_weightings())}')
+  weight_fn = _WEIGHTINGS[name](diffusion_config, prediction_type)
+
+  def loss_fn(output: Array, x0: Array, noise: Array, t: Array, schedule: process.NoiseSchedule) -> Array:
+    target = process.training_target(prediction_type, x0, noise, t, schedule)
+    error = jnp.square(output.astype(jnp.float32) - target)
+    per_example = jnp.mean(error.reshape(error.shape[0], -1), axis=1)
+    return per_example * weight_fn(process.snr(schedule, t))
+
+  return loss_fn
+
+
+def sample_noise(rng: Array, shape: Sequence[int], offset_noise: float = 0.0,
+                 dtype: jnp.dtype = jnp.float32) -> Array:
+  """N(0, I) noise of `shape` (B, ..., C) plus `offset_noise` * N(0, 1) per (example, channel).
+
+  The offset (shared by all positions of a channel) lets the model learn to change the mean brightness.
+  The N(0, I) part does not depend on `offset_noise`, so changing the strength changes only the offset.
+  """
+  noise_rng, offset_rng = jax.random.split(rng)
+  noise = jax.random.normal(noise_rng, shape, jnp.float32)
+  if offset_noise:
+    offset_shape = (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],)
+    noise = noise + offset_noise * jax.random.normal(offset_rng, offset_shape, jnp.float32)
+  return noise.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VAE loss.
+
+# An extra VAE loss term: (x, reconstruction, **kwargs) -> scalar or per-example (B,) value.
+VaeLossTerm = Callable[..., Array]
+_VAE_TERMS: dict[str, VaeLossTerm] = {}
+
+
+def register_vae_loss_term(name: str) -> Callable[[VaeLossTerm], VaeLossTerm]:
+  """Registers an extra VAE loss term (perceptual, adversarial, ...) under `name`."""
+
+  def decorator(fn: VaeLossTerm) -> VaeLossTerm:
+    if name in _VAE_TERMS or name in ('rec_loss', 'kl', 'loss'):
+      raise ValueError(f'VAE loss term {name!r} is already registered or reserved')
+    _VAE_TERMS[name] = fn
+    return fn
+
+  return decorator
+
+
+def available_vae_loss_terms() -> list[str]:
+  return sorted(_VAE_TERMS)
+
+
+_RECONSTRUCTION = {'l1': jnp.abs, 'l2': jnp.square}
+
+
+def _per_example_sum(x: Array) -> Array:
+  return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
+
+
+def vae_loss(x: Array, reconstruction: Array, mean: Array, logvar: Array, *, kl_weight: float,
+             rec_loss: str = 'l1', extra_terms: Sequence[tuple[str, float]] = (),
+             term_kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Array, dict[str, Array]]:
+  """The LDM autoencoder loss: reconstruction + kl_weight * KL(q(z|x) || N(0, I)) + extra terms.
+
+  As in LDM, the reconstruction error and the KL are summed over each example's pixels / latent dims and
+  averaged over the batch, so LDM's kl_weight (1e-6) means the same here. `extra_terms` are (name, weight)
+  pairs of registered terms, called as term(x, reconstruction, **term_kwargs.get(name, {})), their mean
+  over the batch added with that weight. Metrics: 'rec_loss' (mean per pixel, as LDM logs it), 'kl'
+  (per example), one entry per extra term (unweighted), and 'loss'.
+  """
+  if rec_loss not in _RECONSTRUCTION:
+    raise ConfigError('vae.rec_loss', f'unknown reconstruction loss {rec_loss!r}; known: l1, l2')
+  x = x.astype(jnp.float32)
+  error = _RECONSTRUCTION[rec_loss](x - reconstruction.astype(jnp.float32))
+  mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+  kl = 0.5 * _per_example_sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+  metrics = {'rec_loss': jnp.mean(error), 'kl': jnp.mean(kl)}
+  loss = jnp.mean(_per_example_sum(error)) + kl_weight * metrics['kl']
+  term_kwargs = term_kwargs or {}
+  for name, weight in extra_terms:
+    if name not in _VAE_TERMS:
+      raise ConfigError('vae.extra_terms',
+                        f'unknown VAE loss term {name!r}; known: {", ".join(available_vae_loss_terms()) or "none"}')
+    value = jnp.mean(_VAE_TERMS[name](x, reconstruction, **term_kwargs.get(name, {})))
+    metrics[name] = value
+    loss = loss + weight * value
+  metrics['loss'] = loss
+  return loss, metrics

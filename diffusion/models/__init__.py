@@ -1,0 +1,113 @@
+"""The networks: AutoencoderKL, UNet2DConditionModel, CLIPTextTransformer, and factories from configs.
+
+Factories read `config.model.vae` / `.unet` / `.text` (fields named like diffusers / transformers) and
+return unbound Flax modules; parameters are created by `module.init`. `MODELS` maps a name to a factory
+(`'vae'`, `'unet'`, `'text/<type>'`); add a model with `register_model`.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion.models.text import CLIPTextTransformer
+from diffusion.models.unet import UNet2DConditionModel
+from diffusion.models.vae import AutoencoderKL
+
+Factory = Callable[[Any], nn.Module]
+MODELS: dict[str, Factory] = {}
+
+
+def register_model(name: str) -> Callable[[Factory], Factory]:
+  """Decorator adding `factory(config) -> nn.Module` to MODELS under `name` (duplicates are errors)."""
+
+  def wrap(factory: Factory) -> Factory:
+    if name in MODELS:
+      raise ValueError(f'Model {name!r} is already registered; known: {sorted(MODELS)}.')
+    MODELS[name] = factory
+    return factory
+
+  return wrap
+
+
+def get_model_factory(name: str) -> Factory:
+  """The factory registered under `name`; unknown names are errors listing the known ones."""
+  if name not in MODELS:
+    raise KeyError(f'Unknown model {name!r}; known: {sorted(MODELS)}.')
+  return MODELS[name]
+
+
+def _tuple(value: Any) -> Any:
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+@register_model('vae')
+def create_vae(vae_config: Any) -> AutoencoderKL:
+  """AutoencoderKL from `config.model.vae` (scaling_factor is not a module field)."""
+  c = vae_config
+  return AutoencoderKL(
+      in_channels=c.in_channels, out_channels=c.out_channels,
+      block_out_channels=_tuple(c.block_out_channels), layers_per_block=c.layers_per_block,
+      latent_channels=c.latent_channels, norm_num_groups=c.norm_num_groups, act_fn=c.act_fn,
+      mid_block_add_attention=c.mid_block_add_attention, dtype=jnp.dtype(c.dtype))
+
+
+@register_model('unet')
+def create_unet(unet_config: Any) -> UNet2DConditionModel:
+  """UNet2DConditionModel from `config.model.unet`."""
+  c = unet_config
+  return UNet2DConditionModel(
+      sample_size=c.sample_size, in_channels=c.in_channels, out_channels=c.out_channels,
+      block_out_channels=_tuple(c.block_out_channels), layers_per_block=_tuple(c.layers_per_block),
+      down_block_types=_tuple(c.down_block_types), up_block_types=_tuple(c.up_block_types),
+      mid_block_type=c.mid_block_type, attention_head_dim=_tuple(c.attention_head_dim),
+      num_attention_heads=_tuple(c.num_attention_heads), cross_attention_dim=c.cross_attention_dim,
+      transformer_layers_per_block=_tuple(c.transformer_layers_per_block),
+      use_linear_projection=c.use_linear_projection, flip_sin_to_cos=c.flip_sin_to_cos,
+      freq_shift=c.freq_shift, norm_num_groups=c.norm_num_groups, norm_eps=c.norm_eps,
+      act_fn=c.act_fn, dtype=jnp.dtype(c.dtype))
+
+
+@register_model('text/transformer')
+def _create_clip_text_transformer(text_config: Any) -> CLIPTextTransformer:
+  """The CLIP text transformer architecture with fresh weights (a pretrained 'clip' type reuses it)."""
+  c = text_config
+  if c.vocab_size is None or c.vocab_size < 1:
+    raise ValueError(f'model.text.vocab_size is {c.vocab_size}; set it from the tokenizer '
+                     '(len(tokenizer)) before creating the text encoder.')
+  if c.hidden_size % c.num_attention_heads:
+    raise ValueError(f'model.text.hidden_size {c.hidden_size} is not divisible by '
+                     f'num_attention_heads {c.num_attention_heads}.')
+  return CLIPTextTransformer(
+      vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+      max_position_embeddings=c.max_position_embeddings, hidden_act=c.hidden_act,
+      layer_norm_eps=c.layer_norm_eps, eos_token_id=c.eos_token_id, projection_dim=c.projection_dim,
+      dtype=jnp.dtype(c.dtype))
+
+
+def create_text_encoder(text_config: Any) -> CLIPTextTransformer:
+  """The text encoder registered as `text/<text_config.type>`."""
+  return get_model_factory(f'text/{text_config.type}')(text_config)
+
+
+def vae_downsample_factor(vae_config: Any) -> int:
+  """Image pixels per latent pixel along each side: 2 ** (number of levels - 1)."""
+  return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def unet_downsample_factor(unet_config: Any) -> int:
+  """The factor the U-Net input sides must be divisible by: 2 ** (number of levels - 1)."""
+  return 2 ** (len(unet_config.block_out_channels) - 1)
+
+
+def count_params(params: Any) -> int:
+  """Total number of scalars in a parameter pytree."""
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+__all__ = ['AutoencoderKL', 'CLIPTextTransformer', 'MODELS', 'UNet2DConditionModel',
+           'count_params', 'create_text_encoder', 'create_unet', 'create_vae', 'get_model_factory',
+           'register_model', 'unet_downsample_factor', 'vae_downsample_factor']

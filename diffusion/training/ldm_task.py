@@ -1,0 +1,158 @@
+"""Stage 2: text-conditioned latent diffusion on a frozen VAE (eps/x0/v prediction, caption dropout for CFG).
+
+At the start of a fresh run the task copies the VAE's EMA params into `<workdir>/frozen/vae`, builds (or loads) the
+tokenizer into `<workdir>/tokenizer`, and computes the latent scale factor from data (1 / std of posterior samples,
+as LDM does); the factor, the VAE config and the vocabulary size are then part of the saved `config.json`, so the
+workdir is self-contained. On resume everything is read back from the workdir.
+"""
+
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion import checkpoint, losses, models, process
+from diffusion.data import shapes as shapes_lib
+from diffusion.data import tokenizer as tokenizer_lib
+from diffusion.errors import UserError
+from diffusion.logging import make_grid
+from diffusion.pipeline import LatentDiffusionPipeline, load_workdir_config
+
+
+def _load_frozen_vae(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """The frozen VAE params: the workdir's own copy on resume, else the VAE workdir's EMA params (copied over)."""
+  own = os.path.join(workdir, 'frozen', 'vae')
+  if os.path.isdir(own):
+    return checkpoint.load_pytree(own)
+  if not config.vae_workdir:
+    raise UserError('config.vae_workdir is empty: stage 2 needs a trained VAE (train configs/vae_base.py first)')
+  vae_config = load_workdir_config(config.vae_workdir, expect='vae')
+  config.model.vae = vae_config.model.vae
+  params = checkpoint.Checkpointer(config.vae_workdir, read_only=True).restore_params(item='ema_params')
+  if jax.process_index() == 0:
+    checkpoint.save_pytree(own, params)
+  return params
+
+
+def _vocabulary(data_config: ml_collections.ConfigDict) -> list[str]:
+  if data_config.name == 'shapes':
+    return list(shapes_lib.vocabulary())
+  from diffusion.data import pipeline as data_pipeline
+  source = data_pipeline.create_data_source(data_config, data_config.train_split)
+  return [data_pipeline.record_caption(source[i], data_config) for i in range(min(len(source), 100_000))]
+
+
+def _load_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """The workdir's tokenizer on resume; else built from the data vocabulary or loaded from a path/hub id."""
+  own = os.path.join(workdir, 'tokenizer')
+  if os.path.isdir(own):
+    return tokenizer_lib.load_tokenizer(own)
+  if config.model.text.tokenizer:
+    tokenizer = tokenizer_lib.load_tokenizer(config.model.text.tokenizer)
+  else:
+    tokenizer = tokenizer_lib.build_word_tokenizer(_vocabulary(config.data), config.data.max_text_length)
+  if jax.process_index() == 0:
+    tokenizer_lib.save_tokenizer(tokenizer, own)
+  return tokenizer
+
+
+class LDMTask:
+  """What the generic loop needs from stage 2: params, loss, validation loss and sample grids."""
+
+  name = 'ldm'
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    saved = os.path.join(workdir, 'config.json')
+    if os.path.isfile(saved):  # Resume: model facts computed at the start of the run win over the command line.
+      previous = load_workdir_config(workdir, expect='ldm')
+      config.model.vae = previous.model.vae
+      config.model.text.vocab_size = previous.model.text.vocab_size
+    self.config = config
+    self.frozen = {'vae': _load_frozen_vae(config, workdir)}
+    self.tokenizer = _load_tokenizer(config, workdir)
+    config.model.text.vocab_size = len(self.tokenizer)
+    self.vae = models.create_vae(config.model.vae)
+    self.unet = models.create_unet(config.model.unet)
+    self.text_encoder = models.create_text_encoder(config.model.text)
+    self.schedule = process.get_noise_schedule(config.diffusion)
+    self.diffusion_loss = losses.get_diffusion_loss_fn(config.diffusion)
+    self._pipeline = None
+    self.null_ids = jnp.asarray(tokenizer_lib.tokenize(self.tokenizer, [''], config.data.max_text_length)[0])
+
+  @property
+  def needs_calibration(self) -> bool:
+    return self.config.model.vae.scaling_factor <= 0
+
+  def calibrate(self, batches: Iterator[dict], num_batches: int = 4) -> float:
+    """Sets model.vae.scaling_factor = 1 / std of posterior latent samples over a few global batches."""
+    encode = jax.jit(lambda p, x, k: _sample_latents(self.vae, p, x, k))
+    latents = [encode(self.frozen['vae'], next(batches)['image'], jax.random.PRNGKey(i)) for i in range(num_batches)]
+    std = float(jnp.std(jnp.concatenate(latents)))
+    self.config.model.vae.scaling_factor = 1.0 / std
+    return self.config.model.vae.scaling_factor
+
+  def init_params(self, rng: jax.Array) -> Any:
+    c = self.config
+    latent = c.model.unet.sample_size
+    x = jnp.zeros((1, latent, latent, c.model.unet.in_channels), jnp.float32)
+    ids = jnp.zeros((1, c.data.max_text_length), jnp.int32)
+    k_unet, k_text = jax.random.split(rng)
+    text = self.text_encoder.init(k_text, ids)['params']
+    context = jnp.zeros((1, c.data.max_text_length, c.model.unet.cross_attention_dim), jnp.float32)
+    unet = self.unet.init(k_unet, x, jnp.zeros((1,), jnp.int32), context)['params']
+    return {'unet': unet, 'text': text}
+
+  def _forward(self, params: Any, frozen: Any, batch: dict, keys: jax.Array, drop_captions: bool) -> tuple:
+    """Noises the latents of `batch` with each example's key and returns (network output, z0, noise, t)."""
+    c = self.config
+    split = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
+    k_latent, k_t, k_noise, k_drop = (split[:, i] for i in range(4))
+    mean, logvar = self.vae.apply({'params': frozen['vae']}, batch['image'], method='encode')
+    eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(k_latent)
+    z0 = (mean + jnp.exp(0.5 * logvar) * eps) * c.model.vae.scaling_factor
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, self.schedule.num_timesteps))(k_t)
+    noise = jax.vmap(lambda k: losses.sample_noise(k, (1,) + z0.shape[1:], c.diffusion.offset_noise)[0])(k_noise)
+    ids = batch['input_ids']
+    if drop_captions and c.diffusion.caption_dropout > 0:
+      drop = jax.vmap(lambda k: jax.random.uniform(k) < c.diffusion.caption_dropout)(k_drop)
+      ids = jnp.where(drop[:, None], self.null_ids[None], ids)
+    text_params = params['text'] if c.model.text.trainable else jax.lax.stop_gradient(params['text'])
+    context = self.text_encoder.apply({'params': text_params}, ids)[0]
+    x_t = process.q_sample(self.schedule, z0, noise, t)
+    output = self.unet.apply({'params': params['unet']}, x_t, t, context)
+    return output, z0, noise, t
+
+  def loss_fn(self, params: Any, frozen: Any, batch: dict, keys: jax.Array, step: jax.Array):
+    del step
+    output, z0, noise, t = self._forward(params, frozen, batch, keys, drop_captions=True)
+    return jnp.mean(self.diffusion_loss(output, z0, noise, t, self.schedule)), {}
+
+  def eval_step(self, params: Any, frozen: Any, batch: dict, keys: jax.Array) -> dict:
+    output, z0, noise, t = self._forward(params, frozen, batch, keys, drop_captions=False)
+    return {'val_loss': jnp.mean(self.diffusion_loss(output, z0, noise, t, self.schedule))}
+
+  def sample_grid(self, params: Any, batch: dict) -> tuple[np.ndarray, str]:
+    """One row per configured prompt, `sample.num_images_per_prompt` columns, from the given (EMA) params."""
+    del batch
+    s = self.config.sample
+    prompts = [p for p in s.prompts for _ in range(s.num_images_per_prompt)]
+    images = self.pipeline().generate(prompts, seed=self.config.seed, negative_prompt=s.negative_prompt,
+                                      params={**params, 'vae': self.frozen['vae']})
+    return make_grid(images, ncols=s.num_images_per_prompt), ' | '.join(s.prompts)
+
+  def pipeline(self) -> LatentDiffusionPipeline:
+    """One pipeline per task, so its jitted sampling loop compiles once; call it with `params=`."""
+    if self._pipeline is None:
+      self._pipeline = LatentDiffusionPipeline(self.config, {'vae': self.frozen['vae']}, self.tokenizer)
+    return self._pipeline
+
+  def meta(self) -> dict:
+    return {'model_type': 'ldm', 'scaling_factor': float(self.config.model.vae.scaling_factor)}
+
+
+def _sample_latents(vae: Any, params: Any, x: jax.Array, key: jax.Array) -> jax.Array:
+  mean, logvar = vae.apply({'params': params}, x, method='encode')
+  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)

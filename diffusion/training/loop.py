@@ -1,0 +1,169 @@
+"""The one training loop for both stages: `train_and_evaluate(config, workdir)`.
+
+Resumes from the latest checkpoint in `workdir` (train state and data-iterator position), so rerunning the same
+command after an interruption continues the same run; rerunning a finished run says so and returns. SIGTERM saves a
+checkpoint at the next step boundary and stops cleanly.
+"""
+
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion import checkpoint, parallel
+from diffusion.config import config_to_json, validate_config
+from diffusion.data import pipeline as data_pipeline
+from diffusion.errors import UserError
+from diffusion.logging import MetricWriter
+from diffusion.training.ldm_task import LDMTask
+from diffusion.training.state import TrainState, create_optimizer, create_train_state, make_train_step
+from diffusion.training.vae_task import VAETask
+
+TASKS = {'vae': VAETask, 'ldm': LDMTask}
+
+
+class _StopRequest:
+  """Turns SIGTERM into a flag the loop checks at step boundaries."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _input_pipeline(config: ml_collections.ConfigDict, split: str, tokenizer: Any, batch_size: int, seed: int,
+                    shuffle: bool = True, num_epochs: int | None = None):
+  return data_pipeline.create_input_pipeline(
+      config.data, split, tokenizer=tokenizer, batch_size=batch_size, seed=seed, shuffle=shuffle,
+      num_epochs=num_epochs, process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _global_batches(iterator, mesh):
+  for batch in iterator:
+    yield parallel.make_global_batch({k: batch[k] for k in ('image', 'input_ids') if k in batch}, mesh)
+
+
+def _evaluate(task, state: TrainState, config, mesh, local_batch: int, eval_step) -> dict:
+  """Mean of the task's eval metrics over `train.eval_batches` held-out batches, with fixed noise."""
+  loader = _input_pipeline(config, config.data.eval_split, task.tokenizer, local_batch, config.seed, shuffle=False,
+                           num_epochs=1)
+  totals, count = {}, 0
+  for i, batch in enumerate(_global_batches(iter(loader), mesh)):
+    if i >= config.train.eval_batches:
+      break
+    keys = jax.random.split(jax.random.PRNGKey(config.seed + 1000 + i), config.train.batch_size)
+    metrics = jax.device_get(eval_step(state.ema_params, task.frozen, batch, keys))
+    for k, v in metrics.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+    count += 1
+  return {f'eval/{k}': v / max(count, 1) for k, v in totals.items()}
+
+
+def _eval_step_fn(task):
+  if isinstance(task, VAETask):
+    return jax.jit(lambda p, f, b, k: task.eval_step(p, f, b))
+  return jax.jit(task.eval_step)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
+  """Trains the model `config.model_type` describes in `workdir`; returns the final state (None if already done)."""
+  validate_config(config)
+  workdir = os.path.abspath(workdir)
+  mesh = parallel.create_mesh(config.mesh)
+  local_batch = parallel.check_batch_size(config.train.batch_size, mesh)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None and latest >= config.train.num_steps:
+    print(f'{workdir} already finished: checkpoint at step {latest} >= train.num_steps={config.train.num_steps}; '
+          'nothing to do', flush=True)
+    ckpt.close()
+    return None
+
+  task = TASKS[config.model_type](config, workdir)
+  loader = _input_pipeline(config, config.data.train_split, task.tokenizer, local_batch, config.seed)
+  train_iter = iter(loader)
+  if latest is None and getattr(task, 'needs_calibration', False):
+    calib = iter(_input_pipeline(config, config.data.train_split, task.tokenizer, local_batch, config.seed + 1))
+    factor = task.calibrate(_global_batches(calib, mesh))
+    print(f'latent scaling factor computed from data: {factor:.5f}', flush=True)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config_to_json(config))
+
+  tx = create_optimizer(config.optim, config.train.num_steps)
+  rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
+  replicated = parallel.replicated(mesh)
+  state = jax.jit(lambda r: create_train_state(task.init_params(r), tx, rng_train), out_shardings=replicated)(rng_init)
+  if latest is not None:
+    state, data_state, _ = ckpt.restore(state, latest)
+    train_iter.set_state(data_state.encode() if isinstance(data_state, str) else data_state)
+    print(f'resumed from step {latest}', flush=True)
+
+  train_step = jax.jit(make_train_step(task.loss_fn, config.optim.ema_decay), donate_argnums=(0,))
+  eval_step = _eval_step_fn(task)
+  writer = MetricWriter(workdir, config, config.train.num_steps, config.train.batch_size)
+  batches = _global_batches(train_iter, mesh)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  print(f'training {config.model_type} ({num_params / 1e6:.2f}M params) from step {int(state.step)} to '
+        f'{config.train.num_steps} with global batch {config.train.batch_size} on {jax.device_count()} devices',
+        flush=True)
+
+  step = int(state.step)
+  writer.start(step)
+  pending = []
+  with _StopRequest() as stop:
+    while step < config.train.num_steps:
+      state, metrics = train_step(state, next(batches), task.frozen)
+      pending.append(metrics)
+      step += 1
+      last = step == config.train.num_steps
+      if step % config.train.log_every == 0 or last:
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+        summary['skipped'] = summary['skipped'] * len(pending)
+        pending = []
+        writer.write_scalars(step, summary)
+        bad = int(state.bad_steps)
+        if bad >= config.train.max_bad_steps:
+          ckpt.close()
+          writer.close()
+          raise FloatingPointError(f'{bad} consecutive steps had a non-finite loss or gradient (limit '
+                                   f'train.max_bad_steps={config.train.max_bad_steps}); the last checkpoint holds '
+                                   'the last finite params')
+      if config.train.eval_every and (step % config.train.eval_every == 0 or last):
+        writer.write_scalars(step, _evaluate(task, state, config, mesh, local_batch, eval_step), progress=False)
+      if config.train.sample_every and (step % config.train.sample_every == 0 or last):
+        eval_batch = next(_global_batches(iter(_input_pipeline(
+            config, config.data.eval_split, task.tokenizer, local_batch, config.seed, shuffle=False)), mesh))
+        grid, caption = task.sample_grid(state.ema_params, eval_batch)
+        writer.write_images(step, 'samples', grid, caption)
+      if step % config.train.checkpoint_every == 0 or last or stop.requested:
+        data_state = train_iter.get_state()
+        data_state = data_state.decode() if isinstance(data_state, bytes) else data_state
+        ckpt.save(step, state, data_state, task.meta(), force=True)
+        writer.start(step)  # Do not count checkpoint/eval time in steps/s.
+      if stop.requested:
+        print(f'SIGTERM: saved a checkpoint at step {step}; rerun the same command to resume', flush=True)
+        break
+  ckpt.close()
+  writer.close()
+  return state

@@ -1,0 +1,65 @@
+"""Stage 1: the AutoencoderKL task (reconstruction + KL loss; PSNR on held-out images)."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion import losses, models
+from diffusion.logging import make_grid, to_uint8
+
+
+def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Per-example PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+  mse = jnp.mean(jnp.square(jnp.clip(x, -1, 1) - jnp.clip(y, -1, 1)), axis=(1, 2, 3))
+  return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
+
+
+class VAETask:
+  """What the generic loop needs from stage 1: params, loss, eval metrics and a picture."""
+
+  name = 'vae'
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.vae = models.create_vae(config.model.vae)
+    self.tokenizer = None
+    self.frozen = {}
+
+  def init_params(self, rng: jax.Array) -> Any:
+    size = self.config.data.image_size
+    x = jnp.zeros((1, size, size, self.config.model.vae.in_channels), jnp.float32)
+    return self.vae.init({'params': rng}, x, rng)['params']
+
+  def loss_fn(self, params: Any, frozen: Any, batch: dict, keys: jax.Array, step: jax.Array):
+    del frozen, step
+    x = batch['image']
+    mean, logvar = self.vae.apply({'params': params}, x, method='encode')
+    noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(keys)  # Per-example draws.
+    rec = self.vae.apply({'params': params}, mean + jnp.exp(0.5 * logvar) * noise, method='decode')
+    loss_cfg = self.config.loss
+    loss, metrics = losses.vae_loss(x, rec, mean, logvar, kl_weight=loss_cfg.kl_weight, rec_loss=loss_cfg.rec_loss)
+    metrics = {k: v for k, v in metrics.items() if k != 'loss'}
+    metrics['psnr'] = jnp.mean(psnr(x, rec))
+    return loss, metrics
+
+  def eval_step(self, params: Any, frozen: Any, batch: dict) -> dict:
+    del frozen
+    mean, _ = self.vae.apply({'params': params}, batch['image'], method='encode')
+    rec = self.vae.apply({'params': params}, mean, method='decode')
+    return {'psnr': jnp.mean(psnr(batch['image'], rec)),
+            'l1': jnp.mean(jnp.abs(jnp.clip(rec, -1, 1) - batch['image']))}
+
+  def sample_grid(self, params: Any, batch: dict) -> tuple[np.ndarray, str]:
+    """Originals (top row) above their reconstructions from the posterior mean (bottom row)."""
+    x = batch['image'][:8]
+    mean, _ = self.vae.apply({'params': params}, x, method='encode')
+    rec = self.vae.apply({'params': params}, mean, method='decode')
+    images = np.concatenate([to_uint8(x), to_uint8(rec)])
+    return make_grid(images, ncols=len(x)), 'top: held-out images, bottom: reconstructions'
+
+  def meta(self) -> dict:
+    return {'model_type': 'vae'}

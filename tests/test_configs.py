@@ -1,0 +1,79 @@
+"""Every config file loads and validates; bad keys and values fail before anything is compiled, naming the key."""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from diffusion.config import config_from_json, config_to_json, validate_config
+from diffusion.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                      if not f.endswith(('__init__.py', 'common.py')))
+PRESETS = {'vae_base.py': ('base', 'tiny'), 'ldm_base.py': ('base', 'tiny')}
+
+
+def load(path: str, preset: str | None = None):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def ldm_tiny():
+  return load(os.path.join(ROOT, 'configs', 'ldm_base.py'), 'tiny')
+
+
+def test_there_are_configs():
+  assert {os.path.basename(f) for f in CONFIG_FILES} >= {'vae_base.py', 'ldm_base.py'}
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_every_config_and_preset_validates(path):
+  for preset in PRESETS.get(os.path.basename(path), (None,)):
+    config = load(path, preset)
+    validate_config(config)
+    assert config.train.num_steps > 0
+
+
+def test_unknown_preset_is_an_error():
+  with pytest.raises(ValueError, match='unknown preset'):
+    load(os.path.join(ROOT, 'configs', 'ldm_base.py'), 'nope')
+
+
+def test_json_round_trip_keeps_values():
+  config = ldm_tiny()
+  back = config_from_json(config_to_json(config))
+  assert back.model.unet.block_out_channels == tuple(config.model.unet.block_out_channels)
+  assert back.optim.lr == config.optim.lr
+  validate_config(back)
+
+
+BAD = [
+    ('optim.lr', lambda c: setattr(c.optim, 'lr', -1e-3)),
+    ('train.num_steps', lambda c: setattr(c.train, 'num_steps', 0)),
+    ('data.image_size', lambda c: setattr(c.data, 'image_size', 30)),
+    ('model.unet.attention_head_dim', lambda c: setattr(c.model.unet, 'attention_head_dim', 5)),
+    ('model.unet.cross_attention_dim', lambda c: setattr(c.model.unet, 'cross_attention_dim', 32)),
+    ('model.unet.in_channels', lambda c: setattr(c.model.unet, 'in_channels', 3)),
+    ('model.unet.sample_size', lambda c: setattr(c.model.unet, 'sample_size', 16)),
+    ('diffusion.prediction_type', lambda c: setattr(c.diffusion, 'prediction_type', 'noise')),
+    ('sample.sampler', lambda c: setattr(c.sample, 'sampler', 'magic')),
+    ('optim.ema_decay', lambda c: setattr(c.optim, 'ema_decay', 1.0)),
+    ('wandb.mode', lambda c: setattr(c.wandb, 'mode', 'sometimes')),
+    ('data.max_text_length', lambda c: setattr(c.data, 'max_text_length', 100)),
+    ('model.unet.block_out_channels', lambda c: setattr(c.model.unet, 'block_out_channels', (64, 100))),
+    ('diffusion.caption_dropout', lambda c: setattr(c.diffusion, 'caption_dropout', 1.5)),
+]
+
+
+@pytest.mark.parametrize('key,mutate', BAD, ids=[b[0] for b in BAD])
+def test_bad_values_name_the_key(key, mutate):
+  config = ldm_tiny()
+  mutate(config)
+  with pytest.raises(ConfigError) as info:
+    validate_config(config)
+  assert info.value.key == key
+  assert f'config.{key}' in str(info.value)

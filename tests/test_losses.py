@@ -1,0 +1,219 @@
+"""The diffusion loss and its weightings, offset noise, and the VAE loss."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from diffusion import losses
+from diffusion import process
+from diffusion.errors import ConfigError
+
+PREDICTION_TYPES = ('eps', 'x0', 'v')
+
+
+def _config(**overrides):
+  config = ml_collections.ConfigDict(dict(schedule='scaled_linear', num_train_timesteps=1000, beta_start=0.00085,
+                                          beta_end=0.012, rescale_zero_terminal_snr=False, prediction_type='eps',
+                                          loss_weighting='uniform', min_snr_gamma=5.0, offset_noise=0.0))
+  config.update(overrides)
+  return config
+
+
+def _normal(seed, shape):
+  """Test data (numpy: jax.random ops each cost a slow CPU compile)."""
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _batch(seed, zero_snr=False):
+  schedule = process.get_noise_schedule(_config(rescale_zero_terminal_snr=zero_snr))
+  x0, noise, other = jnp.asarray(_normal(seed, (3, 6, 4, 4, 3)))
+  t = jnp.array([0, 20, 150, 400, 700, 999])
+  return schedule, x0, noise, t, other
+
+
+def _outputs_for_x0_guess(schedule, x0, noise, t, x0_hat):
+  """The outputs of every prediction type that all mean the same guess x0_hat at x_t = q_sample(x0, noise)."""
+  x_t = process.q_sample(schedule, x0, noise, t)
+  return process.convert_prediction(x0_hat, x_t, t, schedule, 'x0')
+
+
+@pytest.mark.parametrize('prediction_type', PREDICTION_TYPES)
+@pytest.mark.parametrize('weighting', ['uniform', 'min_snr'])
+def test_loss_is_zero_at_the_target_and_positive_elsewhere(prediction_type, weighting):
+  schedule, x0, noise, t, other = _batch(0)
+  loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type=prediction_type, loss_weighting=weighting))
+  target = process.training_target(prediction_type, x0, noise, t, schedule)
+  np.testing.assert_allclose(loss_fn(target, x0, noise, t, schedule), 0.0, atol=1e-10)
+  loss = loss_fn(target + 0.1 * other, x0, noise, t, schedule)
+  assert loss.shape == (6,) and np.all(loss > 0)
+
+
+@pytest.mark.parametrize('prediction_type', PREDICTION_TYPES)
+def test_uniform_loss_is_mse_to_the_target(prediction_type):
+  schedule, x0, noise, t, output = _batch(1)
+  loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type=prediction_type))
+  target = process.training_target(prediction_type, x0, noise, t, schedule)
+  expected = np.mean((np.asarray(output) - np.asarray(target))**2, axis=(1, 2, 3))
+  np.testing.assert_allclose(loss_fn(output, x0, noise, t, schedule), expected, rtol=1e-5)
+
+
+def test_uniform_losses_relate_through_snr():
+  """For one x0 guess, |eps error|^2 = snr |x0 error|^2 and |v error|^2 = (snr + 1) |x0 error|^2."""
+  schedule, x0, noise, t, other = _batch(2)
+  pred = _outputs_for_x0_guess(schedule, x0, noise, t, x0 + 0.3 * other)
+  per_type = {p: losses.get_diffusion_loss_fn(_config(prediction_type=p))(getattr(pred, p), x0, noise, t, schedule)
+              for p in PREDICTION_TYPES}
+  snr = process.snr(schedule, t)
+  np.testing.assert_allclose(per_type['eps'], snr * per_type['x0'], rtol=1e-3)
+  np.testing.assert_allclose(per_type['v'], (snr + 1) * per_type['x0'], rtol=1e-3)
+
+
+@pytest.mark.parametrize('gamma', [1.0, 5.0])
+def test_min_snr_weights_equal_min_snr_gamma_on_the_x0_error(gamma):
+  """Hang et al. 2023: every prediction type gets min(snr, gamma) * |x0 error|^2 for the same x0 guess."""
+  schedule, x0, noise, t, other = _batch(3)
+  pred = _outputs_for_x0_guess(schedule, x0, noise, t, x0 + 0.3 * other)
+  x0_mse = np.mean(np.asarray(pred.x0 - x0)**2, axis=(1, 2, 3))
+  snr = np.asarray(process.snr(schedule, t))
+  expected = np.minimum(snr, gamma) * x0_mse
+  assert snr.min() < gamma < snr.max()  # Both branches of the min are exercised.
+  for prediction_type in PREDICTION_TYPES:
+    loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type=prediction_type, loss_weighting='min_snr',
+                                                   min_snr_gamma=gamma))
+    loss = loss_fn(getattr(pred, prediction_type), x0, noise, t, schedule)
+    np.testing.assert_allclose(loss, expected, rtol=2e-3, err_msg=prediction_type)
+
+
+def test_min_snr_weights_per_prediction_type_in_closed_form():
+  schedule, x0, noise, t, _ = _batch(4)
+  snr = np.asarray(process.snr(schedule, t), np.float64)
+  gamma = 5.0
+  expected = {'eps': np.minimum(snr, gamma) / snr, 'v': np.minimum(snr, gamma) / (snr + 1),
+              'x0': np.minimum(snr, gamma)}
+  for prediction_type, weight in expected.items():
+    loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type=prediction_type, loss_weighting='min_snr'))
+    target = process.training_target(prediction_type, x0, noise, t, schedule)
+    loss = loss_fn(target + 1.0, x0, noise, t, schedule)  # Squared error exactly 1 everywhere.
+    np.testing.assert_allclose(loss, weight, rtol=1e-5, err_msg=prediction_type)
+
+
+def test_min_snr_is_finite_at_zero_terminal_snr():
+  schedule, x0, noise, t, _ = _batch(5, zero_snr=True)
+  for prediction_type, last_weight in (('eps', 1.0), ('v', 0.0), ('x0', 0.0)):
+    loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type=prediction_type, loss_weighting='min_snr'))
+    target = process.training_target(prediction_type, x0, noise, t, schedule)
+    loss = np.asarray(loss_fn(target + 1.0, x0, noise, t, schedule))
+    assert np.all(np.isfinite(loss)) and loss[-1] == pytest.approx(last_weight), prediction_type
+
+
+def test_loss_is_differentiable_and_jittable():
+  schedule, x0, noise, t, output = _batch(6)
+  loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type='v', loss_weighting='min_snr'))
+  grad = jax.jit(jax.grad(lambda o: loss_fn(o, x0, noise, t, schedule).mean()))(output)
+  target = process.training_target('v', x0, noise, t, schedule)
+  weight = loss_fn(target + 1.0, x0, noise, t, schedule)
+  expected = 2 * (output - target) * weight[:, None, None, None] / (6 * 4 * 4 * 3)
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_loss_config_errors():
+  with pytest.raises(ConfigError, match='loss_weighting.*min_snr, uniform'):
+    losses.get_diffusion_loss_fn(_config(loss_weighting='edm'))
+  with pytest.raises(ConfigError, match='prediction_type'):
+    losses.get_diffusion_loss_fn(_config(prediction_type='flow'))
+  with pytest.raises(ConfigError, match='min_snr_gamma'):
+    losses.get_diffusion_loss_fn(_config(loss_weighting='min_snr', min_snr_gamma=0.0))
+  with pytest.raises(ValueError, match='already registered'):
+    losses.register_loss_weighting('uniform')(lambda config, prediction_type: jnp.ones_like)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Offset noise.
+
+
+def test_sample_noise_without_offset_is_standard_normal():
+  noise = np.asarray(losses.sample_noise(jax.random.key(0), (256, 8, 8, 4)))
+  assert noise.shape == (256, 8, 8, 4) and noise.dtype == np.float32
+  assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
+
+
+def test_offset_noise_shifts_each_example_channel():
+  rng, shape, strength = jax.random.key(1), (256, 8, 8, 4), 0.3
+  plain = np.asarray(losses.sample_noise(rng, shape, 0.0))
+  offset = np.asarray(losses.sample_noise(rng, shape, strength))
+  shift = offset - plain  # The N(0, I) part is the same, so the difference is the offset alone.
+  np.testing.assert_allclose(shift, shift[:, :1, :1, :] * np.ones(shape), atol=1e-6)  # Constant over H, W.
+  per_example_channel = shift[:, 0, 0, :]
+  assert abs(per_example_channel.std() - strength) < 0.03
+  assert np.abs(np.corrcoef(per_example_channel.T) - np.eye(4)).max() < 0.2  # Independent channels.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VAE loss.
+
+
+def _posterior(seed, shape=(4, 2, 2, 3)):
+  mean, logvar = _normal(seed, (2,) + shape)
+  return jnp.asarray(0.5 * mean), jnp.asarray(0.3 * logvar)
+
+
+def test_vae_loss_terms():
+  x = jnp.asarray(np.tanh(_normal(0, (4, 8, 8, 3))))
+  rec = x + 0.1 * _normal(1, x.shape)
+  mean, logvar = _posterior(1)
+  kl = 0.5 * np.sum(np.asarray(mean)**2 + np.exp(logvar) - 1 - np.asarray(logvar), axis=(1, 2, 3)).mean()
+  for name, err in (('l1', np.abs(np.asarray(x - rec))), ('l2', np.asarray(x - rec)**2)):
+    loss, metrics = losses.vae_loss(x, rec, mean, logvar, kl_weight=0.01, rec_loss=name)
+    np.testing.assert_allclose(metrics['rec_loss'], err.mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics['kl'], kl, rtol=1e-5)
+    np.testing.assert_allclose(loss, err.sum(axis=(1, 2, 3)).mean() + 0.01 * kl, rtol=1e-5)
+    assert metrics['loss'] is loss
+
+
+def test_vae_loss_is_zero_for_a_perfect_standard_normal_autoencoder():
+  x = jnp.linspace(-1, 1, 4 * 8 * 8 * 3).reshape(4, 8, 8, 3)
+  loss, metrics = losses.vae_loss(x, x, jnp.zeros((4, 2, 2, 3)), jnp.zeros((4, 2, 2, 3)), kl_weight=1.0)
+  assert float(loss) == 0.0 and float(metrics['kl']) == 0.0
+
+
+def test_vae_kl_matches_monte_carlo():
+  mean, logvar = _posterior(2, shape=(1, 1, 1, 1))
+  z = mean + jnp.exp(0.5 * logvar) * _normal(3, (200000, 1, 1, 1))
+  log_q = jax.scipy.stats.norm.logpdf(z, mean, jnp.exp(0.5 * logvar))
+  log_p = jax.scipy.stats.norm.logpdf(z)
+  _, metrics = losses.vae_loss(jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 3)), mean, logvar, kl_weight=1.0)
+  np.testing.assert_allclose(metrics['kl'], jnp.mean(log_q - log_p), atol=0.01)
+
+
+@losses.register_vae_loss_term('test_mean_shift')
+def _mean_shift_term(x, reconstruction, *, scale=1.0):
+  return scale * jnp.abs(jnp.mean(x - reconstruction, axis=(1, 2, 3)))
+
+
+def test_vae_extra_terms_are_pluggable():
+  x = jnp.ones((2, 4, 4, 3))
+  rec = jnp.zeros((2, 4, 4, 3))
+  mean, logvar = _posterior(4)
+  base, _ = losses.vae_loss(x, rec, mean, logvar, kl_weight=0.1)
+  loss, metrics = losses.vae_loss(x, rec, mean, logvar, kl_weight=0.1, extra_terms=[('test_mean_shift', 0.5)],
+                                  term_kwargs={'test_mean_shift': {'scale': 3.0}})
+  np.testing.assert_allclose(metrics['test_mean_shift'], 3.0)
+  np.testing.assert_allclose(loss, base + 0.5 * 3.0, rtol=1e-6)
+  assert 'test_mean_shift' in losses.available_vae_loss_terms()
+  with pytest.raises(ConfigError, match='no_such_term'):
+    losses.vae_loss(x, rec, mean, logvar, kl_weight=0.1, extra_terms=[('no_such_term', 1.0)])
+  with pytest.raises(ConfigError, match='l1, l2'):
+    losses.vae_loss(x, rec, mean, logvar, kl_weight=0.1, rec_loss='huber')
+  with pytest.raises(ValueError, match='already registered or reserved'):
+    losses.register_vae_loss_term('kl')(_mean_shift_term)
+
+
+def test_vae_loss_gradients_flow_to_the_posterior():
+  x = jnp.zeros((2, 4, 4, 3))
+  mean, logvar = _posterior(5, shape=(2, 2, 2, 3))
+  grad_mean, grad_logvar = jax.grad(
+      lambda m, lv: losses.vae_loss(x, x, m, lv, kl_weight=1.0)[0], argnums=(0, 1))(mean, logvar)
+  np.testing.assert_allclose(grad_mean, mean / 2, rtol=1e-5)  # d/dm of mean over batch of 0.5 sum m^2.
+  np.testing.assert_allclose(grad_logvar, 0.5 * (jnp.exp(logvar) - 1) / 2, rtol=1e-5, atol=1e-7)

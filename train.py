@@ -1,0 +1,34 @@
+r"""Trains a model described by a config file: the VAE (stage 1) or the latent diffusion model (stage 2).
+
+  python train.py --config configs/vae_base.py:tiny --workdir workdirs/vae
+  python train.py --config configs/ldm_base.py:tiny --workdir workdirs/ldm --config.vae_workdir=workdirs/vae
+
+Any config field can be overridden, e.g. `--config.optim.lr=3e-4 --config.train.num_steps=2000`. Rerunning the same
+command resumes from the last checkpoint in the workdir.
+"""
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from diffusion import cli
+from diffusion.errors import user_errors_exit
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally with a preset: FILE[:preset].',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
+
+
+@user_errors_exit
+def main(argv: list[str]) -> None:
+  cli.parse_flags(argv)
+  cli.require(_CONFIG.value is not None, '--config is required, e.g. --config configs/ldm_base.py:tiny')
+  cli.require(bool(_WORKDIR.value), '--workdir is required')
+  from diffusion import training  # Imported after flag checks: a usage error should not wait for JAX.
+
+  training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  main(sys.argv)
