@@ -6,6 +6,7 @@ machines without network are synced later with `wandb sync`.
 
 import json
 import os
+import secrets
 import sys
 import time
 from typing import Any, Mapping, Sequence
@@ -115,7 +116,7 @@ def _init_wandb(workdir: str, config: ml_collections.ConfigDict):
   os.environ.setdefault('WANDB_SILENT', 'true')
   tags: Sequence[str] = [t for t in config.wandb.tags.split(',') if t]
   run_id_file = os.path.join(workdir, 'wandb_run_id')
-  run_id = open(run_id_file).read().strip() if os.path.exists(run_id_file) else wandb.util.generate_id()
+  run_id = open(run_id_file).read().strip() if os.path.exists(run_id_file) else secrets.token_hex(4)
   with open(run_id_file, 'w') as f:
     f.write(run_id)
   try:

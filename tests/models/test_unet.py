@@ -38,9 +38,9 @@ def unet_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def _inputs(batch=2, size=8, length=5, width=12):
-  keys = jax.random.split(jax.random.key(1), 2)
-  return (jax.random.normal(keys[0], (batch, size, size, 4)), jnp.array([3, 900][:batch]),
-          jax.random.normal(keys[1], (batch, length, width)))
+  rng = np.random.default_rng(1)
+  return (jnp.asarray(rng.normal(size=(batch, size, size, 4)), jnp.float32), jnp.array([3, 900][:batch]),
+          jnp.asarray(rng.normal(size=(batch, length, width)), jnp.float32))
 
 
 def _paths(params) -> set[str]:

@@ -39,6 +39,10 @@ def vae_and_params():
   return vae, random_params(vae, jnp.zeros((1, 16, 16, 3)), sample_posterior=False)
 
 
+def _image(shape):
+  return jnp.asarray(np.random.default_rng(1).uniform(-1, 1, shape), jnp.float32)
+
+
 def _paths(params) -> set[str]:
   return {'/'.join(k) for k in flax.traverse_util.flatten_dict(params)}
 
@@ -68,7 +72,7 @@ def test_encode_decode_shapes_and_factor(vae_and_params):
   vae, params = vae_and_params
   factor = models.vae_downsample_factor(vae_config())
   assert factor == 4
-  x = jax.random.uniform(jax.random.key(1), (2, 32, 24, 3), minval=-1, maxval=1)
+  x = _image((2, 32, 24, 3))
   mean, logvar = jax.jit(lambda x: vae.apply({'params': params}, x, method='encode'))(x)
   assert mean.shape == logvar.shape == (2, 32 // factor, 24 // factor, 4)
   image = vae.apply({'params': params}, mean, method='decode')
@@ -77,7 +81,7 @@ def test_encode_decode_shapes_and_factor(vae_and_params):
 
 def test_call_samples_posterior_with_rng(vae_and_params):
   vae, params = vae_and_params
-  x = jax.random.uniform(jax.random.key(1), (1, 16, 16, 3), minval=-1, maxval=1)
+  x = _image((1, 16, 16, 3))
   apply = lambda x, rng: vae.apply({'params': params}, x, rng)
   rec_a, mean, logvar = apply(x, jax.random.key(2))
   rec_b, _, _ = apply(x, jax.random.key(3))
