@@ -1,0 +1,82 @@
+"""Entry points: user errors are one `error: ...` line on stderr with exit code 2; sampling is reproducible."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+
+
+def assert_user_error(result, *needles):
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  lines = [l for l in result.stderr.strip().splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize('args,needles', [
+    (['--config.model.unet.chanels=3'], ['model.unet.chanels']),
+    (['--config.optim.lr=-0.001'], ['optim.lr']),
+    (['--config.optim.lr=abc'], ['optim.lr']),
+    (['--config.data.image_size=30'], ['data.image_size']),
+    (['--config.sample.sampler=magic'], ['sample.sampler', 'ddim']),
+], ids=['unknown-key', 'negative-lr', 'wrong-type', 'indivisible-image-size', 'unknown-sampler'])
+def test_train_bad_config_fails_before_compiling(tmp_path, args, needles):
+  result = run_cli('train.py', '--config', 'configs/ldm_base.py:tiny', '--workdir', str(tmp_path / 'w'), *args)
+  assert_user_error(result, *needles)
+  assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_train_missing_flags_and_unknown_preset(tmp_path):
+  assert_user_error(run_cli('train.py', '--workdir', str(tmp_path)), '--config')
+  assert_user_error(run_cli('train.py', '--config', 'configs/ldm_base.py:tiny'), '--workdir')
+  assert_user_error(run_cli('train.py', '--config', 'configs/ldm_base.py:huge', '--workdir', str(tmp_path)), 'preset')
+
+
+def test_ldm_without_vae_workdir_is_a_user_error(tmp_path):
+  result = run_cli('train.py', '--config', 'configs/ldm_base.py:tiny', '--workdir', str(tmp_path / 'w'),
+                   f'--config.data.data_dir={tmp_path / "tfds"}', '--config.data.shapes.num_train=16',
+                   '--config.data.shapes.num_eval=8')
+  assert_user_error(result, 'vae_workdir')
+
+
+def test_sample_user_errors(tmp_path, ldm_workdir, vae_workdir):
+  assert_user_error(run_cli('sample.py', '--workdir', str(tmp_path / 'nope'), '--prompt', 'a', '--out', str(tmp_path)),
+                    'does not exist')
+  assert_user_error(run_cli('sample.py', '--workdir', ldm_workdir, '--out', str(tmp_path)), 'no prompt')
+  assert_user_error(run_cli('sample.py', '--workdir', ldm_workdir, '--prompt', 'a red circle', '--sampler', 'magic',
+                            '--out', str(tmp_path)), 'magic', 'ddim')
+  assert_user_error(run_cli('sample.py', '--workdir', vae_workdir, '--prompt', 'a red circle', '--out', str(tmp_path)),
+                    "'vae'")
+  assert_user_error(run_cli('sample.py', '--workdir', ldm_workdir, '--prompt', 'x', '--num_images', '0', '--out',
+                            str(tmp_path)), '--num_images')
+
+
+def test_sample_is_bit_identical_across_runs_and_batch_sizes(tmp_path, ldm_workdir):
+  from diffusion.sampling import sample_to_directory
+
+  args = ['--workdir', ldm_workdir, '--prompt', 'a red circle', '--prompt', 'a blue square', '--num_images', '2',
+          '--seed', '3', '--num_steps', '3', '--sampler', 'ddpm']
+  result = run_cli('sample.py', *args, '--out', str(tmp_path / 'a'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  settings = sample_to_directory(ldm_workdir, ['a red circle', 'a blue square'], str(tmp_path / 'b'), num_images=2,
+                                 seed=3, num_steps=3, sampler='ddpm', batch_size=3)
+  names = [f'{i:04d}.png' for i in range(4)]
+  for name in names + ['grid.png']:
+    a = np.asarray(Image.open(tmp_path / 'a' / name))
+    b = np.asarray(Image.open(tmp_path / 'b' / name))
+    np.testing.assert_array_equal(a, b, err_msg=name)
+  saved = json.load(open(tmp_path / 'a' / 'settings.json'))
+  for key in ('prompts', 'seed', 'num_steps', 'sampler', 'guidance_scale', 'negative_prompt', 'eta', 'step'):
+    assert saved[key] == settings[key], key
+  images = [np.asarray(Image.open(tmp_path / 'a' / n)) for n in names]
+  assert not np.array_equal(images[0], images[1])  # Different noise per image.
+  other_seed = sample_to_directory(ldm_workdir, ['a red circle'], str(tmp_path / 'c'), seed=4, num_steps=3,
+                                   sampler='ddpm')
+  assert not np.array_equal(np.asarray(Image.open(tmp_path / 'c' / '0000.png')), images[0])
+  assert other_seed['seed'] == 4

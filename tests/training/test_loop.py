@@ -1,0 +1,113 @@
+"""The training loop end to end on the embedded data: both stages, checkpoints, resume, metrics, the NaN guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import LDM, ROOT, VAE, cli_overrides, load_config
+from diffusion import checkpoint
+from diffusion.pipeline import load_workdir_config
+from diffusion.training import train_and_evaluate
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_vae_stage_writes_checkpoints_metrics_and_samples(vae_workdir):
+  assert checkpoint.Checkpointer(vae_workdir, read_only=True).all_steps() == [1, 2]
+  rows = read_metrics(vae_workdir)
+  assert [r['step'] for r in rows if 'loss' in r] == [1, 2]
+  assert all(np.isfinite(r['loss']) for r in rows if 'loss' in r)
+  assert any('eval/psnr' in r for r in rows)
+  assert os.path.exists(os.path.join(vae_workdir, 'samples', 'samples_0000002.png'))
+  meta = checkpoint.Checkpointer(vae_workdir, read_only=True).restore_meta()
+  assert meta['model_type'] == 'vae' and meta['step'] == 2 and 'jax' in meta['packages'] and meta['git_commit']
+
+
+def test_ldm_stage_is_self_contained(ldm_workdir, vae_workdir):
+  config = load_workdir_config(ldm_workdir, expect='ldm')
+  assert config.model.vae.scaling_factor > 0  # Computed from data at the start of the run.
+  assert config.model.text.vocab_size > 4
+  assert tuple(config.model.vae.block_out_channels) == VAE['model.vae.block_out_channels']
+  for sub in ('tokenizer', 'frozen/vae', 'checkpoints', 'samples/samples_0000002.png'):
+    assert os.path.exists(os.path.join(ldm_workdir, sub)), sub
+  frozen = checkpoint.load_pytree(os.path.join(ldm_workdir, 'frozen', 'vae'))
+  vae_ema = checkpoint.Checkpointer(vae_workdir, read_only=True).restore_params(item='ema_params')
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(vae_ema)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any('eval/val_loss' in r for r in read_metrics(ldm_workdir))
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, data_dir, vae_workdir):
+  """2 steps, stop, then continue to 3 steps: bit-identical to 3 steps in one go (params, EMA, data order)."""
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  make = lambda steps: load_config('ldm_base', LDM, data_dir, vae_workdir=vae_workdir, **{
+      'train.num_steps': steps, 'train.sample_every': 0, 'train.eval_every': 0})
+  final = train_and_evaluate(make(3), straight)
+  train_and_evaluate(make(2), resumed)
+  final_resumed = train_and_evaluate(make(3), resumed)
+  assert int(final_resumed.step) == 3
+  for a, b in zip(jax.tree.leaves((final.params, final.ema_params, final.opt_state)),
+                  jax.tree.leaves((final_resumed.params, final_resumed.ema_params, final_resumed.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert train_and_evaluate(make(3), resumed) is None  # Finished: says so, does nothing.
+
+
+def test_nan_batch_is_skipped_and_stops_after_max_bad_steps(tmp_path, data_dir, vae_workdir, monkeypatch):
+  from diffusion.training import loop
+
+  original = loop._global_batches
+
+  def poisoned(iterator, mesh):
+    for batch in original(iterator, mesh):
+      yield {**batch, 'image': batch['image'] * np.nan}
+
+  monkeypatch.setattr(loop, '_global_batches', poisoned)
+  config = load_config('vae_base', VAE, data_dir, **{'train.num_steps': 5, 'train.max_bad_steps': 2,
+                                                     'train.eval_every': 0, 'train.sample_every': 0})
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(FloatingPointError, match='max_bad_steps'):
+    train_and_evaluate(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  for step in ckpt.all_steps():  # Whatever was saved holds finite params.
+    params = checkpoint.Checkpointer(workdir, read_only=True).restore_params(step, 'params')
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  assert read_metrics(workdir)[0]['skipped'] == 1.0
+
+
+def test_killed_training_resumes_from_last_checkpoint(tmp_path, data_dir, vae_workdir):
+  """SIGKILL mid-run, rerun the same command: it continues from the last checkpoint and finishes."""
+  workdir = str(tmp_path / 'killed')
+  overrides = {**VAE, 'train.num_steps': 400, 'train.checkpoint_every': 2, 'train.eval_every': 0,
+               'train.sample_every': 0, 'train.log_every': 10, 'data.data_dir': data_dir}
+  command = [sys.executable, 'train.py', '--config', 'configs/vae_base.py:tiny', '--workdir', workdir,
+             *cli_overrides(overrides)]
+  env = {**os.environ, 'WANDB_MODE': 'disabled'}
+  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(d) for d in os.listdir(checkpoints) if d.isdigit()] if os.path.isdir(checkpoints) else []
+    if steps and max(steps) >= 4:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, 'training ended before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = checkpoint.Checkpointer(workdir, read_only=True).latest_step()
+  assert killed_at is not None and 4 <= killed_at < 400
+  finish = {**overrides, 'train.num_steps': killed_at + 2}
+  result = subprocess.run(command[:6] + cli_overrides(finish), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f'resumed from step {killed_at}' in result.stdout
+  assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == killed_at + 2
