@@ -7,6 +7,7 @@ Any config field can be overridden, e.g. `--config.optim.lr=3e-4 --config.train.
 command resumes from the last checkpoint in the workdir.
 """
 
+import os
 import sys
 
 from absl import flags
@@ -17,7 +18,8 @@ from diffusion.errors import user_errors_exit
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally with a preset: FILE[:preset].',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples; `{wandb_run_id}` is '
+                                'replaced by $WANDB_RUN_ID (set by `wandb agent`), one workdir per sweep run.')
 
 
 @user_errors_exit
@@ -25,9 +27,13 @@ def main(argv: list[str]) -> None:
   cli.parse_flags(argv)
   cli.require(_CONFIG.value is not None, '--config is required, e.g. --config configs/ldm_base.py:tiny')
   cli.require(bool(_WORKDIR.value), '--workdir is required')
+  workdir = _WORKDIR.value
+  if '{wandb_run_id}' in workdir:
+    cli.require(bool(os.environ.get('WANDB_RUN_ID')), '--workdir uses {wandb_run_id} but WANDB_RUN_ID is not set')
+    workdir = workdir.replace('{wandb_run_id}', os.environ['WANDB_RUN_ID'])
   from diffusion import training  # Imported after flag checks: a usage error should not wait for JAX.
 
-  training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  training.train_and_evaluate(_CONFIG.value, workdir)
 
 
 if __name__ == '__main__':

@@ -73,6 +73,17 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
 def _validate_vae(config: ml_collections.ConfigDict) -> int:
   """Checks the VAE section; returns its downsampling factor."""
   vae = config.model.vae
+  if config.model_type == 'vae':
+    from diffusion import losses
+
+    loss = config.loss
+    _check(loss.rec_loss in ('l1', 'l2'), 'loss.rec_loss', f'unknown {loss.rec_loss!r}; known: l1, l2')
+    _check(loss.kl_weight >= 0, 'loss.kl_weight', f'must be >= 0, got {loss.kl_weight!r}')
+    for name in ('perceptual', 'adversarial'):
+      weight = loss[f'{name}_weight']
+      _check(weight >= 0, f'loss.{name}_weight', f'must be >= 0, got {weight!r}')
+      _check(weight == 0 or name in losses.available_vae_loss_terms(), f'loss.{name}_weight',
+             f'is {weight} but no {name!r} VAE loss term is registered (losses.register_vae_loss_term)')
   channels = tuple(vae.block_out_channels)
   _check(len(channels) >= 1, 'model.vae.block_out_channels', 'needs at least one level')
   for c in channels:

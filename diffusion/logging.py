@@ -116,7 +116,12 @@ def _init_wandb(workdir: str, config: ml_collections.ConfigDict):
   os.environ.setdefault('WANDB_SILENT', 'true')
   tags: Sequence[str] = [t for t in config.wandb.tags.split(',') if t]
   run_id_file = os.path.join(workdir, 'wandb_run_id')
-  run_id = open(run_id_file).read().strip() if os.path.exists(run_id_file) else secrets.token_hex(4)
+  if os.environ.get('WANDB_RUN_ID'):  # Set by `wandb agent` for sweep runs.
+    run_id = os.environ['WANDB_RUN_ID']
+  elif os.path.exists(run_id_file):  # A resumed run continues its W&B run.
+    run_id = open(run_id_file).read().strip()
+  else:
+    run_id = secrets.token_hex(4)
   with open(run_id_file, 'w') as f:
     f.write(run_id)
   try:

@@ -77,3 +77,14 @@ def test_bad_values_name_the_key(key, mutate):
     validate_config(config)
   assert info.value.key == key
   assert f'config.{key}' in str(info.value)
+
+
+def test_vae_loss_terms_must_be_registered():
+  config = load(os.path.join(ROOT, 'configs', 'vae_base.py'), 'tiny')
+  config.loss.perceptual_weight = 0.1
+  with pytest.raises(ConfigError, match='perceptual'):
+    validate_config(config)
+  config.loss.perceptual_weight = 0.0
+  config.loss.kl_weight = -1.0
+  with pytest.raises(ConfigError, match='loss.kl_weight'):
+    validate_config(config)

@@ -150,8 +150,8 @@ class UNet2DConditionModel(nn.Module):
     heads = _per_level(self.num_attention_heads or self.attention_head_dim, n, 'attention heads')
     layers = _per_level(self.layers_per_block, n, 'layers_per_block')
     tlayers = _per_level(self.transformer_layers_per_block, n, 'transformer_layers_per_block')
-    return [dict(out_channels=c, num_attention_heads=h, num_layers=l, transformer_layers_per_block=t)
-            for c, h, l, t in zip(self.block_out_channels, heads, layers, tlayers)]
+    return [dict(out_channels=c, num_attention_heads=h, num_layers=n_res, transformer_layers_per_block=t)
+            for c, h, n_res, t in zip(self.block_out_channels, heads, layers, tlayers, strict=True)]
 
   @nn.compact
   def __call__(self, sample: Array, timesteps: Array, encoder_hidden_states: Array,
@@ -178,7 +178,7 @@ class UNet2DConditionModel(nn.Module):
     x = conv(self.block_out_channels[0], 3, name='conv_in', **kw)(sample)
 
     skips = [x]
-    for i, (level, block_type) in enumerate(zip(levels, self.down_block_types)):
+    for i, (level, block_type) in enumerate(zip(levels, self.down_block_types, strict=True)):
       x, out = DownBlock(has_attention=block_type.startswith('CrossAttn'),
                          add_downsample=i < len(levels) - 1, name=f'down_blocks_{i}',
                          **level, **common)(x, temb, context, mask)
@@ -188,7 +188,7 @@ class UNet2DConditionModel(nn.Module):
       mid = dict(levels[-1], num_layers=1, has_attention=True)
       x = UNetMidBlock2DCrossAttn(name='mid_block', **mid, **common)(x, temb, context, mask)
 
-    for i, (level, block_type) in enumerate(zip(levels[::-1], self.up_block_types)):
+    for i, (level, block_type) in enumerate(zip(levels[::-1], self.up_block_types, strict=True)):
       n = level['num_layers'] + 1
       skips, out = skips[:-n], skips[-n:]
       x = UpBlock(has_attention=block_type.startswith('CrossAttn'),

@@ -17,6 +17,12 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
   return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
 
 
+def extra_vae_terms(loss_config: ml_collections.ConfigDict) -> list[tuple[str, float]]:
+  """The pluggable terms switched on by `loss.<name>_weight > 0` (e.g. perceptual, adversarial)."""
+  return [(name, float(loss_config[f'{name}_weight'])) for name in ('perceptual', 'adversarial')
+          if loss_config[f'{name}_weight'] > 0]
+
+
 class VAETask:
   """What the generic loop needs from stage 1: params, loss, eval metrics and a picture."""
 
@@ -41,7 +47,8 @@ class VAETask:
     noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(keys)  # Per-example draws.
     rec = self.vae.apply({'params': params}, mean + jnp.exp(0.5 * logvar) * noise, method='decode')
     loss_cfg = self.config.loss
-    loss, metrics = losses.vae_loss(x, rec, mean, logvar, kl_weight=loss_cfg.kl_weight, rec_loss=loss_cfg.rec_loss)
+    loss, metrics = losses.vae_loss(x, rec, mean, logvar, kl_weight=loss_cfg.kl_weight, rec_loss=loss_cfg.rec_loss,
+                                    extra_terms=extra_vae_terms(loss_cfg))
     metrics = {k: v for k, v in metrics.items() if k != 'loss'}
     metrics['psnr'] = jnp.mean(psnr(x, rec))
     return loss, metrics
