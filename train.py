@@ -33,7 +33,11 @@ def main(argv: list[str]) -> None:
     workdir = workdir.replace('{wandb_run_id}', os.environ['WANDB_RUN_ID'])
   from diffusion import training  # Imported after flag checks: a usage error should not wait for JAX.
 
-  training.train_and_evaluate(_CONFIG.value, workdir)
+  try:
+    training.train_and_evaluate(_CONFIG.value, workdir)
+  except FloatingPointError as e:  # The NaN guard gave up: a clear message, not a traceback.
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

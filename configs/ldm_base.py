@@ -4,6 +4,9 @@ Presets:
   base: an SD-1.x-like U-Net (~860M parameters) at 256 px with an f8 VAE and a CLIP-L-sized text transformer,
         on a TFDS image-text dataset (accelerators).
   tiny: a ~1.1M-parameter U-Net on 8x8x4 latents of the embedded shapes dataset (the CPU quickstart).
+  sd15: fine-tunes an imported SD 1.x pipeline (512 px, frozen CLIP ViT-L text encoder, remat on):
+        python scripts/convert.py import PIPELINE_DIR --workdir W
+        python train.py --config configs/ldm_base.py:sd15 --workdir W --config.data.name=...
 
   python train.py --config configs/vae_base.py:tiny --workdir workdirs/vae_tiny
   python train.py --config configs/ldm_base.py:tiny --workdir workdirs/ldm_tiny \
@@ -37,6 +40,8 @@ def get_unet_config() -> ml_collections.ConfigDict:
   unet.norm_eps = 1e-5
   unet.act_fn = 'silu'
   unet.dtype = 'float32'
+  unet.remat = False  # Recompute each resnet / transformer block's activations in the backward pass.
+  unet.remat_policy = 'nothing_saveable'  # Or 'dots_saveable', 'dots_with_no_batch_dims_saveable'.
   return unet
 
 
@@ -61,26 +66,46 @@ def get_text_config() -> ml_collections.ConfigDict:
 
 
 def get_diffusion_config() -> ml_collections.ConfigDict:
+  """The process and the objective (see diffusion/process.py and diffusion/losses.py).
+
+  Flow matching instead of v-prediction: prediction_type='flow', schedule='flow', sample.sampler='flow_euler'.
+  """
   diffusion = ml_collections.ConfigDict()
-  diffusion.prediction_type = 'eps'  # 'eps' | 'x0' | 'v'
-  diffusion.schedule = 'scaled_linear'
+  diffusion.prediction_type = 'eps'  # 'eps' | 'x0' | 'v' | 'flow' (rectified-flow velocity; schedule 'flow')
+  diffusion.schedule = 'scaled_linear'  # 'linear' | 'scaled_linear' | 'cosine' | 'edm' | 'flow'
   diffusion.num_train_timesteps = 1000
   diffusion.beta_start = 0.00085
   diffusion.beta_end = 0.012
   diffusion.rescale_zero_terminal_snr = False
-  diffusion.loss_weighting = 'uniform'  # 'uniform' | 'min_snr'
+  diffusion.loss_weighting = 'uniform'  # 'uniform' | 'min_snr' | 'edm' | 'v_loss'
   diffusion.min_snr_gamma = 5.0
   diffusion.offset_noise = 0.0
   diffusion.caption_dropout = 0.1  # Probability of training on the empty prompt (classifier-free guidance).
+  # schedule='edm': VE noise levels log-linear in t over [sigma_min, sigma_max]; training ln(sigma) ~ N(p_mean, p_std).
+  diffusion.edm_sigma_min = 0.002
+  diffusion.edm_sigma_max = 80.0
+  diffusion.edm_p_mean = -1.2
+  diffusion.edm_p_std = 1.2
+  diffusion.edm_sigma_data = 0.5  # loss_weighting='edm': lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2.
+  # schedule='flow': x_t = (1 - s) x0 + s eps, s = t / T drawn uniformly or logit-normally, then shifted (SD3).
+  diffusion.flow_t_sampling = 'uniform'  # 'uniform' | 'logit_normal'
+  diffusion.flow_logit_mean = 0.0
+  diffusion.flow_logit_std = 1.0
+  diffusion.flow_shift = 1.0  # Also shifts the flow samplers' levels.
   return diffusion
 
 
 def get_sample_config() -> ml_collections.ConfigDict:
   sample = ml_collections.ConfigDict()
-  sample.sampler = 'ddim'
+  sample.sampler = 'ddim'  # ddpm ddim euler euler_a heun dpmpp_2m dpmpp_2m_sde | flow_euler flow_heun
   sample.num_steps = 50
   sample.guidance_scale = 7.5
-  sample.eta = 0.0
+  sample.guidance_rescale = 0.0  # phi of Lin et al. 2023 (0.7 with zero terminal SNR).
+  sample.guidance_interval = (0.0, 1.0)  # Guide only for t / T in [lo, hi] (Kynkaanniemi et al. 2024).
+  sample.eta = 0.0  # ddim only.
+  sample.timestep_spacing = ''  # '' (the sampler's default) | 'leading' | 'trailing' | 'linspace'
+  sample.karras = False  # Karras noise levels (euler, euler_a, heun, dpmpp_*, flow_*).
+  sample.s_churn = 0.0  # heun only: EDM's stochastic churn.
   sample.negative_prompt = ''
   sample.prompts = ('a red circle', 'a blue square', 'a green triangle', 'a yellow circle')
   sample.num_images_per_prompt = 2
@@ -148,6 +173,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.ema_decay = 0.999
     config.sample.num_steps = 25
     config.sample.guidance_scale = 3.0
+  elif preset == 'sd15':
+    config.data.image_size = 512
+    config.model.unet.sample_size = 64
+    config.model.unet.remat = True
+    config.model.text.type = 'clip'  # Pretrained weights come from the workdir (scripts/convert.py import).
+    config.model.text.trainable = False
+    config.optim.lr = 1e-5
+    config.optim.warmup_steps = 500
+    config.optim.weight_decay = 0.0  # Also keeps the frozen text encoder exactly as imported.
+    config.optim.ema_decay = 0.9999
   else:
-    raise ValueError(f'unknown preset {preset!r} for configs/ldm_base.py; known: base, tiny')
+    raise ValueError(f'unknown preset {preset!r} for configs/ldm_base.py; known: base, tiny, sd15')
   return config

@@ -9,7 +9,9 @@ optimizer NamedTuples come back as themselves.
 import importlib.metadata
 import os
 import subprocess
-from typing import Any
+import sys
+import time
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -50,40 +52,77 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
                                            read_only=read_only)
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'data', 'meta'))
+    self.read_only = read_only
+    self._skip: set[int] = set()  # Damaged steps seen by a read-only reader.
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    steps = self.all_steps()
+    return max(steps) if steps else None
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return [s for s in self.manager.all_steps() if s not in self._skip]
+
+  def reached_preemption(self, step: int) -> bool:
+    """True when the cluster (e.g. a TPU pod's preemption notice, synced across hosts by Orbax) asks to stop."""
+    return bool(self.manager.reached_preemption(step))
 
   def save(self, step: int, state: Any, data_state: Any = None, meta: dict | None = None, force: bool = False) -> bool:
+    """Saves asynchronously; refuses a state whose params are not all finite, so a NaN is never checkpointed."""
+    params = state.params if hasattr(state, 'params') else state
+    if not all(bool(jax.numpy.isfinite(x).all()) for x in jax.tree.leaves(params)):
+      raise FloatingPointError(f'refusing to checkpoint step {step}: the params are not all finite')
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave({'iterator': data_state}),
                               meta=ocp.args.JsonSave({**run_metadata(), **(meta or {}), 'step': int(step)}))
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, Any, dict]:
-    """Restores into the structure, dtypes and shardings of `target` (concrete or abstract arrays)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise UserError('no checkpoint to restore')
+    """Restores into the structure, dtypes and shardings of `target` (concrete or abstract arrays).
+
+    Without `step`, a damaged latest checkpoint (truncated or partly written files) is moved aside with a warning
+    and the newest valid one is used instead; the good ones are never touched.
+    """
     args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target)), data=ocp.args.JsonRestore(),
                               meta=ocp.args.JsonRestore())
-    restored = self.manager.restore(step, args=args)
-    return restored.state, restored.data['iterator'], restored.meta
+    step, restored = self._restore_valid(lambda s: self.manager.restore(s, args=args), step)
+    return restored.state, restored.data['iterator'], {**restored.meta, 'step': step}
+
+  def _restore_valid(self, restore_fn: Callable[[int], Any], step: int | None) -> tuple[int, Any]:
+    if step is not None:
+      return step, restore_fn(step)
+    for candidate in sorted(self.all_steps(), reverse=True):
+      try:
+        return candidate, restore_fn(candidate)
+      except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
+        self._set_aside(candidate, e)
+    raise UserError(f'no valid checkpoint in {self.manager.directory}')
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    """Moves a damaged checkpoint to `checkpoints/damaged/` (kept for inspection) so it is never resumed or
+    overwritten, and warns."""
+    source = os.path.join(str(self.manager.directory), str(step))
+    message = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    print(f'warning: checkpoint {source} is damaged ({message}); falling back to an older one', file=sys.stderr,
+          flush=True)
+    if self.read_only or jax.process_index() != 0:
+      self._skip.add(step)
+      return
+    damaged = os.path.join(str(self.manager.directory), 'damaged')
+    os.makedirs(damaged, exist_ok=True)
+    os.rename(source, os.path.join(damaged, f'{step}-{int(time.time())}'))
+    self.manager.reload()
 
   def restore_meta(self, step: int | None = None) -> dict:
-    step = self.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    restore = lambda s: self.manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return self._restore_valid(restore, step)[1]
 
   def restore_params(self, step: int | None = None, item: str = 'ema_params') -> Any:
-    """Restores one field of the saved train state (e.g. EMA params) as host arrays, without a target."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise UserError('no checkpoint to restore')
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    state = restored.state
+    """Restores one field of the saved train state (e.g. EMA params) as host arrays, without a target; falls back
+    past a damaged latest checkpoint like `restore`."""
+    if step is None and not self.all_steps():
+      raise UserError(f'no checkpoint in {self.manager.directory}')
+    restore = lambda s: self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    state = self._restore_valid(restore, step)[1]
     return state[item] if isinstance(state, dict) else getattr(state, item)
 
   def wait(self) -> None:

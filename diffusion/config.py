@@ -145,19 +145,45 @@ def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
          f'unknown {d.prediction_type!r}; known: {", ".join(types)}')
   known = process.available_schedules()
   _check(d.schedule in known, 'diffusion.schedule', f'unknown {d.schedule!r}; known: {", ".join(known)}')
+  why = process.check_family(d.schedule, d.prediction_type)
+  _check(why is None, 'diffusion.prediction_type', why or '')
   weightings = losses.available_loss_weightings()
   _check(d.loss_weighting in weightings, 'diffusion.loss_weighting',
          f'unknown {d.loss_weighting!r}; known: {", ".join(weightings)}')
   _check(0.0 <= d.caption_dropout < 1.0, 'diffusion.caption_dropout', f'must be in [0, 1), got {d.caption_dropout!r}')
   _check(d.num_train_timesteps >= 2, 'diffusion.num_train_timesteps', 'must be >= 2')
   _check(0 < d.beta_start < d.beta_end < 1, 'diffusion.beta_end', 'need 0 < beta_start < beta_end < 1')
+  _check(d.get('offset_noise', 0.0) >= 0, 'diffusion.offset_noise', 'must be >= 0')
+  schedule = process.get_noise_schedule(d)  # Checks the edm_* / flow_* keys.
+  losses.get_diffusion_loss_fn(d)  # Checks min_snr_gamma / edm_sigma_data.
   s = config.sample
   names = samplers.available_samplers()
   _check(s.sampler in names, 'sample.sampler', f'unknown sampler {s.sampler!r}; known: {", ".join(names)}')
+  why = samplers.family_error(s.sampler, schedule)
+  _check(why is None, 'sample.sampler', why or '')
   _check(1 <= s.num_steps <= d.num_train_timesteps, 'sample.num_steps',
          f'must be in [1, diffusion.num_train_timesteps={d.num_train_timesteps}], got {s.num_steps}')
   _check(s.guidance_scale >= 0, 'sample.guidance_scale', f'must be >= 0, got {s.guidance_scale}')
   _check(s.num_images_per_prompt >= 1, 'sample.num_images_per_prompt', 'must be >= 1')
+  _validate_sample_options(s, samplers.sampler_info(s.sampler).options)
+
+
+def _validate_sample_options(s: ml_collections.ConfigDict, accepted: tuple[str, ...]) -> None:
+  """The sampler options of the sample section: in range, and set only where config.sample.sampler takes them."""
+  spacings = ('', 'leading', 'trailing', 'linspace')
+  _check(s.get('timestep_spacing', '') in spacings, 'sample.timestep_spacing',
+         f'unknown {s.get("timestep_spacing")!r}; known: {spacings} ("" = the sampler\'s default)')
+  _check(s.get('eta', 0.0) >= 0, 'sample.eta', f'must be >= 0, got {s.get("eta")}')
+  _check(s.get('s_churn', 0.0) >= 0, 'sample.s_churn', f'must be >= 0, got {s.get("s_churn")}')
+  _check(0.0 <= s.get('guidance_rescale', 0.0) <= 1.0, 'sample.guidance_rescale', 'must be in [0, 1]')
+  interval = tuple(s.get('guidance_interval', (0.0, 1.0)))
+  _check(len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0, 'sample.guidance_interval',
+         f'must be (lo, hi) with 0 <= lo <= hi <= 1 (fractions of the training time), got {interval}')
+  defaults = {'eta': 0.0, 'karras': False, 'timestep_spacing': '', 's_churn': 0.0}
+  for key in defaults:
+    value = s.get(key, defaults[key])
+    _check(value == defaults[key] or key in accepted, f'sample.{key}',
+           f'is {value!r} but sampler {s.sampler!r} has no option {key!r} (its options: {", ".join(accepted)})')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

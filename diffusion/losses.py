@@ -19,8 +19,9 @@ DiffusionLossFn = Callable[[Array, Array, Array, Array, process.NoiseSchedule], 
 # ----------------------------------------------------------------------------------------------------------
 # Diffusion loss.
 
-# A weighting factory: (diffusion_config, prediction_type) -> (snr (B,) -> weight (B,)).
-WeightingFactory = Callable[[Mapping[str, Any], str], Callable[[Array], Array]]
+# A weighting factory: (diffusion_config, prediction_type) -> ((alpha, sigma) (B,) -> weight (B,)).
+WeightFn = Callable[[Array, Array], Array]
+WeightingFactory = Callable[[Mapping[str, Any], str], WeightFn]
 _WEIGHTINGS: dict[str, WeightingFactory] = {}
 
 
@@ -40,29 +41,61 @@ def available_loss_weightings() -> list[str]:
   return sorted(_WEIGHTINGS)
 
 
+def _on_x0_error(prediction_type: str, scaled_x0_weight: WeightFn, at_zero: float = 1.0) -> WeightFn:
+  """The weight on the target's error that puts w(alpha, sigma) on the x0 error, given sigma^2 w.
+
+  |target - output|^2 = (g / sigma^2) |x0 - x0_hat|^2 (g = `process.x0_error_scale`), so the weight is
+  sigma^2 w / g, finite where sigma = 0; where g is 0 (eps prediction at SNR 0) the weight is `at_zero`.
+  """
+
+  def weight(alpha: Array, sigma: Array) -> Array:
+    scale = process.x0_error_scale(prediction_type, alpha, sigma)
+    ok = scale > 0
+    return jnp.where(ok, scaled_x0_weight(alpha, sigma) / jnp.where(ok, scale, 1.0), at_zero)
+
+  return weight
+
+
 @register_loss_weighting('uniform')
-def _uniform(diffusion_config: Mapping[str, Any], prediction_type: str) -> Callable[[Array], Array]:
+def _uniform(diffusion_config: Mapping[str, Any], prediction_type: str) -> WeightFn:
+  """Plain MSE to the training target (the usual 'simple' loss of whatever the network predicts)."""
   del diffusion_config, prediction_type
-  return jnp.ones_like
+  return lambda alpha, sigma: jnp.ones_like(alpha * sigma)
 
 
 @register_loss_weighting('min_snr')
-def _min_snr(diffusion_config: Mapping[str, Any], prediction_type: str) -> Callable[[Array], Array]:
+def _min_snr(diffusion_config: Mapping[str, Any], prediction_type: str) -> WeightFn:
   """Min-SNR-gamma (Hang et al. 2023): weight min(snr, gamma) on the x0 error, whatever the target.
 
-  Since |target - output|^2 = c(snr) |x0 - x0_hat|^2 (c = snr for eps, snr + 1 for v, 1 for x0), the
-  weight on the target's error is min(snr, gamma) / c(snr); for eps at snr = 0 it is the limit 1.
+  For eps that is min(snr, gamma) / snr on the eps error, for v min(snr, gamma) / (snr + 1); for eps at
+  snr = 0 it is the limit 1.
   """
   gamma = float(diffusion_config.get('min_snr_gamma', 5.0))
   if gamma <= 0:
     raise ConfigError('diffusion.min_snr_gamma', f'must be > 0, got {gamma}')
+  # sigma^2 min(snr, gamma) = min(alpha^2, gamma sigma^2).
+  return _on_x0_error(prediction_type, lambda a, s: jnp.minimum(jnp.square(a), gamma * jnp.square(s)))
 
-  def weight(snr: Array) -> Array:
-    factor = process.x0_mse_factor(prediction_type, snr)
-    safe = jnp.where(factor > 0, factor, 1.0)
-    return jnp.where(factor > 0, jnp.minimum(snr, gamma) / safe, 1.0)
 
-  return weight
+@register_loss_weighting('edm')
+def _edm(diffusion_config: Mapping[str, Any], prediction_type: str) -> WeightFn:
+  """EDM's lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 on the x0 error (Karras et al. 2022).
+
+  sigma is the VE noise level sigma_t / alpha_t. With sigma_data = 1 and v prediction this is the uniform loss
+  (v prediction is EDM's preconditioning at sigma_data = 1).
+  """
+  sd = float(diffusion_config.get('edm_sigma_data', 0.5))
+  if sd <= 0:
+    raise ConfigError('diffusion.edm_sigma_data', f'must be > 0, got {sd}')
+  # sigma_t^2 lambda = (sigma_t^2 + sd^2 alpha_t^2) / sd^2 (VE sigma = sigma_t / alpha_t).
+  return _on_x0_error(prediction_type, lambda a, s: (jnp.square(s) + sd**2 * jnp.square(a)) / sd**2)
+
+
+@register_loss_weighting('v_loss')
+def _v_loss(diffusion_config: Mapping[str, Any], prediction_type: str) -> WeightFn:
+  """The squared error of the implied v prediction (snr + 1 on the x0 error), whatever the network predicts."""
+  del diffusion_config
+  return _on_x0_error(prediction_type, lambda a, s: process.x0_error_scale('v', a, s))
 
 
 def get_diffusion_loss_fn(diffusion_config: Mapping[str, Any]) -> DiffusionLossFn:
@@ -83,9 +116,19 @@ def get_diffusion_loss_fn(diffusion_config: Mapping[str, Any]) -> DiffusionLossF
     target = process.training_target(prediction_type, x0, noise, t, schedule)
     error = jnp.square(output.astype(jnp.float32) - target)
     per_example = jnp.mean(error.reshape(error.shape[0], -1), axis=1)
-    return per_example * weight_fn(process.snr(schedule, t))
+    return per_example * weight_fn(*process.alpha_sigma(schedule, t))
 
   return loss_fn
+
+
+def noised_example(t_rng: Array, noise_rng: Array, x0: Array, schedule: process.NoiseSchedule,
+                   offset_noise: float = 0.0) -> tuple[Array, Array, Array]:
+  """One training example's (x_t, t, noise) for clean latents `x0` (H, W, C): t from the schedule's training
+  distribution (`process.sample_timestep`), noise with the optional offset. vmap it over per-example keys."""
+  t = process.sample_timestep(schedule, t_rng)
+  noise = sample_noise(noise_rng, (1,) + x0.shape, offset_noise)[0]
+  x_t = process.q_sample(schedule, x0[None], noise[None], t[None])[0]
+  return x_t, t, noise
 
 
 def sample_noise(rng: Array, shape: Sequence[int], offset_noise: float = 0.0,

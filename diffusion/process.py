@@ -1,15 +1,22 @@
-"""The diffusion process: noise schedules, q(x_t | x_0), and the one place that converts predictions.
+"""The diffusion process: noise schedules, q(x_t | x_0), training timesteps, and the one prediction conversion.
 
-Discrete-time variance-preserving process with `T = num_train_timesteps` steps, in diffusers' units:
+Every schedule describes a path x_t = alpha_t * x_0 + sigma_t * eps over a model time `t` in the units the network
+sees (0 .. T, T = `num_train_timesteps`, as in diffusers). Three kinds:
 
-  x_t = alpha_t * x_0 + sigma_t * eps,   alpha_t = sqrt(alphas_cumprod[t]),  sigma_t = sqrt(1 - alphas_cumprod[t])
+  discrete  variance preserving, alpha_t^2 = alphas_cumprod[t] (linear, scaled_linear, cosine; optionally rescaled
+            to zero terminal SNR); float t interpolates alphas_cumprod. Training draws integer t uniformly.
+  edm       variance preserving with EDM's noise levels (Karras et al. 2022): the VE sigma = sigma_t / alpha_t runs
+            log-linearly from `edm_sigma_min` (t = 0) to `edm_sigma_max` (t = T - 1); training draws
+            ln(sigma) ~ N(edm_p_mean, edm_p_std^2).
+  flow      rectified flow / flow matching: alpha_t = 1 - t / T, sigma_t = t / T; training draws s = t / T uniformly
+            or logit-normally (SD3), optionally shifted by `flow_shift`.
 
-for integer `t` in [0, T-1]. Schedules are defined exactly like diffusers' `beta_schedule` options (computed in
-float64, stored as float32) so that weights trained with either framework see the same process.
+Each schedule also carries variance-preserving tables (`alphas_cumprod`, `betas`) at integer t, so the discrete
+samplers (DDPM, DDIM) run on any diffusion kind.
 
-A network's raw output is turned into eps / x0 / v by `convert_prediction` only (samplers and losses never
-re-derive these relations), and `training_target` says what a network of each prediction type should output.
-Both are driven by a registry of prediction types, so new parametrizations are one registration away.
+`convert` is THE place where a network's raw output becomes eps / x0 / v / flow velocity / score (samplers and losses
+never re-derive these relations); `training_target` says what a network of each prediction type should output.
+Both are driven by a registry of prediction types (`eps`, `x0`, `v`, `flow`).
 """
 
 from collections.abc import Callable, Mapping
@@ -24,14 +31,25 @@ import numpy as np
 from diffusion.errors import ConfigError
 
 Array = jax.Array
+KINDS = ('discrete', 'edm', 'flow')
 
 
 @flax.struct.dataclass
 class NoiseSchedule:
-  """The discrete noise schedule: float32 arrays of length T (T is static: the arrays' shape)."""
+  """A noise schedule: variance-preserving tables of length T and the static description of its kind."""
 
   betas: Array
   alphas_cumprod: Array
+  kind: str = flax.struct.field(pytree_node=False, default='discrete')
+  name: str = flax.struct.field(pytree_node=False, default='')
+  edm_sigma_min: float = flax.struct.field(pytree_node=False, default=0.002)
+  edm_sigma_max: float = flax.struct.field(pytree_node=False, default=80.0)
+  edm_p_mean: float = flax.struct.field(pytree_node=False, default=-1.2)
+  edm_p_std: float = flax.struct.field(pytree_node=False, default=1.2)
+  flow_shift: float = flax.struct.field(pytree_node=False, default=1.0)
+  flow_t_sampling: str = flax.struct.field(pytree_node=False, default='uniform')
+  flow_logit_mean: float = flax.struct.field(pytree_node=False, default=0.0)
+  flow_logit_std: float = flax.struct.field(pytree_node=False, default=1.0)
 
   @property
   def num_timesteps(self) -> int:
@@ -41,19 +59,25 @@ class NoiseSchedule:
   def alphas(self) -> Array:
     return 1.0 - self.betas
 
+  @property
+  def is_flow(self) -> bool:
+    return self.kind == 'flow'
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Schedules.
 
 BetaFn = Callable[[int, float, float], np.ndarray]
 _SCHEDULES: dict[str, BetaFn] = {}
+_CONTINUOUS = ('edm', 'flow')  # Schedules that are not beta tables.
+FLOW_T_SAMPLINGS = ('uniform', 'logit_normal')
 
 
 def register_schedule(name: str) -> Callable[[BetaFn], BetaFn]:
   """Registers `fn(num_train_timesteps, beta_start, beta_end) -> float64 betas` under `name`."""
 
   def decorator(fn: BetaFn) -> BetaFn:
-    if name in _SCHEDULES:
+    if name in _SCHEDULES or name in _CONTINUOUS:
       raise ValueError(f'schedule {name!r} is already registered')
     _SCHEDULES[name] = fn
     return fn
@@ -62,7 +86,7 @@ def register_schedule(name: str) -> Callable[[BetaFn], BetaFn]:
 
 
 def available_schedules() -> list[str]:
-  return sorted(_SCHEDULES)
+  return sorted([*_SCHEDULES, *_CONTINUOUS])
 
 
 @register_schedule('linear')
@@ -104,32 +128,68 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
   return 1.0 - alphas
 
 
-def schedule_from_betas(betas: np.ndarray | Array) -> NoiseSchedule:
+def _betas_from_alphas_cumprod(ac: np.ndarray) -> np.ndarray:
+  return 1.0 - np.concatenate([ac[:1], ac[1:] / np.maximum(ac[:-1], 1e-300)])
+
+
+def schedule_from_betas(betas: np.ndarray | Array, **static: Any) -> NoiseSchedule:
   """Builds a `NoiseSchedule` from betas; the cumulative product is taken in float64, then cast."""
   betas = np.asarray(betas, np.float64)
   alphas_cumprod = np.cumprod(1.0 - betas)
-  return NoiseSchedule(betas=jnp.asarray(betas, jnp.float32),
-                       alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32))
+  return NoiseSchedule(betas=jnp.asarray(betas, jnp.float32), alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32),
+                       **static)
+
+
+def _edm_static(c: Mapping[str, Any]) -> dict[str, float]:
+  values = {k: float(c.get(f'edm_{k}', d)) for k, d in (('sigma_min', 0.002), ('sigma_max', 80.0),
+                                                         ('p_mean', -1.2), ('p_std', 1.2))}
+  if not 0 < values['sigma_min'] < values['sigma_max']:
+    raise ConfigError('diffusion.edm_sigma_max', 'need 0 < edm_sigma_min < edm_sigma_max')
+  if values['p_std'] <= 0:
+    raise ConfigError('diffusion.edm_p_std', f'must be > 0, got {values["p_std"]}')
+  return {f'edm_{k}': v for k, v in values.items()}
+
+
+def _flow_static(c: Mapping[str, Any]) -> dict[str, Any]:
+  sampling = c.get('flow_t_sampling', 'uniform')
+  if sampling not in FLOW_T_SAMPLINGS:
+    raise ConfigError('diffusion.flow_t_sampling', f'unknown {sampling!r}; known: {", ".join(FLOW_T_SAMPLINGS)}')
+  shift, std = float(c.get('flow_shift', 1.0)), float(c.get('flow_logit_std', 1.0))
+  if shift <= 0:
+    raise ConfigError('diffusion.flow_shift', f'must be > 0, got {shift}')
+  if std <= 0:
+    raise ConfigError('diffusion.flow_logit_std', f'must be > 0, got {std}')
+  return dict(flow_shift=shift, flow_t_sampling=sampling, flow_logit_mean=float(c.get('flow_logit_mean', 0.0)),
+              flow_logit_std=std)
 
 
 def get_noise_schedule(diffusion_config: Mapping[str, Any]) -> NoiseSchedule:
-  """The schedule named by `diffusion_config.schedule` (with `num_train_timesteps`, `beta_start`,
-  `beta_end`, `rescale_zero_terminal_snr`)."""
-  name = diffusion_config.get('schedule', 'scaled_linear')
-  if name not in _SCHEDULES:
+  """The schedule named by `diffusion_config.schedule` (with `num_train_timesteps`, `beta_start`, `beta_end`,
+  `rescale_zero_terminal_snr`, and the `edm_*` / `flow_*` keys of those kinds)."""
+  c = diffusion_config
+  name = c.get('schedule', 'scaled_linear')
+  if name not in available_schedules():
     raise ConfigError('diffusion.schedule', f'unknown schedule {name!r}; known: {", ".join(available_schedules())}')
-  num_timesteps = int(diffusion_config.get('num_train_timesteps', 1000))
+  num_timesteps = int(c.get('num_train_timesteps', 1000))
   if num_timesteps < 2:
     raise ConfigError('diffusion.num_train_timesteps', f'must be >= 2, got {num_timesteps}')
-  betas = _SCHEDULES[name](num_timesteps, float(diffusion_config.get('beta_start', 0.00085)),
-                           float(diffusion_config.get('beta_end', 0.012)))
-  if diffusion_config.get('rescale_zero_terminal_snr', False):
-    betas = rescale_zero_terminal_snr(betas)
-  return schedule_from_betas(betas)
+  if name in _SCHEDULES:
+    betas = _SCHEDULES[name](num_timesteps, float(c.get('beta_start', 0.00085)), float(c.get('beta_end', 0.012)))
+    if c.get('rescale_zero_terminal_snr', False):
+      betas = rescale_zero_terminal_snr(betas)
+    return schedule_from_betas(betas, kind='discrete', name=name)
+  static = _edm_static(c) if name == 'edm' else _flow_static(c)
+  probe = NoiseSchedule(betas=jnp.zeros(num_timesteps), alphas_cumprod=jnp.zeros(num_timesteps), kind=name,
+                        name=name, **static)
+  t = np.arange(num_timesteps, dtype=np.float64)
+  alpha, sigma = _continuous_alpha_sigma(probe, t, np)
+  ac = alpha**2 / (alpha**2 + sigma**2)
+  return NoiseSchedule(betas=jnp.asarray(_betas_from_alphas_cumprod(ac), jnp.float32),
+                       alphas_cumprod=jnp.asarray(ac, jnp.float32), kind=name, name=name, **static)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Indexing the schedule at timesteps.
+# Indexing the schedule at (float) model times.
 
 
 def _at(values: Array, t: Array) -> Array:
@@ -150,22 +210,74 @@ def _expand(a: Array, ndim: int | None) -> Array:
   return a.reshape(a.shape + (1,) * (ndim - a.ndim))
 
 
+def edm_sigma_at(schedule: NoiseSchedule, t: Any, xp: Any = jnp) -> Any:
+  """The VE noise level sigma_t / alpha_t of an 'edm' schedule at model time t (log-linear in t)."""
+  lo, hi = math.log(schedule.edm_sigma_min), math.log(schedule.edm_sigma_max)
+  return xp.exp(lo + (hi - lo) * t / (schedule.num_timesteps - 1))
+
+
+def edm_t_at(schedule: NoiseSchedule, ve_sigma: Any, xp: Any = jnp) -> Any:
+  """The inverse of `edm_sigma_at`: model time of a VE noise level (not clipped)."""
+  lo, hi = math.log(schedule.edm_sigma_min), math.log(schedule.edm_sigma_max)
+  return (xp.log(ve_sigma) - lo) / (hi - lo) * (schedule.num_timesteps - 1)
+
+
+def flow_shift(s: Any, shift: float) -> Any:
+  """SD3's resolution shift of flow times: shift * s / (1 + (shift - 1) * s) (identity at shift = 1)."""
+  return shift * s / (1 + (shift - 1) * s)
+
+
+def _continuous_alpha_sigma(schedule: NoiseSchedule, t: Any, xp: Any) -> tuple[Any, Any]:
+  if schedule.kind == 'edm':
+    ve = edm_sigma_at(schedule, t, xp)
+    alpha = 1.0 / xp.sqrt(1.0 + ve**2)
+    return alpha, ve * alpha
+  s = t / schedule.num_timesteps  # flow
+  return 1.0 - s, s
+
+
 def alpha_sigma(schedule: NoiseSchedule, t: Array, ndim: int | None = None) -> tuple[Array, Array]:
-  """(alpha_t, sigma_t) at timesteps `t` (B,), reshaped to (B, 1, ..., 1) of rank `ndim` if given."""
-  ac = _at(schedule.alphas_cumprod, t)
-  return _expand(jnp.sqrt(ac), ndim), _expand(jnp.sqrt(1.0 - ac), ndim)
+  """(alpha_t, sigma_t) at model times `t` (B,), reshaped to (B, 1, ..., 1) of rank `ndim` if given."""
+  if schedule.kind == 'discrete':
+    ac = _at(schedule.alphas_cumprod, t)
+    alpha, sigma = jnp.sqrt(ac), jnp.sqrt(1.0 - ac)
+  else:
+    alpha, sigma = _continuous_alpha_sigma(schedule, jnp.asarray(t, jnp.float32), jnp)
+  return _expand(alpha, ndim), _expand(sigma, ndim)
 
 
 def snr(schedule: NoiseSchedule, t: Array) -> Array:
-  """Signal-to-noise ratio alpha_t^2 / sigma_t^2 at timesteps `t` (0 at a zero-terminal-SNR end)."""
-  ac = _at(schedule.alphas_cumprod, t)
-  return ac / (1.0 - ac)
+  """Signal-to-noise ratio alpha_t^2 / sigma_t^2 at model times `t` (0 at a zero-terminal-SNR end)."""
+  if schedule.kind == 'discrete':
+    ac = _at(schedule.alphas_cumprod, t)
+    return ac / (1.0 - ac)
+  alpha, sigma = alpha_sigma(schedule, t)
+  return alpha**2 / sigma**2
 
 
 def q_sample(schedule: NoiseSchedule, x0: Array, noise: Array, t: Array) -> Array:
-  """Draws x_t ~ q(x_t | x_0) given the noise: alpha_t x0 + sigma_t noise. `t`: (B,) timesteps."""
+  """Draws x_t ~ q(x_t | x_0) given the noise: alpha_t x0 + sigma_t noise. `t`: (B,) model times."""
   alpha, sigma = alpha_sigma(schedule, t, x0.ndim)
   return (alpha * x0 + sigma * noise).astype(x0.dtype)
+
+
+def sample_timestep(schedule: NoiseSchedule, rng: Array) -> Array:
+  """One training time (a scalar; vmap it over per-example keys) from the schedule's training distribution.
+
+  discrete: integer t ~ U{0..T-1}; edm: ln(sigma) ~ N(p_mean, p_std^2) clipped to the schedule's range; flow:
+  s ~ U(0, 1) or sigmoid(N(m, s^2)), shifted by `flow_shift`, t = T * s. Continuous times are float32.
+  """
+  num = schedule.num_timesteps
+  if schedule.kind == 'discrete':
+    return jax.random.randint(rng, (), 0, num)
+  if schedule.kind == 'edm':
+    ve = jnp.exp(schedule.edm_p_mean + schedule.edm_p_std * jax.random.normal(rng, ()))
+    return jnp.clip(edm_t_at(schedule, ve), 0.0, num - 1.0)
+  if schedule.flow_t_sampling == 'logit_normal':
+    s = jax.nn.sigmoid(schedule.flow_logit_mean + schedule.flow_logit_std * jax.random.normal(rng, ()))
+  else:
+    s = jax.random.uniform(rng, ())
+  return num * flow_shift(s, schedule.flow_shift)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,24 +285,31 @@ def q_sample(schedule: NoiseSchedule, x0: Array, noise: Array, t: Array) -> Arra
 
 
 class Prediction(NamedTuple):
-  """A network output expressed in every parametrization (all shaped like x_t)."""
+  """A network output expressed in every parametrization (all shaped like x_t).
+
+  eps: the noise; x0: the clean data; v: alpha eps - sigma x0 (Salimans & Ho); flow: the rectified-flow velocity
+  eps - x0 (= dx_t/dt on the flow path); score: grad log p(x_t) = -eps / sigma (infinite where sigma = 0).
+  """
 
   eps: Array
   x0: Array
   v: Array
+  flow: Array
+  score: Array
 
 
 class PredictionType(NamedTuple):
-  """How one parametrization relates to the process, at per-example alpha / sigma (broadcastable).
+  """How one parametrization relates to the path x_t = alpha x0 + sigma eps (alpha, sigma broadcastable).
 
-  convert(output, x_t, alpha, sigma) -> Prediction: the raw output in every parametrization.
+  to_x0_eps(output, x_t, alpha, sigma) -> (x0, eps) the output stands for.
   target(x0, noise, alpha, sigma) -> what the network should output.
-  x0_mse_factor(snr) -> c such that |target - output|^2 = c |x0 - x0_hat|^2 (for loss weightings).
+  x0_error_scale(alpha, sigma) -> g with |target - output|^2 = (g / sigma^2) |x0 - x0_hat|^2 at fixed x_t (finite
+  at sigma = 0, for loss weightings).
   """
 
-  convert: Callable[[Array, Array, Array, Array], Prediction]
+  to_x0_eps: Callable[[Array, Array, Array, Array], tuple[Array, Array]]
   target: Callable[[Array, Array, Array, Array], Array]
-  x0_mse_factor: Callable[[Array], Array]
+  x0_error_scale: Callable[[Array, Array], Array]
 
 
 _PREDICTION_TYPES: dict[str, PredictionType] = {}
@@ -214,43 +333,50 @@ def get_prediction_type(name: str) -> PredictionType:
   return _PREDICTION_TYPES[name]
 
 
-def _v(eps: Array, x0: Array, alpha: Array, sigma: Array) -> Array:
-  return alpha * eps - sigma * x0
+def _v_to_x0_eps(out: Array, x: Array, a: Array, s: Array) -> tuple[Array, Array]:
+  norm = a * a + s * s  # 1 on variance-preserving paths.
+  return (a * x - s * out) / norm, (s * x + a * out) / norm
 
 
-def _from_eps(out: Array, x_t: Array, alpha: Array, sigma: Array) -> Prediction:
-  x0 = (x_t - sigma * out) / alpha
-  return Prediction(eps=out, x0=x0, v=_v(out, x0, alpha, sigma))
-
-
-def _from_x0(out: Array, x_t: Array, alpha: Array, sigma: Array) -> Prediction:
-  eps = (x_t - alpha * out) / sigma
-  return Prediction(eps=eps, x0=out, v=_v(eps, out, alpha, sigma))
-
-
-def _from_v(out: Array, x_t: Array, alpha: Array, sigma: Array) -> Prediction:
-  return Prediction(eps=alpha * out + sigma * x_t, x0=alpha * x_t - sigma * out, v=out)
+def _flow_to_x0_eps(out: Array, x: Array, a: Array, s: Array) -> tuple[Array, Array]:
+  return (x - s * out) / (a + s), (x + a * out) / (a + s)
 
 
 register_prediction_type('eps', PredictionType(
-    convert=_from_eps, target=lambda x0, noise, a, s: noise, x0_mse_factor=lambda snr_t: snr_t))
+    to_x0_eps=lambda out, x, a, s: ((x - s * out) / a, out), target=lambda x0, noise, a, s: noise,
+    x0_error_scale=lambda a, s: a * a))
 register_prediction_type('x0', PredictionType(
-    convert=_from_x0, target=lambda x0, noise, a, s: x0, x0_mse_factor=jnp.ones_like))
+    to_x0_eps=lambda out, x, a, s: (out, (x - a * out) / s), target=lambda x0, noise, a, s: x0,
+    x0_error_scale=lambda a, s: s * s))
 register_prediction_type('v', PredictionType(
-    convert=_from_v, target=lambda x0, noise, a, s: _v(noise, x0, a, s),
-    x0_mse_factor=lambda snr_t: snr_t + 1.0))
+    to_x0_eps=_v_to_x0_eps, target=lambda x0, noise, a, s: a * noise - s * x0,
+    x0_error_scale=lambda a, s: (a * a + s * s)**2))
+register_prediction_type('flow', PredictionType(
+    to_x0_eps=_flow_to_x0_eps, target=lambda x0, noise, a, s: noise - x0,
+    x0_error_scale=lambda a, s: (a + s)**2))
+
+
+def convert(output: Array, x_t: Array, alpha: Array, sigma: Array, prediction_type: str) -> Prediction:
+  """THE conversion of a network's raw `output` at x_t = alpha x0 + sigma eps into every parametrization.
+
+  `alpha`, `sigma` broadcast against x_t (per example). Computed in float32; eps prediction divides by alpha and
+  x0 prediction by sigma, so they are undefined where those are 0.
+  """
+  spec = get_prediction_type(prediction_type)
+  output, x_t = output.astype(jnp.float32), x_t.astype(jnp.float32)
+  alpha, sigma = jnp.asarray(alpha, jnp.float32), jnp.asarray(sigma, jnp.float32)
+  x0, eps = spec.to_x0_eps(output, x_t, alpha, sigma)
+  pred = Prediction(eps=eps, x0=x0, v=alpha * eps - sigma * x0, flow=eps - x0, score=-eps / sigma)
+  if prediction_type in Prediction._fields:  # The network's own parametrization is returned as it is.
+    pred = pred._replace(**{prediction_type: output})
+  return pred
 
 
 def convert_prediction(output: Array, x_t: Array, t: Array, schedule: NoiseSchedule,
                        prediction_type: str) -> Prediction:
-  """THE conversion of a network's raw `output` at (x_t, t) into eps, x0 and v.
-
-  `t`: (B,) timesteps (integer, or float in the same units). Computed in float32; eps prediction divides
-  by alpha_t and x0 prediction by sigma_t, so they are undefined where those are 0.
-  """
-  spec = get_prediction_type(prediction_type)
+  """`convert` at the schedule's (alpha_t, sigma_t) for model times `t` (B,) (integer or float)."""
   alpha, sigma = alpha_sigma(schedule, t, x_t.ndim)
-  return spec.convert(output.astype(jnp.float32), x_t.astype(jnp.float32), alpha, sigma)
+  return convert(output, x_t, alpha, sigma, prediction_type)
 
 
 def training_target(prediction_type: str, x0: Array, noise: Array, t: Array, schedule: NoiseSchedule) -> Array:
@@ -260,6 +386,22 @@ def training_target(prediction_type: str, x0: Array, noise: Array, t: Array, sch
   return spec.target(x0.astype(jnp.float32), noise.astype(jnp.float32), alpha, sigma)
 
 
-def x0_mse_factor(prediction_type: str, snr_t: Array) -> Array:
-  """c(snr) with |target - output|^2 = c |x0 - x0_hat|^2: eps -> snr, v -> snr + 1, x0 -> 1."""
-  return get_prediction_type(prediction_type).x0_mse_factor(snr_t)
+def x0_error_scale(prediction_type: str, alpha: Array, sigma: Array) -> Array:
+  """sigma^2 * `x0_mse_factor`: finite everywhere (a^2, sigma^2, (a^2 + sigma^2)^2, (a + sigma)^2)."""
+  return get_prediction_type(prediction_type).x0_error_scale(jnp.asarray(alpha), jnp.asarray(sigma))
+
+
+def x0_mse_factor(prediction_type: str, alpha: Array, sigma: Array) -> Array:
+  """c(alpha, sigma) with |target - output|^2 = c |x0 - x0_hat|^2: eps -> snr, v -> snr + 1 (VP), x0 -> 1,
+  flow -> (1 + sqrt(snr))^2."""
+  return x0_error_scale(prediction_type, alpha, sigma) / jnp.square(jnp.asarray(sigma))
+
+
+def check_family(schedule_name: str, prediction_type: str) -> str | None:
+  """Why `prediction_type` cannot be used with the schedule `schedule_name`, or None if it can."""
+  if prediction_type == 'flow' and schedule_name != 'flow':
+    return (f"prediction_type 'flow' (the rectified-flow velocity) needs diffusion.schedule='flow', "
+            f'got {schedule_name!r}')
+  if schedule_name == 'flow' and prediction_type == 'eps':
+    return "prediction_type 'eps' cannot recover x0 at t = T on the 'flow' schedule: use 'flow', 'v' or 'x0'"
+  return None

@@ -66,6 +66,20 @@ BAD = [
     ('data.max_text_length', lambda c: setattr(c.data, 'max_text_length', 100)),
     ('model.unet.block_out_channels', lambda c: setattr(c.model.unet, 'block_out_channels', (64, 100))),
     ('diffusion.caption_dropout', lambda c: setattr(c.diffusion, 'caption_dropout', 1.5)),
+    ('model.text.num_attention_heads', lambda c: setattr(c.model.text, 'num_attention_heads', 5)),
+    ('model.vae.block_out_channels', lambda c: setattr(c.model.vae, 'block_out_channels', (16, 20, 32))),
+    ('model.unet.down_block_types', lambda c: setattr(c.model.unet, 'down_block_types', ('DownBlock2D',))),
+    ('model.unet.up_block_types', lambda c: setattr(c.model.unet, 'up_block_types', ('UpBlock2D', 'MagicBlock'))),
+    ('model.unet.transformer_layers_per_block',
+     lambda c: setattr(c.model.unet, 'transformer_layers_per_block', (1, 1, 1))),
+    ('sample.num_steps', lambda c: setattr(c.sample, 'num_steps', 5000)),
+    ('optim.lr_schedule', lambda c: setattr(c.optim, 'lr_schedule', 'wavy')),
+    ('optim.warmup_steps', lambda c: setattr(c.optim, 'warmup_steps', -5)),
+    ('diffusion.schedule', lambda c: setattr(c.diffusion, 'schedule', 'quadratic')),
+    ('diffusion.loss_weighting', lambda c: setattr(c.diffusion, 'loss_weighting', 'heavy')),
+    ('data.shapes.max_objects', lambda c: setattr(c.data.shapes, 'max_objects', 3)),
+    ('mesh.tensor', lambda c: setattr(c.mesh, 'tensor', 0)),
+    ('model_type', lambda c: setattr(c, 'model_type', 'gan')),
 ]
 
 
@@ -88,3 +102,32 @@ def test_vae_loss_terms_must_be_registered():
   config.loss.kl_weight = -1.0
   with pytest.raises(ConfigError, match='loss.kl_weight'):
     validate_config(config)
+
+
+def test_mesh_and_batch_must_fit_the_devices():
+  import jax
+  from diffusion import parallel
+
+  config = ldm_tiny()
+  config.mesh.data = jax.device_count() + 1
+  with pytest.raises(ConfigError, match='mesh'):
+    parallel.create_mesh(config.mesh)
+  config.mesh.data = -1
+  config.mesh.fsdp = -1
+  with pytest.raises(ConfigError, match='only one mesh axis'):
+    parallel.create_mesh(config.mesh)
+
+
+def test_batch_not_divisible_by_data_parallelism_in_a_subprocess():
+  """8 CPU devices: a global batch of 12 cannot be split over data=8."""
+  import subprocess
+  import sys
+
+  code = ('import jax; from diffusion import parallel; import ml_collections as mc;'
+          'm = parallel.create_mesh(mc.ConfigDict(dict(data=-1, fsdp=1, tensor=1)));'
+          'print(parallel.check_batch_size(16, m));'
+          'parallel.check_batch_size(12, m)')
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.stdout.strip() == '16'
+  assert 'train.batch_size: 12 is not divisible by the data parallelism 8' in result.stderr

@@ -11,12 +11,14 @@ from diffusion import process
 from diffusion.errors import ConfigError
 
 PREDICTION_TYPES = ('eps', 'x0', 'v')
+WEIGHTINGS = ('uniform', 'min_snr', 'edm', 'v_loss')
 
 
 def _config(**overrides):
   config = ml_collections.ConfigDict(dict(schedule='scaled_linear', num_train_timesteps=1000, beta_start=0.00085,
                                           beta_end=0.012, rescale_zero_terminal_snr=False, prediction_type='eps',
-                                          loss_weighting='uniform', min_snr_gamma=5.0, offset_noise=0.0))
+                                          loss_weighting='uniform', min_snr_gamma=5.0, offset_noise=0.0,
+                                          edm_sigma_data=0.5))
   config.update(overrides)
   return config
 
@@ -40,7 +42,7 @@ def _outputs_for_x0_guess(schedule, x0, noise, t, x0_hat):
 
 
 @pytest.mark.parametrize('prediction_type', PREDICTION_TYPES)
-@pytest.mark.parametrize('weighting', ['uniform', 'min_snr'])
+@pytest.mark.parametrize('weighting', WEIGHTINGS)
 def test_loss_is_zero_at_the_target_and_positive_elsewhere(prediction_type, weighting):
   schedule, x0, noise, t, other = _batch(0)
   loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type=prediction_type, loss_weighting=weighting))
@@ -119,14 +121,79 @@ def test_loss_is_differentiable_and_jittable():
 
 
 def test_loss_config_errors():
-  with pytest.raises(ConfigError, match='loss_weighting.*min_snr, uniform'):
-    losses.get_diffusion_loss_fn(_config(loss_weighting='edm'))
+  with pytest.raises(ConfigError, match='loss_weighting.*edm, min_snr, uniform, v_loss'):
+    losses.get_diffusion_loss_fn(_config(loss_weighting='huber'))
   with pytest.raises(ConfigError, match='prediction_type'):
-    losses.get_diffusion_loss_fn(_config(prediction_type='flow'))
+    losses.get_diffusion_loss_fn(_config(prediction_type='score'))
+  with pytest.raises(ConfigError, match='edm_sigma_data'):
+    losses.get_diffusion_loss_fn(_config(loss_weighting='edm', edm_sigma_data=0.0))
   with pytest.raises(ConfigError, match='min_snr_gamma'):
     losses.get_diffusion_loss_fn(_config(loss_weighting='min_snr', min_snr_gamma=0.0))
   with pytest.raises(ValueError, match='already registered'):
     losses.register_loss_weighting('uniform')(lambda config, prediction_type: jnp.ones_like)
+
+
+@pytest.mark.parametrize('sigma_data', [0.5, 1.0])
+def test_edm_weighting_is_lambda_sigma_on_the_x0_error(sigma_data):
+  """Karras et al. 2022: lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on |x0 - D|^2, sigma = sigma_t / alpha_t."""
+  schedule, x0, noise, t, other = _batch(7)
+  pred = _outputs_for_x0_guess(schedule, x0, noise, t, x0 + 0.3 * other)
+  x0_mse = np.mean(np.asarray(pred.x0 - x0, np.float64)**2, axis=(1, 2, 3))
+  alpha, sigma = (np.asarray(v, np.float64) for v in process.alpha_sigma(schedule, t))
+  ve = sigma / alpha
+  expected = (ve**2 + sigma_data**2) / (ve * sigma_data)**2 * x0_mse
+  for prediction_type in PREDICTION_TYPES:
+    loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type=prediction_type, loss_weighting='edm',
+                                                   edm_sigma_data=sigma_data))
+    loss = loss_fn(getattr(pred, prediction_type), x0, noise, t, schedule)
+    np.testing.assert_allclose(loss, expected, rtol=2e-3, err_msg=prediction_type)
+  if sigma_data == 1.0:  # v prediction is EDM's preconditioning at sigma_data = 1: the weighting is uniform.
+    uniform = losses.get_diffusion_loss_fn(_config(prediction_type='v'))(pred.v, x0, noise, t, schedule)
+    np.testing.assert_allclose(loss_fn(pred.v, x0, noise, t, schedule), uniform, rtol=1e-4)
+
+
+def test_v_loss_is_the_v_error_for_every_prediction_type():
+  schedule, x0, noise, t, other = _batch(8)
+  pred = _outputs_for_x0_guess(schedule, x0, noise, t, x0 + 0.3 * other)
+  v_error = losses.get_diffusion_loss_fn(_config(prediction_type='v'))(pred.v, x0, noise, t, schedule)
+  for prediction_type in ('eps', 'x0'):
+    loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type=prediction_type, loss_weighting='v_loss'))
+    np.testing.assert_allclose(loss_fn(getattr(pred, prediction_type), x0, noise, t, schedule)[1:], v_error[1:],
+                               rtol=2e-3, err_msg=prediction_type)
+
+
+@pytest.mark.parametrize('weighting', WEIGHTINGS)
+@pytest.mark.parametrize('sampling', ['uniform', 'logit_normal'])
+def test_flow_matching_loss(weighting, sampling):
+  """Flow matching: target eps - x0 on x_t = (1 - s) x0 + s eps; weightings stay finite at s -> 0 and 1."""
+  config = _config(schedule='flow', prediction_type='flow', loss_weighting=weighting, flow_t_sampling=sampling)
+  schedule = process.get_noise_schedule(config)
+  x0, noise, other = (jnp.asarray(a) for a in _normal(9, (3, 6, 4, 4, 3)))
+  t = jnp.array([0.0, 1.0, 250.0, 500.0, 999.0, 1000.0])
+  loss_fn = losses.get_diffusion_loss_fn(config)
+  np.testing.assert_allclose(loss_fn(noise - x0, x0, noise, t, schedule), 0.0, atol=1e-10)
+  loss = np.asarray(loss_fn(noise - x0 + 0.1 * other, x0, noise, t, schedule))
+  assert np.all(np.isfinite(loss)) and np.all(loss >= 0) and np.all(loss[1:-1] > 0), loss
+  if weighting in ('edm', 'v_loss'):  # Their weights on the flow error are positive at both ends.
+    assert np.all(loss > 0), loss
+  if weighting == 'uniform':
+    np.testing.assert_allclose(loss, np.mean(np.asarray(0.1 * other)**2, axis=(1, 2, 3)), rtol=1e-5)
+
+
+_noised = jax.jit(lambda schedule, kt, kn, x0: jax.vmap(
+    lambda a, b, z: losses.noised_example(a, b, z, schedule, 0.0))(kt, kn, x0))
+
+
+@pytest.mark.parametrize('schedule_name', ['scaled_linear', 'edm', 'flow'])
+def test_noised_example(schedule_name):
+  schedule = process.get_noise_schedule(_config(schedule=schedule_name))
+  x0 = jnp.asarray(_normal(10, (64, 2, 2, 3)))
+  kt, kn = jax.random.split(jax.random.key(0), 128).reshape(2, 64)
+  x_t, t, noise = _noised(schedule, kt, kn, x0)
+  np.testing.assert_allclose(x_t, process.q_sample(schedule, x0, noise, t), rtol=1e-5, atol=1e-6)
+  assert len(np.unique(np.asarray(t))) > 50  # Per-example times.
+  again = _noised(schedule, kt[:8], kn[:8], x0[:8])  # Per-example keys: the batch does not matter.
+  np.testing.assert_allclose(again[0], x_t[:8], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from diffusion import process
 from diffusion.errors import ConfigError
 
-PREDICTION_TYPES = ('eps', 'x0', 'v')
+PREDICTION_TYPES = ('eps', 'x0', 'v', 'flow')
 
 
 def _config(**overrides):
@@ -78,12 +78,20 @@ def test_zero_terminal_snr(name):
 
 
 def test_schedule_errors():
-  with pytest.raises(ConfigError, match='cosine, linear, scaled_linear'):
+  with pytest.raises(ConfigError, match='cosine, edm, flow, linear, scaled_linear'):
     process.get_noise_schedule(_config(schedule='sigmoid'))
   with pytest.raises(ConfigError, match='num_train_timesteps'):
     process.get_noise_schedule(_config(num_train_timesteps=1))
   with pytest.raises(ValueError, match='already registered'):
     process.register_schedule('linear')(lambda n, b0, b1: np.zeros(n))
+  with pytest.raises(ValueError, match='already registered'):
+    process.register_schedule('flow')(lambda n, b0, b1: np.zeros(n))
+  with pytest.raises(ConfigError, match='flow_t_sampling'):
+    process.get_noise_schedule(_config(schedule='flow', flow_t_sampling='beta'))
+  with pytest.raises(ConfigError, match='flow_shift'):
+    process.get_noise_schedule(_config(schedule='flow', flow_shift=0.0))
+  with pytest.raises(ConfigError, match='edm_sigma_max'):
+    process.get_noise_schedule(_config(schedule='edm', edm_sigma_min=100.0))
 
 
 def test_plain_dict_config_and_other_lengths():
@@ -144,7 +152,7 @@ def test_training_target_converts_back_to_the_truth(prediction_type):
   target = process.training_target(prediction_type, x0, noise, t, schedule)
   pred = process.convert_prediction(target, x_t, t, schedule, prediction_type)
   alpha, sigma = process.alpha_sigma(schedule, t, 4)
-  truth = {'eps': noise, 'x0': x0, 'v': alpha * noise - sigma * x0}
+  truth = {'eps': noise, 'x0': x0, 'v': alpha * noise - sigma * x0, 'flow': noise - x0}
   np.testing.assert_allclose(target, truth[prediction_type], rtol=1e-6, atol=1e-6)
   keep = slice(1, None)  # At t = 999 eps -> x0 divides by alpha = 0.07 (larger rounding); check it looser.
   for field in PREDICTION_TYPES:
@@ -189,8 +197,116 @@ def test_conversion_is_jittable_and_keeps_dtype_float32():
 def test_unknown_prediction_type():
   schedule = process.get_noise_schedule(_config())
   x_t, output, t = _draw(5)
-  with pytest.raises(ConfigError, match="'flow'.*eps, v, x0"):
-    process.convert_prediction(output, x_t, t, schedule, 'flow')
+  with pytest.raises(ConfigError, match="'score'.*eps, flow, v, x0"):
+    process.convert_prediction(output, x_t, t, schedule, 'score')
   with pytest.raises(ConfigError, match='prediction_type'):
     process.training_target('score', x_t, output, t, schedule)
-  assert process.available_prediction_types() == ['eps', 'v', 'x0']
+  assert process.available_prediction_types() == ['eps', 'flow', 'v', 'x0']
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EDM and flow schedules, training times, general paths.
+
+
+def test_edm_schedule():
+  schedule = process.get_noise_schedule(_config(schedule='edm', edm_sigma_min=0.002, edm_sigma_max=80.0))
+  assert schedule.kind == 'edm' and schedule.num_timesteps == 1000
+  alpha, sigma = process.alpha_sigma(schedule, jnp.array([0.0, 499.5, 999.0]))
+  np.testing.assert_allclose(alpha**2 + sigma**2, 1.0, rtol=1e-6)
+  ve = np.asarray(sigma / alpha)
+  np.testing.assert_allclose(ve[[0, 2]], [0.002, 80.0], rtol=1e-5)
+  np.testing.assert_allclose(ve[1], np.sqrt(0.002 * 80.0), rtol=1e-4)  # Log-linear in t.
+  # The discrete table is the continuous schedule at integer t (so DDIM / DDPM run on it).
+  np.testing.assert_allclose(np.asarray(schedule.alphas_cumprod)[[0, 999]], 1 / (1 + np.array([0.002, 80.0])**2),
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.cumprod(1 - np.asarray(schedule.betas, np.float64)), schedule.alphas_cumprod,
+                             rtol=1e-4)
+
+
+def test_flow_schedule():
+  schedule = process.get_noise_schedule(_config(schedule='flow'))
+  assert schedule.is_flow
+  t = jnp.array([0.0, 250.0, 1000.0])
+  alpha, sigma = process.alpha_sigma(schedule, t)
+  np.testing.assert_allclose(alpha, [1.0, 0.75, 0.0])
+  np.testing.assert_allclose(sigma, [0.0, 0.25, 1.0])
+  x0, noise, _ = _draw(6)
+  x_t = process.q_sample(schedule, x0, noise, jnp.full((8,), 250.0))
+  np.testing.assert_allclose(x_t, 0.75 * x0 + 0.25 * noise, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(process.flow_shift(np.array([0.0, 0.5, 1.0]), 3.0), [0.0, 0.75, 1.0])
+
+
+_sample_times = jax.jit(lambda schedule, keys: jax.vmap(lambda k: process.sample_timestep(schedule, k))(keys))
+
+
+@pytest.mark.parametrize('overrides,check', [
+    (dict(schedule='scaled_linear'), 'discrete'), (dict(schedule='edm'), 'log_normal'),
+    (dict(schedule='flow'), 'uniform'), (dict(schedule='flow', flow_t_sampling='logit_normal',
+                                              flow_logit_mean=0.5, flow_logit_std=0.8), 'logit_normal'),
+    (dict(schedule='flow', flow_shift=3.0), 'shifted')])
+def test_training_time_distributions(overrides, check):
+  schedule = process.get_noise_schedule(_config(**overrides))
+  n = 20000
+  raw = _sample_times(schedule, jax.random.split(jax.random.key(0), n))
+  t = np.asarray(raw, np.float64)
+  if check == 'discrete':
+    assert jnp.issubdtype(raw.dtype, jnp.integer) and t.min() == 0 and t.max() == 999
+    assert abs(t.mean() - 499.5) < 4 * 289 / np.sqrt(n)
+    return
+  assert raw.dtype == jnp.float32
+  alpha, sigma = (np.asarray(v, np.float64) for v in process.alpha_sigma(schedule, raw))
+  if check == 'log_normal':  # ln(sigma / alpha) ~ N(-1.2, 1.2^2) (clipped to [0.002, 80], a 1e-3 tail).
+    log_ve = np.log(sigma / alpha)
+    assert abs(log_ve.mean() + 1.2) < 0.03 and abs(log_ve.std() - 1.2) < 0.03
+    return
+  s = t / 1000
+  if check == 'uniform':
+    assert abs(s.mean() - 0.5) < 0.01 and abs(s.var() - 1 / 12) < 0.003
+  elif check == 'logit_normal':
+    logit = np.log(s / (1 - s))
+    assert abs(logit.mean() - 0.5) < 0.03 and abs(logit.std() - 0.8) < 0.03
+  else:  # shift 3: P(s <= 0.75) = P(u <= 0.5) = 0.5.
+    assert abs(np.mean(s <= 0.75) - 0.5) < 0.015
+  np.testing.assert_allclose(sigma, s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('prediction_type', PREDICTION_TYPES)
+@pytest.mark.parametrize('path', ['vp', 'flow', 've'])
+def test_convert_on_any_path(prediction_type, path):
+  """`convert` inverts each target on any x = alpha x0 + sigma eps, and derives v, flow and score."""
+  x0, noise, _ = _draw(7)
+  s = jnp.linspace(0.1, 0.9, 8).reshape(8, 1, 1, 1)
+  alpha, sigma = {'vp': (jnp.sqrt(1 - s**2), s), 'flow': (1 - s, s), 've': (jnp.ones_like(s), 5 * s)}[path]
+  x_t = alpha * x0 + sigma * noise
+  target = process.get_prediction_type(prediction_type).target(x0, noise, alpha, sigma)
+  pred = process.convert(target, x_t, alpha, sigma, prediction_type)
+  np.testing.assert_allclose(pred.x0, x0, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(pred.eps, noise, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(pred.v, alpha * noise - sigma * x0, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(pred.flow, noise - x0, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(pred.score, -noise / sigma, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('prediction_type', PREDICTION_TYPES)
+def test_x0_mse_factor(prediction_type):
+  """|target - output|^2 = c |x0 - x0_hat|^2 for an output that means x0_hat, on a VP and on a flow path."""
+  x0, noise, _ = _draw(8)
+  other = _draw(9)[0]
+  for alpha, sigma in ((0.6, 0.8), (0.3, 0.7)):
+    x_t = alpha * x0 + sigma * noise
+    x0_hat = x0 + 0.1 * other
+    eps_hat = (x_t - alpha * x0_hat) / sigma
+    output = process.get_prediction_type(prediction_type).target(x0_hat, eps_hat, alpha, sigma)
+    target = process.get_prediction_type(prediction_type).target(x0, noise, alpha, sigma)
+    ratio = jnp.sum((target - output)**2) / jnp.sum((x0 - x0_hat)**2)
+    np.testing.assert_allclose(ratio, process.x0_mse_factor(prediction_type, alpha, sigma), rtol=1e-4)
+  snr = 0.6**2 / 0.8**2
+  expected = {'eps': snr, 'x0': 1.0, 'v': snr + 1, 'flow': (1 + np.sqrt(snr))**2}[prediction_type]
+  np.testing.assert_allclose(process.x0_mse_factor(prediction_type, 0.6, 0.8), expected, rtol=1e-5)
+
+
+def test_family_rules():
+  assert process.check_family('scaled_linear', 'eps') is None and process.check_family('flow', 'flow') is None
+  assert process.check_family('flow', 'v') is None
+  assert 'schedule' in process.check_family('scaled_linear', 'flow')
+  assert 'eps' in process.check_family('flow', 'eps')

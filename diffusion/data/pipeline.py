@@ -223,13 +223,27 @@ class Finalize(grain.transforms.Map):
 
   def __init__(self, tokenizer, max_length: int):
     self.tokenizer, self.max_length = tokenizer, max_length
+    self.num_truncated = 0
 
   def map(self, element: dict) -> dict:
     image = element["image"].astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
     if self.tokenizer is None:  # Image-only consumers (the VAE stage).
       return {"image": image}
+    self._count_truncated(element["caption"])
     ids = tokenizer_lib.tokenize(self.tokenizer, element["caption"], self.max_length)
     return {"image": image, "input_ids": ids}
+
+  def _count_truncated(self, captions: list[str]) -> None:
+    """Counts captions longer than max_text_length (they are truncated); warns once, then counts silently."""
+    maybe_long = [c for c in captions if len(c.split()) + 2 > self.max_length // 2]
+    if not maybe_long:
+      return
+    lengths = [len(ids) for ids in self.tokenizer(maybe_long, truncation=False)["input_ids"]]
+    long = [c for c, n in zip(maybe_long, lengths) if n > self.max_length]
+    if long and not self.num_truncated:
+      logging.warning("Caption longer than data.max_text_length=%d tokens is truncated (warned once; count "
+                      "continues): %r", self.max_length, long[0][:200])
+    self.num_truncated += len(long)
 
 
 def create_input_pipeline(data_config: ml_collections.ConfigDict, split: str, *, tokenizer,

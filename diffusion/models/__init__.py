@@ -67,12 +67,15 @@ def create_unet(unet_config: Any) -> UNet2DConditionModel:
       transformer_layers_per_block=_tuple(c.transformer_layers_per_block),
       use_linear_projection=c.use_linear_projection, flip_sin_to_cos=c.flip_sin_to_cos,
       freq_shift=c.freq_shift, norm_num_groups=c.norm_num_groups, norm_eps=c.norm_eps,
-      act_fn=c.act_fn, dtype=jnp.dtype(c.dtype))
+      act_fn=c.act_fn, remat=bool(c.get('remat', False)),
+      remat_policy=c.get('remat_policy', 'nothing_saveable'), dtype=jnp.dtype(c.dtype))
 
 
 @register_model('text/transformer')
+@register_model('text/clip')
 def _create_clip_text_transformer(text_config: Any) -> CLIPTextTransformer:
-  """The CLIP text transformer architecture with fresh weights (a pretrained 'clip' type reuses it)."""
+  """The CLIP text transformer: 'transformer' is trained from scratch, 'clip' holds pretrained CLIP weights
+  (imported with `diffusion.interop`); the module is the same, only the parameters differ."""
   c = text_config
   if c.vocab_size is None or c.vocab_size < 1:
     raise ValueError(f'model.text.vocab_size is {c.vocab_size}; set it from the tokenizer '

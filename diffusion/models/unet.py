@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from diffusion.models.layers import (Array, Downsample2D, Dtype, ResnetBlock2D, TimestepEmbedding,
@@ -19,6 +20,21 @@ from diffusion.models.layers import (Array, Downsample2D, Dtype, ResnetBlock2D, 
 DOWN_BLOCK_TYPES = ('CrossAttnDownBlock2D', 'DownBlock2D')
 UP_BLOCK_TYPES = ('CrossAttnUpBlock2D', 'UpBlock2D')
 MID_BLOCK_TYPES = ('UNetMidBlock2DCrossAttn', None)
+# Rematerialisation policies (`remat_policy`): what the backward pass may keep instead of recomputing.
+REMAT_POLICIES = {
+    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat(cls: type, remat: bool, policy: str) -> type:
+  """`cls`, or `nn.remat(cls)` (same parameter names) recomputing its activations in the backward pass."""
+  if not remat:
+    return cls
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'Unknown remat_policy {policy!r}; known: {sorted(REMAT_POLICIES)}.')
+  return nn.remat(cls, policy=REMAT_POLICIES[policy])
 
 
 class _BlockCommon(nn.Module):
@@ -32,15 +48,19 @@ class _BlockCommon(nn.Module):
   resnet_groups: int = 32
   resnet_eps: float = 1e-5
   act_fn: str = 'silu'
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def _resnet(self, j: int) -> ResnetBlock2D:
-    return ResnetBlock2D(self.out_channels, self.resnet_groups, self.resnet_eps, self.act_fn,
-                         self.dtype, self.param_dtype, name=f'resnets_{j}')
+    cls = _remat(ResnetBlock2D, self.remat, self.remat_policy)
+    return cls(self.out_channels, self.resnet_groups, self.resnet_eps, self.act_fn,
+               self.dtype, self.param_dtype, name=f'resnets_{j}')
 
   def _attention(self, j: int) -> Transformer2DModel:
-    return Transformer2DModel(
+    cls = _remat(Transformer2DModel, self.remat, self.remat_policy)
+    return cls(
         self.num_attention_heads, self.out_channels // self.num_attention_heads,
         num_layers=self.transformer_layers_per_block, norm_num_groups=self.resnet_groups,
         use_linear_projection=self.use_linear_projection, dtype=self.dtype,
@@ -112,6 +132,8 @@ class UNet2DConditionModel(nn.Module):
 
   Heads follow diffusers' semantics: `num_attention_heads or attention_head_dim` heads per level, each of
   width channels // heads. Spatial sizes must be divisible by 2 ** (len(block_out_channels) - 1).
+  With `remat`, every resnet and spatial transformer recomputes its activations in the backward pass
+  (`remat_policy` names what it may keep); parameters and outputs are unchanged.
   """
   sample_size: int | None = None
   in_channels: int = 4
@@ -131,6 +153,8 @@ class UNet2DConditionModel(nn.Module):
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   act_fn: str = 'silu'
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -167,7 +191,8 @@ class UNet2DConditionModel(nn.Module):
                        f'cross_attention_dim {self.cross_attention_dim}.')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     common = dict(use_linear_projection=self.use_linear_projection, resnet_groups=self.norm_num_groups,
-                  resnet_eps=self.norm_eps, act_fn=self.act_fn, **kw)
+                  resnet_eps=self.norm_eps, act_fn=self.act_fn, remat=self.remat,
+                  remat_policy=self.remat_policy, **kw)
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     t_emb = get_timestep_embedding(timesteps, self.block_out_channels[0], self.flip_sin_to_cos,
                                    self.freq_shift).astype(self.dtype)

@@ -1,4 +1,8 @@
-"""Stage 2: text-conditioned latent diffusion on a frozen VAE (eps/x0/v prediction, caption dropout for CFG).
+"""Stage 2: text-conditioned latent diffusion on a frozen VAE (eps/x0/v/flow prediction, caption dropout for CFG).
+
+The objective comes from `config.diffusion` alone: the schedule (and so the training-time distribution: uniform
+integer t, EDM's log-normal sigma, or flow matching's uniform / logit-normal t), the prediction type, the loss
+weighting and offset noise; see `losses.noised_example` and `losses.get_diffusion_loss_fn`.
 
 At the start of a fresh run the task copies the VAE's EMA params into `<workdir>/frozen/vae`, builds (or loads) the
 tokenizer into `<workdir>/tokenizer`, and computes the latent scale factor from data (1 / std of posterior samples,
@@ -113,15 +117,14 @@ class LDMTask:
     mean, logvar = self.vae.apply({'params': frozen['vae']}, batch['image'], method='encode')
     eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(k_latent)
     z0 = (mean + jnp.exp(0.5 * logvar) * eps) * c.model.vae.scaling_factor
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, self.schedule.num_timesteps))(k_t)
-    noise = jax.vmap(lambda k: losses.sample_noise(k, (1,) + z0.shape[1:], c.diffusion.offset_noise)[0])(k_noise)
+    noised = lambda kt, kn, z: losses.noised_example(kt, kn, z, self.schedule, c.diffusion.offset_noise)
+    x_t, t, noise = jax.vmap(noised)(k_t, k_noise, z0)  # t per the schedule: integer, EDM log-normal or flow.
     ids = batch['input_ids']
     if drop_captions and c.diffusion.caption_dropout > 0:
       drop = jax.vmap(lambda k: jax.random.uniform(k) < c.diffusion.caption_dropout)(k_drop)
       ids = jnp.where(drop[:, None], self.null_ids[None], ids)
     text_params = params['text'] if c.model.text.trainable else jax.lax.stop_gradient(params['text'])
     context = self.text_encoder.apply({'params': text_params}, ids)[0]
-    x_t = process.q_sample(self.schedule, z0, noise, t)
     output = self.unet.apply({'params': params['unet']}, x_t, t, context)
     return output, z0, noise, t
 

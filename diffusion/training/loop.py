@@ -115,9 +115,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   replicated = parallel.replicated(mesh)
   state = jax.jit(lambda r: create_train_state(task.init_params(r), tx, rng_train), out_shardings=replicated)(rng_init)
   if latest is not None:
-    state, data_state, _ = ckpt.restore(state, latest)
+    state, data_state, meta = ckpt.restore(state)  # Falls back past a damaged latest checkpoint.
     train_iter.set_state(data_state.encode() if isinstance(data_state, str) else data_state)
-    print(f'resumed from step {latest}', flush=True)
+    print(f'resumed from step {meta["step"]}', flush=True)
 
   train_step = jax.jit(make_train_step(task.loss_fn, config.optim.ema_decay), donate_argnums=(0,))
   eval_step = _eval_step_fn(task)
@@ -156,13 +156,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             config, config.data.eval_split, task.tokenizer, local_batch, config.seed, shuffle=False)), mesh))
         grid, caption = task.sample_grid(state.ema_params, eval_batch)
         writer.write_images(step, 'samples', grid, caption)
-      if step % config.train.checkpoint_every == 0 or last or stop.requested:
+      preempted = stop.requested or ckpt.reached_preemption(step)
+      if step % config.train.checkpoint_every == 0 or last or preempted:
         data_state = train_iter.get_state()
         data_state = data_state.decode() if isinstance(data_state, bytes) else data_state
         ckpt.save(step, state, data_state, task.meta(), force=True)
         writer.start(step)  # Do not count checkpoint/eval time in steps/s.
-      if stop.requested:
-        print(f'SIGTERM: saved a checkpoint at step {step}; rerun the same command to resume', flush=True)
+      if preempted:
+        print(f'preempted (SIGTERM): saved a checkpoint at step {step}; rerun the same command to resume', flush=True)
         break
   ckpt.close()
   writer.close()

@@ -166,3 +166,17 @@ def test_vocabulary_tokenizer_knows_every_caption(shapes_config, word_tokenizer)
   ids = tokenizer.tokenize(word_tokenizer, captions, 16)
   assert word_tokenizer.unk_token_id not in ids
   assert set(" ".join(captions).split()) <= set(shapes.vocabulary())
+
+
+def test_over_long_captions_are_truncated_with_one_warning(word_tokenizer, caplog):
+  from diffusion.data.pipeline import Finalize
+
+  finalize = Finalize(word_tokenizer, 6)
+  long = 'a red circle to the left of a blue square'
+  batch = {'image': np.zeros((2, 4, 4, 3), np.uint8), 'caption': [long, 'a red circle']}
+  with caplog.at_level('WARNING'):
+    out = finalize.map(batch)
+    finalize.map(batch)
+  assert out['input_ids'].shape == (2, 6)
+  assert finalize.num_truncated == 2
+  assert sum('truncated' in r.message for r in caplog.records) == 1

@@ -111,3 +111,22 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path, data_dir, vae_wo
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'resumed from step {killed_at}' in result.stdout
   assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == killed_at + 2
+
+
+def test_sigterm_saves_and_stops_then_resumes(tmp_path, data_dir, vae_workdir):
+  workdir = str(tmp_path / 'term')
+  overrides = {**VAE, 'train.num_steps': 1000, 'train.checkpoint_every': 500, 'train.eval_every': 0,
+               'train.sample_every': 0, 'train.log_every': 1, 'data.data_dir': data_dir}
+  command = [sys.executable, 'train.py', '--config', 'configs/vae_base.py:tiny', '--workdir', workdir,
+             *cli_overrides(overrides)]
+  env = {**os.environ, 'WANDB_MODE': 'disabled', 'PYTHONUNBUFFERED': '1'}
+  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  for line in proc.stdout:  # Wait until training is under way.
+    if line.startswith('step 3/'):
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0
+  assert 'preempted (SIGTERM): saved a checkpoint at step' in out
+  saved = checkpoint.Checkpointer(workdir, read_only=True).latest_step()
+  assert 3 <= saved < 500

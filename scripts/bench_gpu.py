@@ -1,0 +1,149 @@
+r"""GPU benchmark of the SD-1.5-size U-Net: training step and 50-step DDIM sampling, bf16 compute.
+
+  python scripts/bench_gpu.py                  # on a GPU/TPU machine; needs only jax, flax, optax, numpy
+  python scripts/bench_gpu.py --tiny           # a tiny U-Net, to check the script on a CPU
+
+Prints, per setting, step time, images/s, the model FLOPs of the compiled step (XLA cost analysis), achieved TFLOP/s and
+MFU against the device's peak bf16 rate. The text encoder is left out (random 77x768 context), as the U-Net dominates.
+Imports only diffusion.models / process / samplers, so it runs where the rest of the stack is not installed.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from diffusion import process, samplers  # noqa: E402
+from diffusion.models.unet import UNet2DConditionModel  # noqa: E402
+
+# Dense bf16 peak TFLOP/s per device.
+PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5e': 197.0,
+               'TPU v5p': 459.0, 'TPU v6': 918.0}
+
+SD15 = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+            up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3, mid_block_type='UNetMidBlock2DCrossAttn',
+            attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32)
+TINY = dict(SD15, block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, norm_num_groups=8, attention_head_dim=2)
+
+
+def peak_tflops(device) -> float | None:
+  kind = device.device_kind
+  for name, peak in PEAK_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def flops_of(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0)) if cost else 0.0
+
+
+def time_fn(fn, *args, repeats: int) -> float:
+  out = fn(*args)
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeats
+
+
+def bench_train(arch: dict, latent: int, batch: int, repeats: int, peak: float | None) -> dict:
+  unet = UNet2DConditionModel(**{**arch, 'sample_size': latent}, dtype=jnp.bfloat16)
+  ctx_dim = arch['cross_attention_dim']
+  rng = jax.random.PRNGKey(0)
+  x = jax.random.normal(rng, (batch, latent, latent, 4))
+  ctx = jax.random.normal(rng, (batch, 77, ctx_dim))
+  t = jax.random.randint(rng, (batch,), 0, 1000)
+  params = jax.jit(lambda r: unet.init(r, x[:1], t[:1], ctx[:1])['params'])(rng)
+  tx = optax.adamw(1e-4)
+  opt_state = tx.init(params)
+
+  def step(params, opt_state, x, t, ctx):
+    loss, grads = jax.value_and_grad(lambda p: jnp.mean(jnp.square(
+        unet.apply({'params': p}, x, t, ctx).astype(jnp.float32) - x)))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  compile_start = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, x, t, ctx).compile()
+  compile_s = time.perf_counter() - compile_start
+  flops = flops_of(compiled)
+  state = [params, opt_state]
+
+  def run():
+    state[0], state[1], loss = compiled(state[0], state[1], x, t, ctx)
+    return loss
+
+  seconds = time_fn(lambda: run(), repeats=repeats)
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  result = {'what': 'train_step', 'resolution_px': latent * 8, 'batch': batch, 'params_M': round(n_params / 1e6, 1),
+            'compile_s': round(compile_s, 1), 'step_s': round(seconds, 4), 'images_per_s': round(batch / seconds, 1),
+            'tflops_per_step': round(flops / 1e12, 2), 'achieved_tflops': round(flops / seconds / 1e12, 1)}
+  if peak and flops:
+    result['mfu'] = round(flops / seconds / 1e12 / peak, 3)
+  return result
+
+
+def bench_sample(arch: dict, latent: int, batch: int, num_steps: int, repeats: int) -> dict:
+  unet = UNet2DConditionModel(**{**arch, 'sample_size': latent}, dtype=jnp.bfloat16)
+  rng = jax.random.PRNGKey(0)
+  ctx = jax.random.normal(rng, (batch, 77, arch['cross_attention_dim']))
+  x = jax.random.normal(rng, (batch, latent, latent, 4))
+  params = jax.jit(lambda r: unet.init(r, x[:1], jnp.zeros((1,), jnp.int32), ctx[:1])['params'])(rng)
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  schedule = process.schedule_from_betas(np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)
+
+  @jax.jit
+  def generate(params, x_T, cond, uncond):
+    model_fn = lambda z, t, c: unet.apply({'params': params}, z, t, c).astype(jnp.float32)
+    denoise = samplers.cfg_denoise_fn(model_fn, cond, uncond, 7.5)
+    return samplers.get_sampler('ddim')(denoise, x_T, schedule, num_steps=num_steps, prediction_type='eps')
+
+  compile_start = time.perf_counter()
+  jax.block_until_ready(generate(params, x, ctx, ctx * 0))
+  compile_s = time.perf_counter() - compile_start
+  seconds = time_fn(generate, params, x, ctx, ctx * 0, repeats=repeats)
+  return {'what': f'ddim_{num_steps}_steps_cfg', 'resolution_px': latent * 8, 'batch': batch,
+          'first_call_s': round(compile_s, 1), 'seconds': round(seconds, 3), 'images_per_s': round(batch / seconds, 2),
+          'unet_evals_per_s': round(2 * batch * num_steps / seconds, 1)}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--tiny', action='store_true', help='tiny U-Net, small batches (a CPU check of the script)')
+  parser.add_argument('--repeats', type=int, default=10)
+  parser.add_argument('--out', default=None, help='also write the results as JSON here')
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  peak = peak_tflops(device)
+  arch = TINY if args.tiny else SD15
+  print(f'device: {device.device_kind} x{jax.device_count()} (jax {jax.__version__}); peak bf16 {peak} TFLOP/s',
+        flush=True)
+  settings = [(32, 2), (64, 1)] if args.tiny else [(32, 32), (32, 64), (64, 8), (64, 16)]
+  results = []
+  for latent, batch in settings:
+    results.append(bench_train(arch, latent, batch, 2 if args.tiny else args.repeats, peak))
+    print(json.dumps(results[-1]), flush=True)
+  sample_settings = [(32, 2, 4)] if args.tiny else [(64, 8, 50)]
+  for latent, batch, steps in sample_settings:
+    results.append(bench_sample(arch, latent, batch, steps, 1 if args.tiny else 3))
+    print(json.dumps(results[-1]), flush=True)
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump({'device': device.device_kind, 'jax': jax.__version__, 'results': results}, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,152 @@
+"""scripts/convert.py: a random-weight SD-like pipeline directory -> workdir -> pipeline directory, and its errors."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from diffusion import checkpoint, interop
+from diffusion.errors import UserError
+from diffusion.pipeline import load_workdir_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _script():
+  spec = importlib.util.spec_from_file_location('convert_script', os.path.join(ROOT, 'scripts', 'convert.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+CONVERT = _script()
+
+
+def convert(*args: str) -> subprocess.CompletedProcess:
+  """scripts/convert.py's main in this process (a subprocess would spend most of its time importing JAX)."""
+  out, err = io.StringIO(), io.StringIO()
+  code = 0
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      CONVERT.main(['convert.py', *args])
+    except SystemExit as e:
+      code = e.code
+  return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope='module')
+def imported(sd_pipeline_dir, tmp_path_factory) -> str:
+  """The tiny pipeline imported by the real command line (one subprocess)."""
+  workdir = str(tmp_path_factory.mktemp('imported'))
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'HF_HUB_OFFLINE': '1'}
+  result = subprocess.run([sys.executable, 'scripts/convert.py', 'import', sd_pipeline_dir, '--workdir', workdir],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode == 0, result.stderr
+  assert f'imported {sd_pipeline_dir} into {workdir}' in result.stdout
+  return workdir
+
+
+def test_import_writes_a_complete_workdir(imported, sd_pipeline_dir, clip_tokenizer):
+  assert {'config.json', 'tokenizer', 'frozen', 'checkpoints'} <= set(os.listdir(imported))
+  config = load_workdir_config(imported, expect='ldm')
+  assert config.model.text.type == 'clip' and not config.model.text.trainable
+  assert config.model.text.eos_token_id == -1  # transformers' legacy eos 2: pool at argmax, like CLIP.
+  assert config.model.vae.scaling_factor == pytest.approx(0.3)
+  assert config.data.image_size == 32 and config.model.unet.sample_size == 8
+  assert config.data.max_text_length == 77 and config.model.text.vocab_size == 49408
+  assert (config.diffusion.schedule, config.diffusion.prediction_type) == ('scaled_linear', 'eps')
+  assert config.diffusion.beta_end == pytest.approx(0.012)
+  assert tuple(config.model.unet.block_out_channels) == (16, 32)
+  from diffusion.data import tokenizer as tokenizer_lib
+  tokenizer = tokenizer_lib.load_tokenizer(os.path.join(imported, 'tokenizer'))
+  np.testing.assert_array_equal(tokenizer_lib.tokenize(tokenizer, ['a red circle'], 77),
+                                tokenizer_lib.tokenize(clip_tokenizer, ['a red circle'], 77))
+
+  ckpt = checkpoint.Checkpointer(imported, read_only=True)
+  assert ckpt.latest_step() == 0
+  ema = ckpt.restore_params(0, 'ema_params')
+  _, unet_params = interop.load_unet(sd_pipeline_dir)
+  _, text_params = interop.load_text_encoder(sd_pipeline_dir)
+  _, vae_params = interop.load_vae(sd_pipeline_dir)
+  jax.tree.map(np.testing.assert_array_equal, ema['unet'], unet_params)
+  jax.tree.map(np.testing.assert_array_equal, ema['text'], text_params)
+  jax.tree.map(np.testing.assert_array_equal, checkpoint.load_pytree(os.path.join(imported, 'frozen', 'vae')),
+               vae_params)
+  assert ckpt.restore_meta(0)['imported_from'] == sd_pipeline_dir
+
+
+def test_export_gives_back_the_pipeline(imported, sd_pipeline_dir, tmp_path, ref):
+  out = str(tmp_path / 'exported')
+  result = convert('export', '--workdir', imported, out)
+  assert result.returncode == 0, result.stderr
+  for component, weights in (('unet', 'diffusion_pytorch_model'), ('vae', 'diffusion_pytorch_model')):
+    original = load_file(os.path.join(sd_pipeline_dir, component, f'{weights}.safetensors'))
+    exported = load_file(os.path.join(out, component, f'{weights}.safetensors'))
+    assert sorted(original) == sorted(exported)
+    for name, value in original.items():
+      np.testing.assert_array_equal(exported[name], value, err_msg=f'{component}/{name}')
+  pipeline = ref.diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+  source = ref.diffusers.StableDiffusionPipeline.from_pretrained(sd_pipeline_dir, safety_checker=None)
+  ids = source.tokenizer(['a red circle'], padding='max_length', max_length=77, return_tensors='pt').input_ids
+  assert (pipeline.tokenizer(['a red circle'], padding='max_length', max_length=77, return_tensors='pt')
+          .input_ids == ids).all()
+  with ref.torch.no_grad():
+    got, want = pipeline.text_encoder(ids), source.text_encoder(ids)
+  np.testing.assert_array_equal(got.last_hidden_state.numpy(), want.last_hidden_state.numpy())
+  np.testing.assert_array_equal(got.pooler_output.numpy(), want.pooler_output.numpy())
+  assert pipeline.vae.config.scaling_factor == pytest.approx(0.3)
+  assert pipeline.scheduler.config.prediction_type == 'epsilon'
+  np.testing.assert_allclose(pipeline.scheduler.alphas_cumprod.numpy(), source.scheduler.alphas_cumprod.numpy())
+
+
+def test_export_refuses_a_non_empty_directory(imported, tmp_path):
+  (tmp_path / 'taken').mkdir()
+  (tmp_path / 'taken' / 'file').write_text('x')
+  result = convert('export', '--workdir', imported, str(tmp_path / 'taken'))
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [f"error: export directory '{tmp_path / 'taken'}' is not empty"]
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+  assert result.returncode == 2, (result.stdout, result.stderr)
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+  return lines[0]
+
+
+def test_user_errors_are_one_line(sd_pipeline_dir, imported, tmp_path):
+  assert 'does not exist' in _one_error_line(convert('import', str(tmp_path / 'nope'), '--workdir',
+                                                     str(tmp_path / 'w')))
+  assert 'already holds a run' in _one_error_line(convert('import', sd_pipeline_dir, '--workdir', imported))
+  assert 'invalid choice' in _one_error_line(convert('bogus'))
+  assert '--workdir' in _one_error_line(convert('import', sd_pipeline_dir))
+  assert 'does not exist' in _one_error_line(convert('export', '--workdir', str(tmp_path / 'none'),
+                                                     str(tmp_path / 'o')))
+  partial = tmp_path / 'partial'
+  partial.mkdir()
+  for name in ('unet', 'vae', 'text_encoder'):
+    os.symlink(os.path.join(sd_pipeline_dir, name), partial / name)
+  line = _one_error_line(convert('import', str(partial), '--workdir', str(tmp_path / 'w2')))
+  assert 'missing tokenizer/, scheduler/' in line
+  assert not os.path.exists(tmp_path / 'w2' / 'config.json')
+
+
+def test_unsupported_scheduler_is_named(sd_pipeline_dir, tmp_path):
+  copy = tmp_path / 'pipe'
+  copy.mkdir()
+  for name in os.listdir(sd_pipeline_dir):
+    if name != 'scheduler':
+      os.symlink(os.path.join(sd_pipeline_dir, name), copy / name)
+  (copy / 'scheduler').mkdir()
+  config = json.load(open(os.path.join(sd_pipeline_dir, 'scheduler', 'scheduler_config.json')))
+  (copy / 'scheduler' / 'scheduler_config.json').write_text(json.dumps({**config, 'beta_schedule': 'sigmoid'}))
+  with pytest.raises(UserError, match="scheduler_config.json: beta_schedule='sigmoid' is not supported"):
+    interop.import_pipeline(str(copy), str(tmp_path / 'w'))
