@@ -25,14 +25,15 @@ def get_unet_config() -> ml_collections.ConfigDict:
   unet.in_channels = 4
   unet.out_channels = 4
   unet.block_out_channels = (320, 640, 1280, 1280)
-  unet.layers_per_block = 2
+  # Fields diffusers accepts as an int or a per-level tuple take either here too.
+  unet.layers_per_block = ml_collections.FieldReference(2, field_type=object)
   unet.down_block_types = ('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D')
   unet.up_block_types = ('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D')
   unet.mid_block_type = 'UNetMidBlock2DCrossAttn'
-  unet.attention_head_dim = 8
-  unet.num_attention_heads = ml_collections.FieldReference(None, field_type=int)
+  unet.attention_head_dim = ml_collections.FieldReference(8, field_type=object)
+  unet.num_attention_heads = ml_collections.FieldReference(None, field_type=object)
   unet.cross_attention_dim = 768
-  unet.transformer_layers_per_block = 1
+  unet.transformer_layers_per_block = ml_collections.FieldReference(1, field_type=object)
   unet.use_linear_projection = False
   unet.flip_sin_to_cos = True
   unet.freq_shift = 0

@@ -112,6 +112,16 @@ class Checkpointer:
     os.rename(source, os.path.join(damaged, f'{step}-{int(time.time())}'))
     self.manager.reload()
 
+  def latest_valid_step(self) -> int | None:
+    """The newest step whose train state restores (damaged newer ones are set aside, as in `restore`)."""
+    if not self.all_steps():
+      return None
+    restore = lambda s: self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    try:
+      return self._restore_valid(restore, None)[0]
+    except UserError:
+      return None
+
   def restore_meta(self, step: int | None = None) -> dict:
     restore = lambda s: self.manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     return self._restore_valid(restore, step)[1]

@@ -19,15 +19,16 @@ def parse_flags(argv: Sequence[str], config_flag: str | None = 'config') -> list
 
 
 def _explain(error: Exception, argv: Sequence[str], config_flag: str | None) -> str:
-  message = str(error).strip().strip("'\"").replace('\\n', ' ').replace('\n', ' ')
+  raw = str(error)
+  message = ' '.join(raw.replace('\\n', ' ').replace('\\', '').replace("'", '').split())
+  if isinstance(error, (KeyError, AttributeError)):
+    message = f'no such key: {message}'
   if config_flag:
     prefix = f'--{config_flag}.'
-    for arg in argv[1:]:
-      if arg.startswith(prefix):
-        key = arg[len(prefix):].split('=', 1)[0]
-        leaf = key.rsplit('.', 1)[-1]
-        if f"'{leaf}'" in str(error) or leaf in message.split():
-          return f'bad config override --{config_flag}.{key}: {message}'
+    keys = [arg[len(prefix):].split('=', 1)[0] for arg in argv[1:] if arg.startswith(prefix)]
+    named = [k for k in keys if f'{prefix}{k}' in raw] or [k for k in keys if k.rsplit('.', 1)[-1] in raw]
+    if named:
+      return f'bad config override --{config_flag}.{named[0]}: {message}'
   return message
 
 

@@ -118,7 +118,9 @@ def _validate_unet(config: ml_collections.ConfigDict, vae_factor: int) -> None:
   heads = _per_level(unet.num_attention_heads or unet.attention_head_dim, levels, heads_key)
   for c, h in zip(channels, heads):
     _check(h >= 1 and c % h == 0, heads_key, f'{h} heads do not divide {c} channels (model.unet.block_out_channels)')
-  _per_level(unet.transformer_layers_per_block, levels, 'model.unet.transformer_layers_per_block')
+  for key in ('layers_per_block', 'transformer_layers_per_block'):
+    for n in _per_level(unet[key], levels, f'model.unet.{key}'):
+      _check(isinstance(n, int) and n >= 1, f'model.unet.{key}', f'entries must be integers >= 1, got {unet[key]!r}')
   _check(unet.in_channels == config.model.vae.latent_channels, 'model.unet.in_channels',
          f'is {unet.in_channels} but the VAE has model.vae.latent_channels={config.model.vae.latent_channels}')
   latent = config.data.image_size // vae_factor

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from diffusion.config import validate_config
 from diffusion.errors import ConfigError
-from test_configs import ROOT, load
+from support import ROOT, load_config_file as load
 
 LDM = load(os.path.join(ROOT, 'configs', 'ldm_base.py'), 'tiny')
 

@@ -1,25 +1,20 @@
 """Every config file loads and validates; bad keys and values fail before anything is compiled, naming the key."""
 
 import glob
-import importlib.util
 import os
 
 import pytest
 
 from diffusion.config import config_from_json, config_to_json, validate_config
 from diffusion.errors import ConfigError
+from support import ROOT, load_config_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
                       if not f.endswith(('__init__.py', 'common.py')))
 PRESETS = {'vae_base.py': ('base', 'tiny'), 'ldm_base.py': ('base', 'tiny')}
 
 
-def load(path: str, preset: str | None = None):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+load = load_config_file
 
 
 def ldm_tiny():

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import LDM, ROOT, cli_overrides
+from support import LDM, ROOT, cli_overrides
 
 SWEEPS = sorted(glob.glob(os.path.join(ROOT, 'configs', 'sweeps', '*.yaml')))
 

@@ -81,18 +81,18 @@ def import_pipeline(source: str, workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f'workdir {workdir!r} already holds a run (config.json / checkpoints); use a new one')
   root = _pipeline_directory(source)
   tokenizer = _load_tokenizer(os.path.join(root, 'tokenizer'))
-  diffusion = _scheduler_config(os.path.join(root, 'scheduler'))
-  unet_module, unet_params = loaders.load_unet(os.path.join(root, 'unet'))
-  vae_module, vae_params = loaders.load_vae(os.path.join(root, 'vae'))
-  text_module, text_params = loaders.load_text_encoder(os.path.join(root, 'text_encoder'))
-  del unet_module, vae_module, text_module
   text = loaders.load_text_encoder_config(os.path.join(root, 'text_encoder'))
   if len(tokenizer) > text.vocab_size:
     raise UserError(f'{root}/tokenizer has {len(tokenizer)} tokens but text_encoder/config.json has '
                     f'vocab_size={text.vocab_size}')
   max_length = min(int(tokenizer.model_max_length), text.max_position_embeddings)
   config = _workdir_config(loaders.load_unet_config(os.path.join(root, 'unet')),
-                           loaders.load_vae_config(os.path.join(root, 'vae')), text, diffusion, max_length, root)
+                           loaders.load_vae_config(os.path.join(root, 'vae')), text,
+                           _scheduler_config(os.path.join(root, 'scheduler')), max_length, root)
+  # Configs first (cheap, and every error names its file and key), then the weights.
+  _, unet_params = loaders.load_unet(os.path.join(root, 'unet'))
+  _, text_params = loaders.load_text_encoder(os.path.join(root, 'text_encoder'))
+  _, vae_params = loaders.load_vae(os.path.join(root, 'vae'))
   _write_workdir(workdir, config, tokenizer, vae_params, {'unet': unet_params, 'text': text_params}, source)
   return config
 

@@ -93,6 +93,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is not None and latest >= config.train.num_steps:
+    latest = ckpt.latest_valid_step()  # A damaged final checkpoint must not pass for a finished run.
+  if latest is not None and latest >= config.train.num_steps:
     print(f'{workdir} already finished: checkpoint at step {latest} >= train.num_steps={config.train.num_steps}; '
           'nothing to do', flush=True)
     ckpt.close()

@@ -171,7 +171,13 @@ def test_random_calibrated_weights_give_input_dependent_features(tref):
   again = inception.random_variables(0, images, resize_to=None)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(again)))
   features = inception.FeatureExtractor(variables, resize_to=None)(images)
-  assert features.std(0).mean() > 0.1  # Uncalibrated random nets give ~0 here.
-  uncalibrated = jax.jit(inception.InceptionV3().init)(jax.random.PRNGKey(0), jnp.zeros((1, 75, 75, 3)))
-  flat = inception.FeatureExtractor(uncalibrated, resize_to=None)(images)
-  assert flat.std(0).mean() < 0.1 * features.std(0).mean()
+  assert features.std(0).mean() > 0.1
+  # Calibrated: the first layer's stored statistics are its batch statistics on these images.
+  x = inception.preprocess(jnp.asarray(images), None)
+  conv = jax.lax.conv_general_dilated(x, variables['params']['Conv2d_1a_3x3']['conv']['kernel'], (2, 2), 'VALID',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  stats = variables['batch_stats']['Conv2d_1a_3x3']['bn']
+  np.testing.assert_allclose(stats['mean'], conv.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stats['var'], conv.var((0, 1, 2)), rtol=1e-3)
+  other = inception.FeatureExtractor(inception.random_variables(1, images, resize_to=None), resize_to=None)(images)
+  assert np.abs(other - features).max() > 0.1

@@ -106,7 +106,9 @@ def test_fewer_levels_in_the_config_than_in_the_file(copy):
   _edit_config(copy, block_out_channels=[8], down_block_types=['DownBlock2D'], up_block_types=['UpBlock2D'])
   with pytest.raises(UserError) as info:
     interop.load_unet(str(copy))
-  assert 'left over' in str(info.value) and 'down_blocks.1.resnets.0.conv1.weight' in str(info.value)
+  message = str(info.value)
+  assert '118 left over: down_blocks.0.attentions.0.norm.bias' in message  # Level 1 is gone, level 0 moved.
+  assert 'mid_block.attentions.0.norm.bias (file (16,), expected (8,))' in message
 
 
 def test_sharded_weights(copy, unet_dir):

@@ -67,9 +67,9 @@ def test_sd15_unet_builds_counts_and_runs(ref):
   assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.std(out)) > 0
 
 
-TINY = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-            down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
-            up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'),
+# One level, so that the two compiled gradients stay cheap; still resnets and transformers in every block.
+TINY = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16,), layers_per_block=1,
+            down_block_types=('CrossAttnDownBlock2D',), up_block_types=('CrossAttnUpBlock2D',),
             mid_block_type='UNetMidBlock2DCrossAttn', attention_head_dim=2, num_attention_heads=None,
             cross_attention_dim=12, transformer_layers_per_block=1, use_linear_projection=False, flip_sin_to_cos=True,
             freq_shift=0, norm_num_groups=8, norm_eps=1e-5, act_fn='silu')
@@ -88,7 +88,7 @@ def test_remat_gives_the_same_results_and_gradients():
 
   forward = lambda unet: lambda p: unet.apply({'params': p}, x, t, ctx)
   count = lambda unet: len(re.findall(r'\b(?:checkpoint|remat2?)\[', str(jax.make_jaxpr(forward(unet))(params))))
-  assert (count(plain), count(remat)) == (0, 12)  # Each of the 8 resnets and 4 transformers is one remat region.
+  assert (count(plain), count(remat)) == (0, 9)  # Each of the 5 resnets and 4 transformers is one remat region.
 
   grad_fn = lambda unet: jax.jit(jax.value_and_grad(lambda p: jnp.mean(jnp.square(forward(unet)(p)))))
   (loss_a, grads_a), (loss_b, grads_b) = grad_fn(plain)(params), grad_fn(remat)(params)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import VAE, load_config
+from support import VAE, load_config
 from diffusion import checkpoint
 from diffusion.errors import UserError
 from diffusion.training import train_and_evaluate

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import LDM, ROOT, VAE, cli_overrides, load_config
+from support import LDM, ROOT, VAE, cli_overrides, load_config
 from diffusion import checkpoint
 from diffusion.pipeline import load_workdir_config
 from diffusion.training import train_and_evaluate
@@ -84,33 +84,52 @@ def test_nan_batch_is_skipped_and_stops_after_max_bad_steps(tmp_path, data_dir, 
   assert read_metrics(workdir)[0]['skipped'] == 1.0
 
 
-def test_killed_training_resumes_from_last_checkpoint(tmp_path, data_dir, vae_workdir):
-  """SIGKILL mid-run, rerun the same command: it continues from the last checkpoint and finishes."""
-  workdir = str(tmp_path / 'killed')
-  overrides = {**VAE, 'train.num_steps': 400, 'train.checkpoint_every': 2, 'train.eval_every': 0,
-               'train.sample_every': 0, 'train.log_every': 10, 'data.data_dir': data_dir}
-  command = [sys.executable, 'train.py', '--config', 'configs/vae_base.py:tiny', '--workdir', workdir,
-             *cli_overrides(overrides)]
-  env = {**os.environ, 'WANDB_MODE': 'disabled'}
-  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _kill_when(proc, workdir, ready) -> None:
+  """SIGKILLs `proc` as soon as `ready(checkpoint_dir_entries)` holds."""
   checkpoints = os.path.join(workdir, 'checkpoints')
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
-    steps = [int(d) for d in os.listdir(checkpoints) if d.isdigit()] if os.path.isdir(checkpoints) else []
-    if steps and max(steps) >= 4:
+    entries = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
+    if ready(entries):
       break
-    time.sleep(0.2)
+    time.sleep(0.01)
   assert proc.poll() is None, 'training ended before it could be killed'
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  killed_at = checkpoint.Checkpointer(workdir, read_only=True).latest_step()
-  assert killed_at is not None and 4 <= killed_at < 400
-  finish = {**overrides, 'train.num_steps': killed_at + 2}
-  result = subprocess.run(command[:6] + cli_overrides(finish), cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+
+
+def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path, data_dir, vae_workdir):
+  """Killed during an async save and again later, rerun each time: final params equal an uninterrupted run's."""
+  steps = 40
+  overrides = {**VAE, 'train.num_steps': steps, 'train.checkpoint_every': 3, 'train.eval_every': 0,
+               'train.sample_every': 0, 'train.log_every': 10, 'data.data_dir': data_dir}
+  env = {**os.environ, 'WANDB_MODE': 'disabled'}
+
+  def command(workdir):
+    return [sys.executable, 'train.py', '--config', 'configs/vae_base.py:tiny', '--workdir', workdir,
+            *cli_overrides(overrides)]
+
+  killed, straight = str(tmp_path / 'killed'), str(tmp_path / 'straight')
+  # 1) While the first checkpoint is still being written (its temporary directory exists).
+  proc = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  _kill_when(proc, killed, lambda entries: any('tmp' in e for e in entries) or '3' in entries)
+  # 2) Resumed, then killed between checkpoints, after a few more saves.
+  proc = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  _kill_when(proc, killed, lambda entries: any(e.isdigit() and int(e) >= 12 for e in entries))
+  killed_at = checkpoint.Checkpointer(killed, read_only=True).latest_step()
+  assert killed_at is not None and 12 <= killed_at < steps
+  # 3) Rerun the same command to the end, and an uninterrupted run for comparison.
+  result = subprocess.run(command(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert f'resumed from step {killed_at}' in result.stdout
-  assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == killed_at + 2
+  assert 'resumed from step' in result.stdout
+  result = subprocess.run(command(straight), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  a = checkpoint.Checkpointer(killed, read_only=True)
+  b = checkpoint.Checkpointer(straight, read_only=True)
+  assert a.latest_step() == b.latest_step() == steps
+  for item in ('params', 'ema_params'):
+    for x, y in zip(jax.tree.leaves(a.restore_params(item=item)), jax.tree.leaves(b.restore_params(item=item))):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_sigterm_saves_and_stops_then_resumes(tmp_path, data_dir, vae_workdir):
