@@ -112,6 +112,9 @@ def _sampler_options() -> dict:
 
 @user_errors_exit
 def main(argv: list[str]) -> None:
+  if any(arg in ('--help', '-h', '--helpshort') for arg in argv[1:]):
+    print(__doc__ + '\nFlags:\n' + flags.FLAGS.main_module_help())
+    return
   cli.parse_flags(argv, config_flag=None)
   _check_flags()
   prompts = _prompts()

@@ -20,6 +20,8 @@ def parse_flags(argv: Sequence[str], config_flag: str | None = 'config') -> list
 
 def _explain(error: Exception, argv: Sequence[str], config_flag: str | None) -> str:
   raw = str(error)
+  if 'Traceback (most recent call last)' in raw:  # config_flags embeds the config file's traceback; keep its cause.
+    raw = raw.strip().splitlines()[-1]
   message = ' '.join(raw.replace('\\n', ' ').replace('\\', '').replace("'", '').split())
   if isinstance(error, (KeyError, AttributeError)):
     message = f'no such key: {message}'

@@ -6,8 +6,9 @@ r"""Fréchet Inception Distance, computed like pytorch-fid, with the FID Incepti
 Each PATH is a folder of images or an `.npz` of statistics in pytorch-fid's format (`mu`, `sigma`), so published
 stats files work here and ours work in pytorch-fid. Prints `FID: <value>`. Feature statistics accumulate in float64,
 batch by batch (Chan's pairwise update; no array of all features is kept); feature extraction is data-parallel over
-all devices. Unreadable image files are skipped and counted. The distance uses scipy's `sqrtm` with pytorch-fid's
-guard (a small ridge when the product of covariances is singular; a negligible imaginary part is dropped).
+all devices. Unreadable image files are skipped and counted. The distance has pytorch-fid's numerical guard; its
+Tr sqrtm(S1 S2) comes from symmetric eigendecompositions (the same value, ~20x faster than scipy's `sqrtm`;
+`--fid-method sqrtm` runs pytorch-fid's own computation).
 """
 
 from __future__ import annotations
@@ -92,26 +93,61 @@ def allgather_stats(stats: RunningStats) -> RunningStats:
   return total
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-  """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), with pytorch-fid's numerical guard."""
-  from scipy import linalg
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6,
+                     method: str = 'eigh') -> float:
+  """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, with pytorch-fid's numerical guard.
 
+  `method='sqrtm'` is pytorch-fid's computation (scipy's Schur `sqrtm` of the non-symmetric product; minutes for
+  2048-d on a small CPU). `'eigh'` (default) uses Tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2))), two
+  symmetric eigendecompositions: the same value (agreeing to ~1e-7 relative on singular 2048-d covariances) about
+  20x faster. Either way a non-finite result is retried with `eps` added to both diagonals, and a clearly
+  non-positive spectrum (pytorch-fid's "imaginary component") is an error.
+  """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
     raise UserError(f'the two statistics have different dimensions: {mu1.shape} and {mu2.shape}')
-  diff = mu1 - mu2
-  covmean = linalg.sqrtm(sigma1.dot(sigma2))
-  if not np.isfinite(covmean).all():
+  if method not in ('eigh', 'sqrtm'):
+    raise ValueError(f'unknown method {method!r}: eigh or sqrtm')
+  trace_sqrt = _trace_sqrt_sqrtm if method == 'sqrtm' else _trace_sqrt_eigh
+  tr_covmean = trace_sqrt(sigma1, sigma2)
+  if not np.isfinite(tr_covmean):
     print(f'FID: the product of covariances is singular; adding {eps} to their diagonals', file=sys.stderr)
     offset = np.eye(sigma1.shape[0]) * eps
-    covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    tr_covmean = trace_sqrt(sigma1 + offset, sigma2 + offset)
+  diff = mu1 - mu2
+  return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def _trace_sqrt_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+  """pytorch-fid's Tr sqrtm(S1 S2), including its check of the imaginary part."""
+  from scipy import linalg
+
+  covmean = linalg.sqrtm(sigma1.dot(sigma2))
+  if not np.isfinite(covmean).all():
+    return float('nan')
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f'FID: sqrtm has a significant imaginary component {np.max(np.abs(covmean.imag))}')
+      raise ValueError(f'FID: imaginary component {np.max(np.abs(covmean.imag))}')
     covmean = covmean.real
-  return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+  return float(np.trace(covmean))
+
+
+def _trace_sqrt_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+  """Tr (S1 S2)^(1/2) from the spectrum of the symmetric S1^(1/2) S2 S1^(1/2)."""
+  try:
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root @ sigma2 @ root
+    eigenvalues = np.linalg.eigvalsh((inner + inner.T) / 2)
+  except np.linalg.LinAlgError:
+    return float('nan')
+  if not np.isfinite(eigenvalues).all():
+    return float('nan')
+  if eigenvalues.min() < -1e-6 * max(1.0, eigenvalues.max()):
+    raise ValueError(f'FID: covariances are not positive semi-definite (eigenvalue {eigenvalues.min():.3g}); '
+                     'the square root would have an imaginary component')
+  return float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
@@ -129,7 +165,7 @@ def load_stats(path: str, dims: int | None = 2048) -> tuple[np.ndarray, np.ndarr
     with np.load(path) as f:
       if 'mu' not in f or 'sigma' not in f:
         raise UserError(f'{path} is not an FID stats file: it holds {sorted(f.files)}, expected mu and sigma')
-      mu, sigma = f['mu'][:], f['sigma'][:]
+      mu, sigma = np.asarray(f['mu']), np.asarray(f['sigma'])
   except (OSError, ValueError) as e:
     raise UserError(f'cannot read FID stats {path}: {e}') from None
   d = mu.shape[0] if mu.ndim == 1 else None
@@ -212,13 +248,20 @@ def accumulate(batches: Iterable[np.ndarray], extractor, batch_size: int | None 
   return stats
 
 
+def _process_shard(items: Sequence) -> Sequence:
+  import jax
+
+  return items[jax.process_index()::jax.process_count()] if jax.process_count() > 1 else items
+
+
 def folder_statistics(folder: str, extractor, batch_size: int = 50) -> tuple[np.ndarray, np.ndarray, ImageCounts]:
   """(mu, sigma, counts) of the images in `folder`; unreadable files are skipped and counted."""
   files = list_images(folder)
   if not files:
     raise UserError(f'no images in {folder!r} (extensions: {", ".join(IMAGE_EXTENSIONS)})')
   counts = ImageCounts()
-  stats = allgather_stats(accumulate(iter_image_batches(files, batch_size, counts), extractor, batch_size))
+  mine = _process_shard(files)  # Each process reads its share; the statistics are merged across processes.
+  stats = allgather_stats(accumulate(iter_image_batches(mine, batch_size, counts), extractor, batch_size))
   if counts.skipped:
     print(f'skipped {counts.skipped} unreadable image file(s) in {folder} (e.g. {counts.skipped_files[0]})',
           file=sys.stderr, flush=True)
@@ -257,6 +300,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--weights', default=None, help='pytorch-fid weight file (pt_inception-2015-12-05-*.pth); '
                       'default: the torch hub cache, where pytorch-fid keeps it')
   parser.add_argument('--download', action='store_true', help='download the weights into the cache if missing')
+  parser.add_argument('--fid-method', choices=['eigh', 'sqrtm'], default='eigh',
+                      help="Tr sqrt(S1 S2) by symmetric eigendecompositions (fast) or scipy's sqrtm (pytorch-fid's)")
   parser.add_argument('--save-stats', action='store_true', help='write the stats of PATH1 (images) to PATH2 (.npz)')
   return parser
 
@@ -292,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     return
   mu1, sigma1 = path_statistics(args.path[0], get_extractor, args.batch_size, args.dims)
   mu2, sigma2 = path_statistics(args.path[1], get_extractor, args.batch_size, args.dims)
-  print(f'FID: {frechet_distance(mu1, sigma1, mu2, sigma2)}', flush=True)
+  print(f'FID: {frechet_distance(mu1, sigma1, mu2, sigma2, method=args.fid_method)}', flush=True)
 
 
 if __name__ == '__main__':

@@ -407,8 +407,7 @@ _TORCH_DTYPES = {'DoubleStorage': np.float64, 'FloatStorage': np.float32, 'HalfS
 def _read_pth_without_torch(path: str) -> dict[str, np.ndarray]:
   """Reads a state dict saved by `torch.save` (zip format) into NumPy arrays, without PyTorch."""
   if not zipfile.is_zipfile(path):
-    raise UserError(f'{path} is not a PyTorch zip checkpoint (an old-format .pth needs PyTorch to read: pip '
-                    'install torch)')
+    raise UserError(f'{path} is not a PyTorch zip checkpoint')
   with zipfile.ZipFile(path) as archive:
     pickle_name = next((n for n in archive.namelist() if n.endswith('data.pkl')), None)
     if pickle_name is None:
@@ -442,11 +441,13 @@ def _read_pth_without_torch(path: str) -> dict[str, np.ndarray]:
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A .pth state dict as NumPy arrays: with PyTorch when it is installed, else with a zip reader."""
+  """A .pth state dict as NumPy arrays: zip-format files are read directly, old-format ones with PyTorch."""
+  if zipfile.is_zipfile(path):
+    return _read_pth_without_torch(path)
   try:
     import torch
   except ImportError:
-    return _read_pth_without_torch(path)
+    raise UserError(f'{path} is in PyTorch\'s old (non-zip) format; reading it needs PyTorch: pip install torch')
   try:
     state = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  # Any unreadable file is the user's.

@@ -122,8 +122,10 @@ class Evaluator:
       metric.reset()
     for lo in range(0, self.num_samples, self.batch_size):
       prompts = self.prompts[lo:lo + self.batch_size]
-      images = self.pipeline.generate(prompts, seed=self.seed, indices=np.arange(lo, lo + len(prompts)),
-                                      batch_size=self.batch_size, params=params, **self.sampling)
+      n = len(prompts)
+      padded = prompts + [prompts[-1]] * (self.batch_size - n)  # One batch shape: sampling compiles once.
+      images = self.pipeline.generate(padded, seed=self.seed, indices=np.arange(lo, lo + len(padded)),
+                                      batch_size=self.batch_size, params=params, **self.sampling)[:n]
       for metric in self.metrics:
         metric.update(images, prompts)
     results = {}

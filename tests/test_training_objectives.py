@@ -14,7 +14,7 @@ import optax
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import LDM, load_config  # pylint: disable=g-import-not-at-top
+from support import LDM, load_config  # pylint: disable=g-import-not-at-top
 
 from diffusion import losses, process
 from diffusion.config import validate_config
@@ -120,6 +120,7 @@ def _train_ldm(tmp_path, data_dir, vae_workdir, overrides):
   return workdir
 
 
+@pytest.mark.slow
 def test_tiny_ldm_trains_with_flow_matching_by_config_alone(tmp_path, data_dir, vae_workdir):
   _train_ldm(tmp_path, data_dir, vae_workdir, FLOW)
 

@@ -99,12 +99,13 @@ def import_pipeline(source: str, workdir: str) -> ml_collections.ConfigDict:
 
 def _write_workdir(workdir: str, config: ml_collections.ConfigDict, tokenizer: Any, vae_params: Any,
                    params: dict[str, Any], source: str) -> None:
+  from diffusion.training.ldm_task import frozen_param_groups  # pylint: disable=import-outside-toplevel
   from diffusion.training.state import create_optimizer, create_train_state  # pylint: disable=import-outside-toplevel
 
   os.makedirs(workdir, exist_ok=True)
   tokenizer_lib.save_tokenizer(tokenizer, os.path.join(workdir, 'tokenizer'))
   checkpoint.save_pytree(os.path.join(workdir, 'frozen', 'vae'), vae_params)
-  tx = create_optimizer(config.optim, config.train.num_steps)
+  tx = create_optimizer(config.optim, config.train.num_steps, frozen=frozen_param_groups(config))  # As the loop.
   _, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))  # As the training loop splits it.
   state = create_train_state(jax.tree.map(jnp.asarray, params), tx, rng_train)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)

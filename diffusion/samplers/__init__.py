@@ -20,8 +20,8 @@ Randomness is per example: the noise of example b at loop index i is drawn from 
 is the b-th of a batch of keys passed as `rng`, or fold_in(rng, b) for a single key. So an example's sample never
 depends on the batch it was drawn in.
 
-img2img: `init_latents` (clean latents) with `strength` in (0, 1] starts int(num_steps * strength) steps before the
-end, from the init latents noised to that level with x_T as the noise. Inpainting: `mask` (1 = generate, 0 = keep;
+img2img: `init_latents` (clean latents) with `strength` in (0, 1) starts int(num_steps * strength) steps before the
+end, from the init latents noised to that level with x_T as the noise (strength 1: from pure noise). Inpainting: `mask` (1 = generate, 0 = keep;
 broadcastable to x_T) re-noises the known region to each next level with the same noise (x0 itself at the end).
 """
 

@@ -52,9 +52,11 @@ def ddim(schedule: process.NoiseSchedule, num_steps: int, *, eta: float = 0.0, t
       x0 = jnp.clip(x0, -clip_sample_range, clip_sample_range)
       if use_clipped_model_output:
         eps = (x - jnp.sqrt(a_t) * x0) / jnp.sqrt(1.0 - a_t)
-    variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
-    std = eta * jnp.sqrt(variance)
-    x_prev = jnp.sqrt(a_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - a_prev - std**2, 0.0)) * eps
+    ratio = (1.0 - a_t / a_prev) / (1.0 - a_t)
+    std = eta * jnp.sqrt((1.0 - a_prev) * ratio)
+    # sqrt(1 - a_prev - std^2), factored so that it is exactly 0 where it should be (eta = 1 at SNR 0).
+    direction = jnp.sqrt(jnp.maximum((1.0 - a_prev) * (1.0 - eta**2 * ratio), 0.0))
+    x_prev = jnp.sqrt(a_prev) * x0 + direction * eps
     if eta > 0:
       x_prev = x_prev + std * step_noise(rng, i, x.shape)
     return x_prev, carry

@@ -63,6 +63,11 @@ def _load_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
   return tokenizer
 
 
+def frozen_param_groups(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Top-level param groups the optimizer must leave alone (a pretrained, frozen text encoder)."""
+  return () if config.model.text.trainable else ('text',)
+
+
 class LDMTask:
   """What the generic loop needs from stage 2: params, loss, validation loss and sample grids."""
 
@@ -85,6 +90,10 @@ class LDMTask:
     self.diffusion_loss = losses.get_diffusion_loss_fn(config.diffusion)
     self._pipeline = None
     self.null_ids = jnp.asarray(tokenizer_lib.tokenize(self.tokenizer, [''], config.data.max_text_length)[0])
+
+  @property
+  def frozen_param_groups(self) -> tuple[str, ...]:
+    return frozen_param_groups(self.config)
 
   @property
   def needs_calibration(self) -> bool:

@@ -112,13 +112,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_to_json(config))
 
-  tx = create_optimizer(config.optim, config.train.num_steps)
+  tx = create_optimizer(config.optim, config.train.num_steps, frozen=getattr(task, 'frozen_param_groups', ()))
   rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
   replicated = parallel.replicated(mesh)
   state = jax.jit(lambda r: create_train_state(task.init_params(r), tx, rng_train), out_shardings=replicated)(rng_init)
   if latest is not None:
     state, data_state, meta = ckpt.restore(state)  # Falls back past a damaged latest checkpoint.
-    train_iter.set_state(data_state.encode() if isinstance(data_state, str) else data_state)
+    if data_state is not None:  # None for imported weights (scripts/convert.py): start the data from the top.
+      train_iter.set_state(data_state.encode() if isinstance(data_state, str) else data_state)
     print(f'resumed from step {meta["step"]}', flush=True)
 
   train_step = jax.jit(make_train_step(task.loss_fn, config.optim.ema_decay), donate_argnums=(0,))

@@ -35,13 +35,22 @@ def create_learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: i
                                             end_value=optim.lr * optim.end_lr_factor)
 
 
-def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """AdamW with warmup + cosine (or constant) learning rate and global-norm gradient clipping."""
+def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
+                     frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine (or constant) learning rate and global-norm gradient clipping.
+
+  Top-level param groups named in `frozen` (e.g. a pretrained text encoder) get no update at all: no weight decay
+  and no Adam moments.
+  """
   schedule = create_learning_rate_schedule(optim, num_steps)
-  adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
+  tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
   if optim.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
-  return adamw
+    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
+  if frozen:
+    labels = lambda params: {k: jax.tree.map(lambda _: 'frozen' if k in frozen else 'trained', v)
+                             for k, v in params.items()}
+    tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+  return tx
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:

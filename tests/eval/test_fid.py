@@ -43,13 +43,24 @@ def _random_stats(rng, d, n):
 def test_frechet_distance_equals_pytorch_fid(n):
   rng = np.random.default_rng(n)
   (mu1, s1), (mu2, s2) = _random_stats(rng, 128, n), _random_stats(rng, 128, n)
-  ours = fid.frechet_distance(mu1, s1, mu2, s2)
   theirs = fid_score.calculate_frechet_distance(mu1, s1, mu2, s2)
-  assert ours > 1.0
-  assert abs(ours - theirs) <= 1e-9 * abs(theirs)
-  assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-6 * ours
+  assert theirs > 1.0
+  assert abs(fid.frechet_distance(mu1, s1, mu2, s2, method='sqrtm') - theirs) <= 1e-12 * theirs
+  assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - theirs) <= 1e-7 * theirs
+  assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-6 * theirs
   with pytest.raises(UserError, match='different dimensions'):
     fid.frechet_distance(mu1, s1, mu2[:10], s2[:10, :10])
+
+
+def test_frechet_distance_guard_and_non_psd_inputs(capsys):
+  rng = np.random.default_rng(0)
+  (mu1, s1), (mu2, s2) = _random_stats(rng, 16, 100), _random_stats(rng, 16, 100)
+  with pytest.raises(ValueError, match='not positive semi-definite'):
+    fid.frechet_distance(mu1, s1, mu2, s2 - 2 * np.eye(16))
+  bad = s1.copy()
+  bad[0, 0] = np.inf
+  assert not np.isfinite(fid.frechet_distance(mu1, bad, mu2, s2))
+  assert 'adding 1e-06 to their diagonals' in capsys.readouterr().err
 
 
 @pytest.fixture(scope='module')
@@ -89,7 +100,6 @@ def test_fid_equals_pytorch_fid_on_the_same_images_and_weights(both_stats):
   theirs = fid_score.calculate_frechet_distance(tmu_a, tsig_a, tmu_b, tsig_b)
   assert abs(ours - theirs) <= 1e-3 * theirs, (ours, theirs)
   assert theirs > 1.0
-  assert abs(fid.frechet_distance(mu_a, sig_a, mu_a, sig_a)) < 1e-6 * ours
 
 
 def test_stats_files_are_interchangeable_with_pytorch_fid(both_stats, inception_75, tmp_path, tref):
@@ -106,6 +116,20 @@ def test_stats_files_are_interchangeable_with_pytorch_fid(both_stats, inception_
   m, s = fid.load_stats(theirs)
   tm, ts = fid_score.compute_statistics_of_path(theirs, None, 50, 2048, 'cpu')
   assert np.array_equal(m, tm) and np.array_equal(s, ts) and m.shape == (2048,)
+
+
+@pytest.mark.slow
+def test_fid_equals_pytorch_fid_at_299_on_larger_sets(tmp_path, inception_299, tref):
+  """pytorch-fid's whole path (folders, resize to 299, its sqrtm) against ours, 500 images per set."""
+  model, variables = inception_299
+  a, b = tref.fid_image_sets(500, size=64)
+  folders = [tref.write_pngs(a, str(tmp_path / 'a')), tref.write_pngs(b, str(tmp_path / 'b'))]
+  with tref.patched_pytorch_fid(model):
+    theirs = fid_score.calculate_fid_given_paths(folders, 50, 'cpu', 2048, num_workers=0)
+  extractor = inception.FeatureExtractor(variables)
+  (mu_a, sig_a, _), (mu_b, sig_b, _) = (fid.folder_statistics(f, extractor, 50) for f in folders)
+  ours = fid.frechet_distance(mu_a, sig_a, mu_b, sig_b)
+  assert theirs > 1.0 and abs(ours - theirs) <= 1e-3 * theirs, (ours, theirs)
 
 
 def test_wrong_stats_files_are_user_errors(tmp_path):

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 from pytorch_fid import fid_score
+from pytorch_fid import inception as pf_inception
+
+from eval import fid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,9 +43,13 @@ def setup(tmp_path_factory, inception_299, tref):
   shutil.copytree(folder_b, dirty)
   open(os.path.join(dirty, 'broken.png'), 'wb').write(b'\x89PNG truncated')
   open(os.path.join(dirty, 'readme.txt'), 'w').write('not an image')
+  # pytorch-fid's statistics (its folder reading, resize and network); the distance between them is checked
+  # against pytorch-fid's own function in test_fid.py (its sqrtm takes a minute at 2048-d on a small CPU).
   with tref.patched_pytorch_fid(model):
-    theirs = fid_score.calculate_fid_given_paths([folder_a, folder_b], 4, 'cpu', 2048, num_workers=0)
-  return dict(root=root, weights=weights, a=folder_a, b=folder_b, dirty=dirty, theirs=theirs)
+    net = pf_inception.InceptionV3([3]).eval()
+    stats = [fid_score.compute_statistics_of_path(f, net, 4, 2048, 'cpu', num_workers=0) for f in (folder_a, folder_b)]
+  theirs = fid.frechet_distance(*stats[0], *stats[1])
+  return dict(root=root, weights=weights, a=folder_a, b=folder_b, dirty=dirty, theirs=theirs, stats_a=stats[0])
 
 
 def test_save_stats_then_fid_equals_pytorch_fid(setup):
@@ -51,6 +58,7 @@ def test_save_stats_then_fid_equals_pytorch_fid(setup):
   assert saved.returncode == 0, saved.stderr[-3000:]
   with np.load(stats) as f:
     assert sorted(f.files) == ['mu', 'sigma'] and f['sigma'].shape == (2048, 2048)
+    assert np.abs(f['mu'] - setup['stats_a'][0]).max() < 1e-4
   result = run_fid(stats, setup['dirty'], '--weights', setup['weights'], '--batch-size', '4')
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()

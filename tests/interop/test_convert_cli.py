@@ -44,14 +44,20 @@ def convert(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope='module')
 def imported(sd_pipeline_dir, tmp_path_factory) -> str:
-  """The tiny pipeline imported by the real command line (one subprocess)."""
   workdir = str(tmp_path_factory.mktemp('imported'))
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'HF_HUB_OFFLINE': '1'}
-  result = subprocess.run([sys.executable, 'scripts/convert.py', 'import', sd_pipeline_dir, '--workdir', workdir],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  result = convert('import', sd_pipeline_dir, '--workdir', workdir)
   assert result.returncode == 0, result.stderr
   assert f'imported {sd_pipeline_dir} into {workdir}' in result.stdout
   return workdir
+
+
+def test_the_script_runs_as_a_program():
+  """The one subprocess: a usage error exits 2 with one line before JAX is even imported."""
+  result = subprocess.run([sys.executable, 'scripts/convert.py', 'import'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      'error: the following arguments are required: source, --workdir (see --help)']
 
 
 def test_import_writes_a_complete_workdir(imported, sd_pipeline_dir, clip_tokenizer):
@@ -150,3 +156,28 @@ def test_unsupported_scheduler_is_named(sd_pipeline_dir, tmp_path):
   (copy / 'scheduler' / 'scheduler_config.json').write_text(json.dumps({**config, 'beta_schedule': 'sigmoid'}))
   with pytest.raises(UserError, match="scheduler_config.json: beta_schedule='sigmoid' is not supported"):
     interop.import_pipeline(str(copy), str(tmp_path / 'w'))
+
+
+@pytest.mark.slow  # Trains the tiny VAE and LDM of tests/conftest.py first.
+def test_export_of_a_workdir_trained_here(ldm_workdir, tmp_path, ref):
+  """A model trained from scratch here (word tokenizer, text encoder pooling at id 2) loads in diffusers and
+  computes what it computes here."""
+  out = str(tmp_path / 'exported')
+  result = convert('export', '--workdir', ldm_workdir, out)
+  assert result.returncode == 0, result.stderr
+  assert 'warning: the text encoder pools at token id 2' in result.stderr
+  config = load_workdir_config(ldm_workdir, expect='ldm')
+  from diffusion import models
+  unet = models.create_unet(config.model.unet)
+  params = checkpoint.Checkpointer(ldm_workdir, read_only=True).restore_params(None, 'ema_params')['unet']
+  size = config.model.unet.sample_size
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, size, size, 4), np.float32)
+  ctx = rng.standard_normal((1, 3, config.model.unet.cross_attention_dim), np.float32)
+  t = np.array([321.0], np.float32)
+  reference = ref.diffusers.UNet2DConditionModel.from_pretrained(os.path.join(out, 'unet'))
+  with ref.torch.no_grad():
+    expected = ref.nhwc(reference(ref.nchw(x), ref.torch.from_numpy(t), ref.torch.from_numpy(ctx)).sample)
+  np.testing.assert_allclose(unet.apply({'params': params}, x, t, ctx), expected, atol=1e-4)
+  pipeline = ref.diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+  assert pipeline.vae.config.scaling_factor == pytest.approx(config.model.vae.scaling_factor)

@@ -77,10 +77,13 @@ def test_load_unet_matches_diffusers_and_round_trips(case, ref, tmp_path):
   assert _listed(reloaded.config.attention_head_dim) == _listed(model.config.attention_head_dim)
 
 
-def test_load_unet_from_a_pipeline_directory_and_in_bfloat16(sd_pipeline_dir):
-  unet, params = interop.load_unet(sd_pipeline_dir, dtype='bfloat16', param_dtype='bfloat16')
+def test_load_unet_in_bfloat16(ref, tmp_path):
+  ref.torch.manual_seed(0)
+  ref.diffusers.UNet2DConditionModel(sample_size=8, **UNET_CASES['sd1']).save_pretrained(tmp_path)
+  unet, params = interop.load_unet(str(tmp_path), dtype='bfloat16', param_dtype='bfloat16')
+  _, full = interop.load_unet(str(tmp_path))
   assert str(unet.dtype) == 'bfloat16'
-  leaves = jax.tree.leaves(params)
-  assert {str(p.dtype) for p in leaves} == {'bfloat16'}
-  _, full = interop.load_unet(f'{sd_pipeline_dir}/unet')
-  np.testing.assert_allclose(np.asarray(leaves[0], np.float32), np.asarray(jax.tree.leaves(full)[0]), rtol=1e-2)
+  assert {str(p.dtype) for p in jax.tree.leaves(params)} == {'bfloat16'}
+  kernel = np.asarray(params['conv_in']['kernel'], np.float32)
+  np.testing.assert_allclose(kernel, full['conv_in']['kernel'], rtol=1e-2, atol=1e-6)
+  assert not np.array_equal(kernel, full['conv_in']['kernel'])  # Really rounded to bfloat16.
