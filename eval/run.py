@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 from typing import Iterator, Sequence
@@ -153,7 +154,7 @@ def _init_wandb(workdir: str, config, mode: str | None):
     os.environ.setdefault('WANDB_SILENT', 'true')
     directory = os.path.join(workdir, 'eval')
     id_file = os.path.join(directory, 'wandb_run_id')
-    run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
+    run_id = open(id_file).read().strip() if os.path.exists(id_file) else secrets.token_hex(4)
     os.makedirs(directory, exist_ok=True)
     with open(id_file, 'w') as f:
       f.write(run_id)
@@ -196,10 +197,12 @@ def run(workdir: str, metric_names: Sequence[str], num_samples: int, *, step: in
           continue
         if evaluator is None:
           evaluator = Evaluator(workdir, metric_names, num_samples, **evaluator_kwargs)
-          wb = _init_wandb(workdir, evaluator.config, wandb_mode)
+          wb = _init_wandb(workdir, evaluator.config, wandb_mode) if _is_lead() else None
         record = evaluator.evaluate(s)
-        _write_json(eval_path(workdir, s), record)
         records.append(record)
+        if not _is_lead():
+          continue
+        _write_json(eval_path(workdir, s), record)
         print(_summary(record), flush=True)
         if wb is not None:
           wb.log({'train_step': s, **{f'eval/{k}': v for k, v in record['metrics'].items()}})
@@ -215,6 +218,12 @@ def run(workdir: str, metric_names: Sequence[str], num_samples: int, *, step: in
   finally:
     if wb is not None:
       wb.finish()
+
+
+def _is_lead() -> bool:
+  import jax
+
+  return jax.process_index() == 0
 
 
 def _final_step(workdir: str) -> int:
@@ -264,6 +273,11 @@ def main(argv: list[str]) -> None:
   known = metrics_lib.available_metrics()
   unknown = [m for m in v['metrics'] if m not in known]
   cli.require(not unknown, f'unknown metric(s) {", ".join(unknown)}; known: {", ".join(known)}')
+  from diffusion import samplers
+
+  names = samplers.available_samplers()
+  cli.require(v['sampler'] is None or v['sampler'] in names, f'unknown sampler {v["sampler"]!r}; known: '
+              f'{", ".join(names)}')
   sampling = {'sampler': v['sampler'], 'num_steps': v['num_steps'], 'guidance_scale': v['guidance_scale']}
   records = run(v['workdir'], v['metrics'], v['num_samples'], step=v['step'], watch=v['watch'],
                 poll_seconds=v['poll_seconds'], idle_timeout=v['idle_timeout'], wandb_mode=v['wandb_mode'],

@@ -40,13 +40,17 @@ def _torch_reference(seed: int):
   return model, net
 
 
-def _time(fn, batches, warmup: int = 1) -> float:
-  for b in batches[:warmup]:
-    fn(b)
-  start = time.perf_counter()
+def _time_interleaved(fns, batches) -> list[float]:
+  """Seconds each function spends on all batches; batches alternate between them, so load drift hits both."""
+  for fn in fns:
+    fn(batches[0])  # Warm-up: compilation, allocator, threads.
+  totals = [0.0] * len(fns)
   for b in batches:
-    fn(b)
-  return time.perf_counter() - start
+    for i, fn in enumerate(fns):
+      start = time.perf_counter()
+      fn(b)
+      totals[i] += time.perf_counter() - start
+  return totals
 
 
 def main() -> None:
@@ -76,8 +80,7 @@ def main() -> None:
     return net(x)[0].cpu().numpy()
 
   n = args.batch_size * args.batches
-  t_theirs = _time(theirs, batches)
-  t_ours = _time(ours, batches)
+  t_theirs, t_ours = _time_interleaved([theirs, ours], batches)
   print(f'JAX backend: {jax.default_backend()} ({jax.device_count()} device(s)); PyTorch: {device} '
         f'({torch.get_num_threads()} threads); CPU cores: {os.cpu_count()}')
   print(f'batch {args.batch_size}, {args.batches} timed batches, {args.image_size}px uint8 -> 299 bilinear')

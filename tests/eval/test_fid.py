@@ -1,17 +1,15 @@
-"""FID statistics and distance: parity with pytorch-fid on the same images and (random, calibrated) weights."""
+"""FID statistics (streaming, sharded), the distance and its guard, stats files and image folders."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-import torch
 from pytorch_fid import fid_score
 
 from diffusion.errors import UserError
-from eval import fid, inception
-
-NUM_IMAGES = 200  # Per set; pool3 is 2048-d, so the covariances are singular, as in most small evaluations.
-
+from eval import fid
 
 def test_running_stats_equal_numpy_in_any_batching():
   rng = np.random.default_rng(0)
@@ -63,75 +61,6 @@ def test_frechet_distance_guard_and_non_psd_inputs(capsys):
   assert 'adding 1e-06 to their diagonals' in capsys.readouterr().err
 
 
-@pytest.fixture(scope='module')
-def image_folders(tmp_path_factory, tref):
-  a, b = tref.fid_image_sets(NUM_IMAGES)
-  root = tmp_path_factory.mktemp('fid_sets')
-  return tref.write_pngs(a, str(root / 'a')), tref.write_pngs(b, str(root / 'b'))
-
-
-def _pytorch_fid_stats(folder, model, tref, **net_kwargs):
-  files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith('.png'))
-  net = tref.pytorch_fid_net(model, output_blocks=[3], **net_kwargs)
-  return fid_score.calculate_activation_statistics(files, net, batch_size=50, dims=2048, device='cpu',
-                                                   num_workers=0)
-
-
-@pytest.fixture(scope='module')
-def both_stats(image_folders, inception_75, tref):
-  """((mu, sigma) of each set from our pipeline, and from pytorch-fid's), 75 px images fed at their size."""
-  model, variables = inception_75
-  extractor = inception.FeatureExtractor(variables, resize_to=None)
-  ours = []
-  for folder in image_folders:
-    mu, sigma, counts = fid.folder_statistics(folder, extractor, 50)
-    assert counts.read == NUM_IMAGES and counts.skipped == 0
-    ours.append((mu, sigma))
-  theirs = [_pytorch_fid_stats(f, model, tref, resize_input=False) for f in image_folders]
-  return ours, theirs
-
-
-def test_fid_equals_pytorch_fid_on_the_same_images_and_weights(both_stats):
-  """A few hundred images per set (pytorch-fid's resize_input=False at 75 px, to stay fast; the slow test resizes)."""
-  ((mu_a, sig_a), (mu_b, sig_b)), ((tmu_a, tsig_a), (tmu_b, tsig_b)) = both_stats
-  assert np.abs(mu_a - tmu_a).max() < 1e-4
-  assert np.abs(sig_a - tsig_a).max() < 1e-3 * np.abs(tsig_a).max()
-  ours = fid.frechet_distance(mu_a, sig_a, mu_b, sig_b)
-  theirs = fid_score.calculate_frechet_distance(tmu_a, tsig_a, tmu_b, tsig_b)
-  assert abs(ours - theirs) <= 1e-3 * theirs, (ours, theirs)
-  assert theirs > 1.0
-
-
-def test_stats_files_are_interchangeable_with_pytorch_fid(both_stats, inception_75, tmp_path, tref):
-  (mu, sigma), _ = both_stats[0]
-  ours = str(tmp_path / 'ours.npz')
-  fid.save_stats(ours, mu, sigma)
-  m, s = fid_score.compute_statistics_of_path(ours, None, 50, 2048, 'cpu')
-  assert np.array_equal(m, mu) and np.array_equal(s, sigma)
-  # pytorch-fid's own --save-stats output (on a few images: it always resizes to 299) loads in ours.
-  small = tref.write_pngs(tref.fid_image_sets(4, size=32)[0], str(tmp_path / 'small'))
-  theirs = str(tmp_path / 'theirs.npz')
-  with tref.patched_pytorch_fid(inception_75[0]):
-    fid_score.save_fid_stats([small, theirs], 4, 'cpu', 2048, num_workers=0)
-  m, s = fid.load_stats(theirs)
-  tm, ts = fid_score.compute_statistics_of_path(theirs, None, 50, 2048, 'cpu')
-  assert np.array_equal(m, tm) and np.array_equal(s, ts) and m.shape == (2048,)
-
-
-@pytest.mark.slow
-def test_fid_equals_pytorch_fid_at_299_on_larger_sets(tmp_path, inception_299, tref):
-  """pytorch-fid's whole path (folders, resize to 299, its sqrtm) against ours, 500 images per set."""
-  model, variables = inception_299
-  a, b = tref.fid_image_sets(500, size=64)
-  folders = [tref.write_pngs(a, str(tmp_path / 'a')), tref.write_pngs(b, str(tmp_path / 'b'))]
-  with tref.patched_pytorch_fid(model):
-    theirs = fid_score.calculate_fid_given_paths(folders, 50, 'cpu', 2048, num_workers=0)
-  extractor = inception.FeatureExtractor(variables)
-  (mu_a, sig_a, _), (mu_b, sig_b, _) = (fid.folder_statistics(f, extractor, 50) for f in folders)
-  ours = fid.frechet_distance(mu_a, sig_a, mu_b, sig_b)
-  assert theirs > 1.0 and abs(ours - theirs) <= 1e-3 * theirs, (ours, theirs)
-
-
 def test_wrong_stats_files_are_user_errors(tmp_path):
   bad = str(tmp_path / 'bad.npz')
   np.savez(bad, mu=np.zeros(10), sigma=np.zeros((10, 10)))
@@ -164,3 +93,36 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tref):
     empty = tmp_path / 'empty'
     empty.mkdir()
     fid.folder_statistics(str(empty), None)
+
+
+_SHARDED = r'''
+import numpy as np, jax
+from eval import fid, inception
+from tests.eval.conftest import fid_image_sets
+assert jax.device_count() == 2
+a, b = fid_image_sets(8, size=75)
+variables = inception.random_variables(0, np.concatenate([a, b]), resize_to=None)
+one = inception.FeatureExtractor(variables, resize_to=None, devices=jax.devices()[:1])
+two = inception.FeatureExtractor(variables, resize_to=None)
+assert two.num_local_devices == 2
+# Same per-device batch (2 images) both ways; 3 images on 2 devices are padded, and the padding dropped.
+f2 = two(a[:3])
+f1 = np.concatenate([one(a[:2]), one(np.concatenate([a[2:3], np.zeros_like(a[:1])]))[:1]])
+stats = fid.accumulate([a[:4], a[4:]], two, 4)
+reference = fid.RunningStats(2048)
+for i in range(0, 8, 2):
+  reference.update(one(a[i:i + 2]))
+print('RESULT', f2.shape, float(np.abs(f1 - f2).max()), float(np.abs(stats.sigma - reference.sigma).max()),
+      stats.count)
+'''
+
+
+def test_features_are_the_same_sharded_over_two_devices():
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  result = subprocess.run([sys.executable, '-c', _SHARDED], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  shape, features_diff, sigma_diff, count = result.stdout.split('RESULT ')[1].rsplit(' ', 3)
+  assert shape == '(3, 2048)' and int(count) == 8
+  assert float(features_diff) < 1e-5 and float(sigma_diff) < 1e-6

@@ -14,7 +14,7 @@ import pytest
 from eval import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FAST = dict(num_reference=16, batch_size=4, wandb_mode='disabled')
+FAST = dict(num_reference=8, batch_size=4, wandb_mode='disabled')
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_evaluates_each_checkpoint_once_and_resumes(workdir):
   assert metrics['fid_random_inception'] > 0 and 0 <= metrics['oracle_caption_accuracy'] <= 1
   info = record['metrics_info']['fid']
   assert info['random_weights'] and 'RANDOM Inception weights' in info['inception_weights']
-  assert record['num_samples'] == 4 and record['reference'] == 'shapes-train-16'
+  assert record['num_samples'] == 4 and record['reference'] == 'shapes-train-8'
   stats = os.path.join(workdir, info['reference_stats'])
   stats_mtime, first_mtime = os.path.getmtime(stats), os.path.getmtime(run_lib.eval_path(workdir, 1))
   # A restarted job (as after a kill during step 2) evaluates only what is missing, with the cached reference.
