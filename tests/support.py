@@ -8,6 +8,10 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('WANDB_MODE', 'disabled')
 
@@ -61,3 +65,18 @@ def load_config_file(path: str, preset: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(preset)
+
+
+def random_params(module, *args, seed=0, **kwargs):
+  """Params with the module's shapes (traced by init) drawn with numpy: XLA's CPU compile of init's
+  threefry RNG takes tens of seconds for a whole network, the values here need only be generic."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))['params']
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == 'kernel':
+      return jnp.asarray(rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1])), leaf.dtype)
+    return jnp.asarray((name == 'scale') + 0.1 * rng.normal(size=shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)

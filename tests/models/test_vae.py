@@ -8,21 +8,7 @@ import numpy as np
 import pytest
 
 from diffusion import models
-
-
-def random_params(module, *args, seed=0, **kwargs):
-  """Params with the module's shapes (traced by init) drawn with numpy: XLA's CPU compile of init's
-  threefry RNG takes tens of seconds for a whole network, the values here need only be generic."""
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))['params']
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name, shape = path[-1].key, leaf.shape
-    if name == 'kernel':
-      return jnp.asarray(rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1])), leaf.dtype)
-    return jnp.asarray((name == 'scale') + 0.1 * rng.normal(size=shape), leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+from support import random_params
 
 
 def vae_config(**overrides) -> ml_collections.ConfigDict:
