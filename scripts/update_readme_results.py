@@ -30,7 +30,7 @@ def render(demo_dir: str, wall_time: str | None) -> str:
   val_loss = last_value(os.path.join(demo_dir, 'ldm', 'metrics.jsonl'), 'eval/val_loss')
   lines = [
       START,
-      f'Measured by `make demo` on a 2-core CPU machine{f" ({wall_time} including install)" if wall_time else ""}:',
+      f'Measured by `make demo` on a 2-core CPU machine{f" ({wall_time})" if wall_time else ""}:',
       '',
       '| metric | value |',
       '|---|---|',
