@@ -9,7 +9,8 @@ checkpoint, `reset()`, `update(images, prompts)` over batches of generated uint8
           `fid_random_inception`, comparable only between checkpoints of the same job, never with published FID.
   oracle  caption accuracy read by the shapes dataset's oracle (`diffusion.data.oracle`, as eval/caption_accuracy.py),
           with the shuffled-prompt control.
-  clip    provided by `eval/clip_score.py` when present (it calls `register_metric('clip')`).
+  clip    provided by `eval/clip_score.py` when present: importing it must call `register_metric('clip')` with a
+          factory(context) -> Metric (its model directory can come through `context.options`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class EvalContext:
   batch_size: int = 50
   inception_weights: str | None = None
   seed: int = 0
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)  # Metric-specific settings (e.g. a model dir).
 
   @property
   def cache_dir(self) -> str:
