@@ -9,8 +9,8 @@ checkpoint, `reset()`, `update(images, prompts)` over batches of generated uint8
           `fid_random_inception`, comparable only between checkpoints of the same job, never with published FID.
   oracle  caption accuracy read by the shapes dataset's oracle (`diffusion.data.oracle`, as eval/caption_accuracy.py),
           with the shuffled-prompt control.
-  clip    provided by `eval/clip_score.py` when present: importing it must call `register_metric('clip')` with a
-          factory(context) -> Metric (its model directory can come through `context.options`).
+  clip    CLIP score of each image with its prompt (`eval/clip_score.py`, registered when imported): needs a
+          transformers CLIPModel directory in `context.options['clip_model']` (eval/run.py --clip_model DIR).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@ r"""The evaluation job: samples each checkpoint of a stage-2 workdir and scores 
 
   python eval/run.py --workdir W --metrics fid,oracle --num_samples 1000 [--step S] [--watch]
   python -m eval.run --workdir W --metrics fid --inception_weights pt_inception-2015-12-05-6726825d.pth
+  python eval/run.py --workdir W --metrics fid,clip --clip_model CLIP_DIR   # CLIP score (eval/clip_score.py)
 
 For each checkpoint (EMA params), generates N images from fixed seeds (image i starts from fold_in(seed, i)) with
 prompts from --prompts_file or the captions of the reference split, computes the metrics (see eval/metrics.py),
@@ -89,7 +90,8 @@ class Evaluator:
 
   def __init__(self, workdir: str, metric_names: Sequence[str], num_samples: int, *, prompts_file: str | None = None,
                split: str | None = None, num_reference: int = 10000, seed: int | None = None,
-               sampling: dict | None = None, batch_size: int = 50, inception_weights: str | None = None):
+               sampling: dict | None = None, batch_size: int = 50, inception_weights: str | None = None,
+               metric_options: dict | None = None):
     from diffusion.pipeline import LatentDiffusionPipeline, load_workdir_config
     from eval import metrics as metrics_lib
 
@@ -103,7 +105,8 @@ class Evaluator:
     self.sampling = {'sampler': s.sampler, 'num_steps': int(s.num_steps), 'guidance_scale': float(s.guidance_scale),
                      'negative_prompt': s.get('negative_prompt', ''),
                      **{k: v for k, v in (sampling or {}).items() if v is not None}}
-    context = metrics_lib.EvalContext(workdir, config, batches, name, batch_size, inception_weights, self.seed)
+    context = metrics_lib.EvalContext(workdir, config, batches, name, batch_size, inception_weights, self.seed,
+                                      options=dict(metric_options or {}))
     self.metrics = [metrics_lib.create_metric(m, context) for m in metric_names]
     self.pipeline = LatentDiffusionPipeline.from_workdir(workdir)
     self.info = {'num_samples': num_samples, 'seed': self.seed, **self.sampling, 'use_ema': True,
@@ -255,6 +258,8 @@ def _define_flags() -> dict:
       inception_weights=f.DEFINE_string('inception_weights', None, 'pytorch-fid weight file (default: random '
                                         'Inception weights, FID reported as fid_random_inception).'),
       wandb_mode=f.DEFINE_enum('wandb_mode', None, ['online', 'offline', 'disabled'], 'Default: config.wandb.mode.'),
+      clip_model=f.DEFINE_string('clip_model', None, 'For --metrics clip: a transformers CLIPModel directory '
+                                 '(config, weights, tokenizer; see eval/clip_score.py).'),
   )
 
 
@@ -282,7 +287,8 @@ def main(argv: list[str]) -> None:
   records = run(v['workdir'], v['metrics'], v['num_samples'], step=v['step'], watch=v['watch'],
                 poll_seconds=v['poll_seconds'], idle_timeout=v['idle_timeout'], wandb_mode=v['wandb_mode'],
                 prompts_file=v['prompts_file'], split=v['split'], num_reference=v['num_reference'], seed=v['seed'],
-                sampling=sampling, batch_size=v['batch_size'], inception_weights=v['inception_weights'])
+                sampling=sampling, batch_size=v['batch_size'], inception_weights=v['inception_weights'],
+                metric_options={'clip_model': v['clip_model']} if v['clip_model'] else None)
   print(f'evaluated {len(records)} checkpoint(s); results in {os.path.join(v["workdir"], "eval")}', flush=True)
 
 
