@@ -9,13 +9,28 @@ from diffusion.errors import UserError
 
 
 def parse_flags(argv: Sequence[str], config_flag: str | None = 'config') -> list[str]:
-  """Parses `argv` into absl FLAGS; turns every flag error into a `UserError` that names the bad flag or key."""
+  """Parses `argv` into absl FLAGS; turns every flag error into a `UserError` that names the bad flag or key.
+
+  Positional arguments are refused (no entry point takes any, so one is a typo, e.g. a missing `=`), and a config
+  file that fails to load is reported here rather than when its value is first read.
+  """
   try:
-    return flags.FLAGS(list(argv))
+    rest = flags.FLAGS(list(argv))
   except flags.Error as e:
     raise UserError(_explain(e, argv, config_flag)) from None
   except (KeyError, AttributeError, TypeError, ValueError) as e:  # ml_collections override errors.
     raise UserError(_explain(e, argv, config_flag)) from None
+  if len(rest) > 1:
+    raise UserError(f'unexpected argument(s) {" ".join(rest[1:])!r}: flags are --name=value')
+  if config_flag and config_flag in flags.FLAGS:
+    try:
+      value = flags.FLAGS[config_flag].value
+      if value is not None:
+        value.keys  # pylint: disable=pointless-statement  # ml_collections raises here if the file failed to load.
+    except (OSError, ValueError, SyntaxError, ImportError, AttributeError) as e:
+      cause = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+      raise UserError(f'cannot load the --{config_flag} file: {cause}') from None
+  return rest
 
 
 def _explain(error: Exception, argv: Sequence[str], config_flag: str | None) -> str:

@@ -43,7 +43,7 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
   for name in ('eval_every', 'eval_batches', 'sample_every'):
     _check(config.train[name] >= 0, f'train.{name}', f'must be >= 0 (0 disables), got {config.train[name]!r}')
   optim = config.optim
-  _check(optim.lr > 0, 'optim.lr', f'the learning rate must be > 0, got {optim.lr!r}')
+  _check(0 < optim.lr < float('inf'), 'optim.lr', f'the learning rate must be > 0 and finite, got {optim.lr!r}')
   _check(optim.warmup_steps >= 0, 'optim.warmup_steps', f'must be >= 0, got {optim.warmup_steps!r}')
   _check(optim.lr_schedule in ('cosine', 'constant'), 'optim.lr_schedule',
          f'unknown schedule {optim.lr_schedule!r}; known: cosine, constant')
@@ -87,7 +87,7 @@ def _validate_vae(config: ml_collections.ConfigDict) -> int:
   channels = tuple(vae.block_out_channels)
   _check(len(channels) >= 1, 'model.vae.block_out_channels', 'needs at least one level')
   for c in channels:
-    _check(c > 0 and c % vae.norm_num_groups == 0, 'model.vae.block_out_channels',
+    _check(isinstance(c, int) and c > 0 and c % vae.norm_num_groups == 0, 'model.vae.block_out_channels',
            f'every entry must be a positive multiple of model.vae.norm_num_groups={vae.norm_num_groups}, got {channels}')
   _check(vae.layers_per_block >= 1, 'model.vae.layers_per_block', 'must be >= 1')
   _check(vae.latent_channels >= 1, 'model.vae.latent_channels', 'must be >= 1')
@@ -112,7 +112,7 @@ def _validate_unet(config: ml_collections.ConfigDict, vae_factor: int) -> None:
   for t in unet.up_block_types:
     _check(t in UNET_UP_BLOCKS, 'model.unet.up_block_types', f'unknown block {t!r}; known: {UNET_UP_BLOCKS}')
   for c in channels:
-    _check(c > 0 and c % unet.norm_num_groups == 0, 'model.unet.block_out_channels',
+    _check(isinstance(c, int) and c > 0 and c % unet.norm_num_groups == 0, 'model.unet.block_out_channels',
            f'every entry must be a positive multiple of model.unet.norm_num_groups={unet.norm_num_groups}, got {channels}')
   heads_key = 'model.unet.num_attention_heads' if unet.num_attention_heads else 'model.unet.attention_head_dim'
   heads = _per_level(unet.num_attention_heads or unet.attention_head_dim, levels, heads_key)

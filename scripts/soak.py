@@ -4,8 +4,12 @@ r"""Long-run soak: train with a SIGTERM every few minutes and a restart, then co
 
 Trains the quickstart VAE (configs/vae_base.py:tiny, the cheapest real run) twice for the same number of steps:
 once interrupted by SIGTERM every `--interrupt_every` minutes and restarted with the same command, once straight
-through. Reports whether the step count, the logged loss curve and the final params are identical (on CPU they
-must be bit-identical). Not part of the default tests: it takes as long as you ask it to.
+through. Reports whether the step count, the logged loss curve and the final params (and EMA params) are identical,
+with the largest absolute difference where they are not (on CPU they must be bit-identical). The number of steps is
+fixed up front (`--minutes` x `--steps_per_minute`), because the learning-rate schedule depends on it; measure your
+machine's steps/min first. Each restart re-imports the code from this checkout: run it from a snapshot
+(`git archive HEAD | tar -x -C /tmp/code`) if the tree may change meanwhile. Not part of the default tests: it takes
+as long as you ask it to.
 """
 
 import argparse
@@ -20,12 +24,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def command(workdir: str, steps: int, extra: list[str]) -> list[str]:
+  """The training command both runs use; every step is logged so the loss curves compare 1:1."""
   return [sys.executable, os.path.join(ROOT, 'train.py'), '--config', 'configs/vae_base.py:tiny', '--workdir', workdir,
           f'--config.train.num_steps={steps}', '--config.train.checkpoint_every=200', '--config.train.sample_every=0',
           '--config.train.eval_every=0', '--config.train.log_every=1', '--config.wandb.mode=disabled', *extra]
 
 
 def losses(workdir: str) -> dict[int, float]:
+  """step -> loss from metrics.jsonl (a step logged twice, e.g. redone after a kill, keeps its last value)."""
   out = {}
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     for line in f:
@@ -35,32 +41,42 @@ def losses(workdir: str) -> dict[int, float]:
   return out
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--minutes', type=float, default=30)
-  parser.add_argument('--interrupt_every', type=float, default=4, help='minutes between SIGTERMs')
-  parser.add_argument('--steps_per_minute', type=int, default=200, help='sizes the run to --minutes')
-  parser.add_argument('extra', nargs='*', help='more --config.* overrides for both runs')
-  args = parser.parse_args()
-  steps = int(args.minutes * args.steps_per_minute)
-  interrupted, straight = os.path.join(args.workdir, 'interrupted'), os.path.join(args.workdir, 'straight')
-  restarts = 0
-  os.makedirs(args.workdir, exist_ok=True)
-  while True:
-    log = open(os.path.join(args.workdir, 'interrupted.log'), 'a')  # Every step is logged, so curves compare 1:1.
-    proc = subprocess.Popen(command(interrupted, steps, args.extra), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-      proc.wait(timeout=args.interrupt_every * 60)
-      break
-    except subprocess.TimeoutExpired:
-      proc.send_signal(signal.SIGTERM)
-      proc.wait()
-      restarts += 1
-      print(f'soak: SIGTERM #{restarts} sent, restarting', flush=True)
-  with open(os.path.join(args.workdir, 'straight.log'), 'w') as log:
-    subprocess.run(command(straight, steps, args.extra), cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+def _last_step(workdir: str) -> int:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  return max(losses(workdir), default=0) if os.path.exists(path) else 0
 
+
+def _wait_for_progress(proc: subprocess.Popen, workdir: str, since: int, poll: float = 2.0) -> None:
+  """Returns once the run logs a step past `since` (or exits): start-up, restore and compilation take minutes on a
+  loaded machine, and a SIGTERM timer started before training resumes would stop every restart before its first
+  step."""
+  while proc.poll() is None and _last_step(workdir) <= since:
+    time.sleep(poll)
+
+
+def run_interrupted(workdir: str, steps: int, every_min: float, extra: list[str]) -> int:
+  """Runs training, sending SIGTERM after every `every_min` minutes of training (counted from the first new step
+  after each start) and restarting, until it finishes; returns the number of SIGTERMs."""
+  restarts, start = 0, time.time()
+  while True:
+    with open(os.path.join(os.path.dirname(workdir), 'interrupted.log'), 'a') as log:
+      proc = subprocess.Popen(command(workdir, steps, extra), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+      _wait_for_progress(proc, workdir, _last_step(workdir))
+      try:
+        rc = proc.wait(timeout=every_min * 60)
+        if rc != 0:
+          raise SystemExit(f'soak: interrupted run exited with {rc}; see interrupted.log')
+        return restarts
+      except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait()
+        restarts += 1
+        print(f'soak: SIGTERM #{restarts} at {(time.time() - start) / 60:.1f} min (exit {rc}, last logged step '
+              f'{_last_step(workdir)}/{steps}), restarting', flush=True)
+
+
+def compare(interrupted: str, straight: str, steps: int) -> dict:
+  """Step count, loss curve and final params of the two runs: equal, and the largest difference."""
   sys.path.insert(0, ROOT)
   import jax
   import numpy as np
@@ -68,17 +84,50 @@ def main() -> None:
 
   a = checkpoint.Checkpointer(interrupted, read_only=True)
   b = checkpoint.Checkpointer(straight, read_only=True)
-  same_step = a.latest_step() == b.latest_step() == steps
-  pa, pb = a.restore_params(item='params'), b.restore_params(item='params')
-  same_params = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(pa),
-                                                                                  jax.tree.leaves(pb)))
-  la, lb = losses(interrupted), losses(straight)
-  common = sorted(set(la) & set(lb))
-  same_curve = bool(common) and all(la[s] == lb[s] for s in common)
-  print(json.dumps({'steps': steps, 'restarts': restarts, 'same_final_step': same_step,
-                    'same_loss_curve': same_curve, 'logged_points_compared': len(common),
-                    'bit_identical_params': same_params}, indent=2))
-  sys.exit(0 if same_step and same_params and same_curve else 1)
+  out = {'final_step_interrupted': a.latest_step(), 'final_step_straight': b.latest_step()}
+  out['same_final_step'] = a.latest_step() == b.latest_step() == steps
+  for item in ('params', 'ema_params'):
+    la = jax.tree.leaves(a.restore_params(item=item))
+    lb = jax.tree.leaves(b.restore_params(item=item))
+    diffs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(la, lb)]
+    out[f'bit_identical_{item}'] = len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                                                for x, y in zip(la, lb))
+    out[f'max_abs_diff_{item}'] = max(diffs, default=0.0)
+  ca, cb = losses(interrupted), losses(straight)
+  common = sorted(set(ca) & set(cb))
+  out['logged_points_compared'] = len(common)
+  out['same_loss_curve'] = bool(common) and len(common) == steps and all(ca[s] == cb[s] for s in common)
+  out['max_abs_diff_loss'] = max((abs(ca[s] - cb[s]) for s in common), default=0.0)
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--minutes', type=float, default=30)
+  parser.add_argument('--interrupt_every', type=float, default=4,
+                      help='minutes of training (after start-up) between SIGTERMs')
+  parser.add_argument('--steps_per_minute', type=int, default=200, help='sizes the run to --minutes')
+  parser.add_argument('extra', nargs='*', help='more --config.* overrides for both runs')
+  args = parser.parse_args()
+  steps = int(args.minutes * args.steps_per_minute)
+  workdir = os.path.abspath(args.workdir)
+  interrupted, straight = os.path.join(workdir, 'interrupted'), os.path.join(workdir, 'straight')
+  os.makedirs(workdir, exist_ok=True)
+  print(f'soak: {steps} steps, SIGTERM every {args.interrupt_every} min, code from {ROOT}', flush=True)
+  start = time.time()
+  restarts = run_interrupted(interrupted, steps, args.interrupt_every, args.extra)
+  t_interrupted = time.time() - start
+  print(f'soak: interrupted run done after {restarts} SIGTERMs in {t_interrupted / 60:.1f} min; straight run',
+        flush=True)
+  with open(os.path.join(workdir, 'straight.log'), 'w') as log:
+    subprocess.run(command(straight, steps, args.extra), cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+  result = {'steps': steps, 'sigterms': restarts, 'minutes_interrupted_run': round(t_interrupted / 60, 1),
+            'minutes_straight_run': round((time.time() - start - t_interrupted) / 60, 1),
+            **compare(interrupted, straight, steps)}
+  print(json.dumps(result, indent=2), flush=True)
+  ok = result['same_final_step'] and result['same_loss_curve'] and result['bit_identical_params']
+  sys.exit(0 if ok and result['bit_identical_ema_params'] else 1)
 
 
 if __name__ == '__main__':
