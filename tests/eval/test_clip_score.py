@@ -269,3 +269,22 @@ def test_cli_user_errors(tmp_path, capsys, clip_dir):
   assert 'does not exist' in line and 'config.json' in line and 'tokenizer' in line
   line = _main_error(capsys, '--images', folder, '--captions', captions, '--model', str(tmp_path))
   assert 'no config.json' in line
+
+
+@pytest.mark.slow
+def test_evaluation_job_with_clip(ldm_workdir, tmp_path, clip_dir):
+  import shutil
+
+  from eval import run as run_lib
+
+  workdir = str(tmp_path / 'ldm')
+  shutil.copytree(ldm_workdir, workdir, ignore=shutil.ignore_patterns('eval', 'wandb'))
+  fast = dict(num_reference=8, batch_size=4, wandb_mode='disabled')
+  with pytest.raises(UserError, match='--clip_model'):
+    run_lib.run(workdir, ['clip'], 4, step=1, **fast)
+  records = run_lib.run(workdir, ['clip', 'oracle'], 4, step=1, metric_options={'clip_model': clip_dir}, **fast)
+  metrics = records[0]['metrics']
+  assert 0.0 <= metrics['clip_score'] <= 100.0 and 'oracle_caption_accuracy' in metrics
+  assert records[0]['metrics_info']['clip']['clip_model'] == os.path.abspath(clip_dir)
+  with open(run_lib.eval_path(workdir, 1)) as f:
+    assert json.load(f)['metrics']['clip_score'] == metrics['clip_score']
