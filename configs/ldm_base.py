@@ -186,4 +186,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.ema_decay = 0.9999
   else:
     raise ValueError(f'unknown preset {preset!r} for configs/ldm_base.py; known: base, tiny, sd15')
+  # '' encodes images with the frozen VAE every step; a directory written by scripts/precompute_latents.py trains
+  # from its stored posteriors instead (same losses, no encoder pass).
+  config.data.latent_cache = ''
   return config

@@ -7,6 +7,7 @@ the key and what would fix it.
 """
 
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -64,6 +65,13 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
   _check(config.data.worker_count >= 0, 'data.worker_count', 'must be >= 0')
   if config.data.name == 'folder':
     _check(bool(config.data.folder.path), 'data.folder.path', "is empty but data.name is 'folder'")
+  cache = config.data.get('latent_cache', '')
+  if cache:
+    _check(config.get('model_type') == 'ldm', 'data.latent_cache', 'latents are cached for stage 2 (ldm) only')
+    _check(not config.data.random_crop, 'data.random_crop',
+           'random crops cannot be read from a latent cache (data.latent_cache); set it to False')
+    _check(os.path.isdir(cache), 'data.latent_cache', f'{cache!r} is not a directory (make it with '
+           'scripts/precompute_latents.py, or set it to "" to encode images on the fly)')
   if config.data.name == 'shapes':
     _check(config.data.shapes.max_objects in (1, 2), 'data.shapes.max_objects', 'must be 1 or 2')
     _check(config.data.shapes.num_train > 0, 'data.shapes.num_train', 'must be > 0')

@@ -197,19 +197,36 @@ class Augment(grain.transforms.RandomMap):
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     captions = element["captions"]
-    caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
     image = resize_shorter_side(element["image"], self.image_size)
     h, w = image.shape[:2]
     s = self.image_size
-    if self.random_crop:
-      top, left = int(rng.integers(h - s + 1)), int(rng.integers(w - s + 1))
-    else:
-      top, left = (h - s) // 2, (w - s) // 2
+    choice, top, left, flip = draw_augmentation(rng, len(captions), h, w, s, self.random_crop, self.random_flip)
+    caption = captions[choice]
     image = image[top:top + s, left:left + s]
-    if self.random_flip and rng.random() < 0.5:
+    if flip:
       image = image[:, ::-1]
       caption = swap_left_right(caption)
     return {"image": image, "caption": caption}
+
+
+def draw_augmentation(rng: np.random.Generator, num_captions: int, height: int, width: int, size: int,
+                      random_crop: bool, random_flip: bool) -> tuple[int, int, int, bool]:
+  """(caption index, crop top, crop left, flip): `Augment`'s random draws, in its order.
+
+  The latent-cache pipeline replays these draws with the same per-example generator, so an example gets the
+  same caption and flip whether its latent is encoded on the fly or read from the cache.
+  """
+  choice = int(rng.integers(num_captions)) if num_captions > 1 else 0
+  if random_crop:
+    top, left = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
+  else:
+    top, left = (height - size) // 2, (width - size) // 2
+  return choice, top, left, bool(random_flip and rng.random() < 0.5)
+
+
+def normalize_images(images: np.ndarray) -> np.ndarray:
+  """uint8 images -> float32 in [-1, 1] (what every model of the framework reads)."""
+  return images.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
 
 
 def _stack(elements: list[dict]) -> dict:
@@ -219,19 +236,24 @@ def _stack(elements: list[dict]) -> dict:
 
 
 class Finalize(grain.transforms.Map):
-  """Batch: uint8 images -> float32 in [-1, 1]; captions -> int32 token ids (B, max_length)."""
+  """Batch: uint8 images -> float32 in [-1, 1]; captions -> int32 token ids (B, max_length).
+
+  Other arrays (the latent cache's posterior mean / logvar) pass through unchanged.
+  """
 
   def __init__(self, tokenizer, max_length: int):
     self.tokenizer, self.max_length = tokenizer, max_length
     self.num_truncated = 0
 
   def map(self, element: dict) -> dict:
-    image = element["image"].astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+    out = {k: v for k, v in element.items() if k != "caption"}
+    if "image" in out:
+      out["image"] = normalize_images(out["image"])
     if self.tokenizer is None:  # Image-only consumers (the VAE stage).
-      return {"image": image}
+      return out
     self._count_truncated(element["caption"])
-    ids = tokenizer_lib.tokenize(self.tokenizer, element["caption"], self.max_length)
-    return {"image": image, "input_ids": ids}
+    out["input_ids"] = tokenizer_lib.tokenize(self.tokenizer, element["caption"], self.max_length)
+    return out
 
   def _count_truncated(self, captions: list[str]) -> None:
     """Counts captions longer than max_text_length (they are truncated); warns once, then counts silently."""
@@ -254,12 +276,22 @@ def create_input_pipeline(data_config: ml_collections.ConfigDict, split: str, *,
 
   `batch_size` is per host. `num_epochs=None` repeats forever. Iterate with `iter(loader)`; the
   iterator's `get_state()` / `set_state()` save and restore the position.
+
+  With `data_config.latent_cache` set (stage 2), the training split (and any other split the cache holds) is
+  read from the precomputed latents instead: batches then carry `latent_mean` / `latent_logvar` in place of
+  `image`, in the same order, with the same captions and flips (see `diffusion.data.latent_cache`).
   """
+  cache_dir = data_config.get("latent_cache", "")
+  if cache_dir and tokenizer is not None:
+    from diffusion.data import latent_cache  # pylint: disable=import-outside-toplevel  # It imports this module.
+    if split == data_config.train_split or latent_cache.has_split(cache_dir, split):
+      return latent_cache.create_cached_pipeline(
+          data_config, split, tokenizer=tokenizer, batch_size=batch_size, seed=seed, shuffle=shuffle,
+          num_epochs=num_epochs, process_index=process_index, process_count=process_count,
+          drop_remainder=drop_remainder)
   source = create_data_source(data_config, split)
-  shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
-                                      drop_remainder=drop_remainder)
-  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard,
-                                        shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+  sampler = make_sampler(len(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                         process_index=process_index, process_count=process_count, drop_remainder=drop_remainder)
   operations = [
       DecodeRecord(data_config.image_key, data_config.caption_key),
       KeepDecoded(),
@@ -270,3 +302,12 @@ def create_input_pipeline(data_config: ml_collections.ConfigDict, split: str, *,
   ]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                           worker_count=data_config.worker_count, read_options=_READ_OPTIONS)
+
+
+def make_sampler(num_records: int, *, seed: int, shuffle: bool, num_epochs: int | None, process_index: int,
+                 process_count: int, drop_remainder: bool) -> grain.samplers.IndexSampler:
+  """This host's example order; grain derives each example's augmentation generator from (seed, position)."""
+  shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
+                                      drop_remainder=drop_remainder)
+  return grain.samplers.IndexSampler(num_records=num_records, shard_options=shard, shuffle=shuffle,
+                                     num_epochs=num_epochs, seed=seed)

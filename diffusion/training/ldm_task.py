@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from diffusion import checkpoint, losses, models, process
+from diffusion.data import latent_cache
 from diffusion.data import shapes as shapes_lib
 from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import UserError
@@ -44,6 +45,8 @@ def _load_frozen_vae(config: ml_collections.ConfigDict, workdir: str) -> Any:
 def _vocabulary(data_config: ml_collections.ConfigDict) -> list[str]:
   if data_config.name == 'shapes':
     return list(shapes_lib.vocabulary())
+  if data_config.get('latent_cache'):  # The cache holds the captions: the image dataset is not needed.
+    return latent_cache.cached_captions(data_config.latent_cache, data_config.train_split)
   from diffusion.data import pipeline as data_pipeline
   source = data_pipeline.create_data_source(data_config, data_config.train_split)
   return [data_pipeline.record_caption(source[i], data_config) for i in range(min(len(source), 100_000))]
@@ -81,6 +84,8 @@ class LDMTask:
       config.model.text.vocab_size = previous.model.text.vocab_size
     self.config = config
     self.frozen = {'vae': _load_frozen_vae(config, workdir)}
+    if config.data.get('latent_cache'):  # Refuse latents made by another VAE, dataset or augmentation setting.
+      latent_cache.check_training_cache(config, self.frozen['vae'])
     self.tokenizer = _load_tokenizer(config, workdir)
     config.model.text.vocab_size = len(self.tokenizer)
     self.vae = models.create_vae(config.model.vae)
@@ -101,8 +106,8 @@ class LDMTask:
 
   def calibrate(self, batches: Iterator[dict], num_batches: int = 4) -> float:
     """Sets model.vae.scaling_factor = 1 / std of posterior latent samples over a few global batches."""
-    encode = jax.jit(lambda p, x, k: _sample_latents(self.vae, p, x, k))
-    latents = [encode(self.frozen['vae'], next(batches)['image'], jax.random.PRNGKey(i)) for i in range(num_batches)]
+    encode = jax.jit(lambda p, b, k: sample_posterior(*self._posterior(p, b), k))
+    latents = [encode(self.frozen['vae'], next(batches), jax.random.PRNGKey(i)) for i in range(num_batches)]
     std = float(jnp.std(jnp.concatenate(latents)))
     self.config.model.vae.scaling_factor = 1.0 / std
     return self.config.model.vae.scaling_factor
@@ -123,9 +128,7 @@ class LDMTask:
     c = self.config
     split = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
     k_latent, k_t, k_noise, k_drop = (split[:, i] for i in range(4))
-    mean, logvar = self.vae.apply({'params': frozen['vae']}, batch['image'], method='encode')
-    eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:]))(k_latent)
-    z0 = (mean + jnp.exp(0.5 * logvar) * eps) * c.model.vae.scaling_factor
+    z0 = jax.vmap(sample_posterior)(*self._posterior(frozen['vae'], batch), k_latent) * c.model.vae.scaling_factor
     noised = lambda kt, kn, z: losses.noised_example(kt, kn, z, self.schedule, c.diffusion.offset_noise)
     x_t, t, noise = jax.vmap(noised)(k_t, k_noise, z0)  # t per the schedule: integer, EDM log-normal or flow.
     ids = batch['input_ids']
@@ -136,6 +139,12 @@ class LDMTask:
     context = self.text_encoder.apply({'params': text_params}, ids)[0]
     output = self.unet.apply({'params': params['unet']}, x_t, t, context)
     return output, z0, noise, t
+
+  def _posterior(self, vae_params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(mean, logvar) of q(z|x): read from a latent-cache batch, else the frozen VAE encodes the images."""
+    if 'latent_mean' in batch:
+      return batch['latent_mean'], batch['latent_logvar']
+    return self.vae.apply({'params': vae_params}, batch['image'], method='encode')
 
   def loss_fn(self, params: Any, frozen: Any, batch: dict, keys: jax.Array, step: jax.Array):
     del step
@@ -165,6 +174,6 @@ class LDMTask:
     return {'model_type': 'ldm', 'scaling_factor': float(self.config.model.vae.scaling_factor)}
 
 
-def _sample_latents(vae: Any, params: Any, x: jax.Array, key: jax.Array) -> jax.Array:
-  mean, logvar = vae.apply({'params': params}, x, method='encode')
+def sample_posterior(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
+  """z ~ N(mean, exp(logvar)), unscaled; the one sampling step for latents encoded on the fly or cached."""
   return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)

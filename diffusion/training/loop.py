@@ -59,7 +59,8 @@ def _input_pipeline(config: ml_collections.ConfigDict, split: str, tokenizer: An
 
 def _global_batches(iterator, mesh):
   for batch in iterator:
-    yield parallel.make_global_batch({k: batch[k] for k in ('image', 'input_ids') if k in batch}, mesh)
+    keys = ('image', 'input_ids', 'latent_mean', 'latent_logvar')  # Latents: batches of a latent cache.
+    yield parallel.make_global_batch({k: batch[k] for k in keys if k in batch}, mesh)
 
 
 def _evaluate(task, state: TrainState, config, mesh, local_batch: int, eval_step) -> dict:
