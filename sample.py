@@ -5,10 +5,18 @@ r"""Generates images from a trained latent diffusion workdir.
   python sample.py --workdir W --prompt "a blue circle" --sampler dpmpp_2m --karras --num_steps 20 --out DIR
   python sample.py --workdir W --prompt "a blue circle" --init_image in.png --strength 0.6 --out DIR    # img2img
   python sample.py --workdir W --prompt "a blue circle" --init_image in.png --mask mask.png --out DIR   # inpaint
+  python sample.py --workdir W --prompts_file prompts.txt --guidance_scale 1,3,7 --num_steps 10,25 --out DIR  # sweep
 
 Writes DIR/0000.png, DIR/0001.png, ... (prompt-major: all images of the first prompt first), DIR/grid.png (one row per
 prompt) and DIR/settings.json with every setting, so any result can be reproduced exactly. Image i's initial noise
 comes from fold_in(seed, i), so the batch size and the device count do not change any image.
+
+Sweeps: comma-separated --guidance_scale and/or --num_steps sample every combination from the same noise, into
+DIR/gs<scale>_steps<n>/0000.png ... (each with its settings.json), plus DIR/grid.png (a row per image, a column per
+combination, labelled) and DIR/settings.json listing the combinations.
+
+Per-prompt seeds: a --prompts_file line `prompt<TAB>seed` (an integer) fixes that prompt's noise: its image j starts
+from fold_in(seed, j) whatever else is in the file; lines without a tab use --seed and the file index as above.
 """
 
 import os
@@ -22,12 +30,15 @@ from diffusion.errors import user_errors_exit
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A stage-2 (ldm) training workdir.')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several.')
-_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'A text file with one prompt per line.')
+_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'A text file with one prompt per line; a line '
+                                    '`prompt<TAB>seed` gives that prompt its own seed.')
 _NEGATIVE = flags.DEFINE_string('negative_prompt', None, 'Negative prompt (default: the config\'s, usually empty).')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 1, 'Images per prompt.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the initial noise.')
-_NUM_STEPS = flags.DEFINE_integer('num_steps', None, 'Sampling steps (default: config.sample.num_steps).')
-_GUIDANCE = flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance scale (default: the config\'s).')
+_NUM_STEPS = flags.DEFINE_string('num_steps', None, 'Sampling steps (default: config.sample.num_steps); a comma '
+                                 'list (10,25) sweeps.')
+_GUIDANCE = flags.DEFINE_string('guidance_scale', None, 'Classifier-free guidance scale (default: the config\'s); a '
+                                'comma list (1,3,7) sweeps.')
 _ETA = flags.DEFINE_float('eta', None, 'DDIM eta (0: deterministic; ddim only).')
 _SAMPLER = flags.DEFINE_string(
     'sampler', None, 'Sampler (default: config.sample.sampler). Diffusion models: '
@@ -50,16 +61,28 @@ _RAW = flags.DEFINE_bool('raw_params', False, 'Use the raw params instead of the
 _OUT = flags.DEFINE_string('out', None, 'Output directory.')
 
 
-def _prompts() -> list[str]:
-  prompts = list(_PROMPT.value)
+def _prompts() -> tuple[list[str], list[int | None]]:
+  from diffusion.sampling import read_prompts_file
+
+  prompts, seeds = list(_PROMPT.value), [None] * len(_PROMPT.value)
   if _PROMPTS_FILE.value:
-    try:
-      with open(_PROMPTS_FILE.value) as f:
-        prompts += [line.strip() for line in f if line.strip()]
-    except OSError as e:
-      cli.require(False, f'cannot read --prompts_file: {e}')
+    more, more_seeds = read_prompts_file(_PROMPTS_FILE.value)
+    prompts, seeds = prompts + more, seeds + more_seeds
   cli.require(bool(prompts), 'no prompt given: use --prompt TEXT (repeatable) or --prompts_file FILE')
-  return prompts
+  return prompts, seeds
+
+
+def _values(flag, kind: type, minimum: float) -> list | None:
+  """A flag's comma-separated values (None if unset), each >= minimum."""
+  if flag.value is None:
+    return None
+  try:
+    values = [kind(v) for v in flag.value.split(',')]
+  except ValueError:
+    values = []
+  cli.require(bool(values) and all(v >= minimum for v in values),
+              f'--{flag.name} must be a number >= {minimum} or a comma list of them, got {flag.value!r}')
+  return values
 
 
 def _check_flags() -> None:
@@ -67,8 +90,8 @@ def _check_flags() -> None:
   cli.require(bool(_OUT.value), '--out is required')
   cli.require(_NUM_IMAGES.value >= 1, f'--num_images must be >= 1, got {_NUM_IMAGES.value}')
   cli.require(_BATCH.value >= 1, f'--batch_size must be >= 1, got {_BATCH.value}')
-  cli.require(_NUM_STEPS.value is None or _NUM_STEPS.value >= 1, f'--num_steps must be >= 1, got {_NUM_STEPS.value}')
-  cli.require(_GUIDANCE.value is None or _GUIDANCE.value >= 0, '--guidance_scale must be >= 0')
+  _values(_NUM_STEPS, int, 1)
+  _values(_GUIDANCE, float, 0)
   cli.require(_ETA.value is None or _ETA.value >= 0, '--eta must be >= 0')
   cli.require(_CHURN.value is None or _CHURN.value >= 0, '--s_churn must be >= 0')
   cli.require(_RESCALE.value is None or 0 <= _RESCALE.value <= 1, '--guidance_rescale must be in [0, 1]')
@@ -117,18 +140,19 @@ def main(argv: list[str]) -> None:
     return
   cli.parse_flags(argv, config_flag=None)
   _check_flags()
-  prompts = _prompts()
+  prompts, seeds = _prompts()
   options = _sampler_options()
   interval = _guidance_interval()
   from diffusion.sampling import sample_to_directory
 
   cli.require(os.path.isdir(_WORKDIR.value), f'workdir {_WORKDIR.value!r} does not exist')
+  single = lambda values: values[0] if values is not None and len(values) == 1 else values
   settings = sample_to_directory(
       _WORKDIR.value, prompts, _OUT.value, num_images=_NUM_IMAGES.value, seed=_SEED.value,
-      negative_prompt=_NEGATIVE.value, sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value,
-      guidance_scale=_GUIDANCE.value, batch_size=_BATCH.value, step=_STEP.value, use_ema=not _RAW.value,
-      init_image=_INIT.value, mask=_MASK.value, strength=_STRENGTH.value, guidance_rescale=_RESCALE.value,
-      guidance_interval=interval, **options)
+      negative_prompt=_NEGATIVE.value, sampler=_SAMPLER.value, num_steps=single(_values(_NUM_STEPS, int, 1)),
+      guidance_scale=single(_values(_GUIDANCE, float, 0)), batch_size=_BATCH.value, step=_STEP.value,
+      use_ema=not _RAW.value, init_image=_INIT.value, mask=_MASK.value, strength=_STRENGTH.value,
+      guidance_rescale=_RESCALE.value, guidance_interval=interval, prompt_seeds=seeds, **options)
   print(f'wrote {settings["num_images"]} images and grid.png to {_OUT.value}', flush=True)
 
 

@@ -45,11 +45,16 @@ def test_help_lists_the_samplers():
     (['--init_image', 'IMG', '--mask', 'SMALL'], ['--mask is 16x16', '32x32']),
     (['--sampler', 'ddim', '--karras'], ['--karras', 'ddim']),
     (['--guidance_interval', '0.9,0.1'], ['--guidance_interval']),
+    (['--guidance_scale', '1,x'], ['--guidance_scale', 'comma list']),
+    (['--num_steps', '10,0'], ['--num_steps', '>= 1']),
+    (['--prompts_file', 'PROMPTS'], ['prompts.txt:2', 'integer seed']),
 ], ids=['unknown-sampler', 'steps', 'strength-high', 'strength-zero', 'mask-without-image', 'mask-size',
-        'karras-ddim', 'interval'])
+        'karras-ddim', 'interval', 'guidance-list', 'steps-list', 'prompt-seed'])
 def test_user_errors_before_loading_anything(tmp_path, args, needles):
   files = {'IMG': _png(tmp_path / 'img.png', (32, 32)), 'MASK': _png(tmp_path / 'mask.png', (32, 32)),
            'SMALL': _png(tmp_path / 'small.png', (16, 16))}
+  (tmp_path / 'prompts.txt').write_text('a red circle\t3\na blue square\tthree\n')
+  files['PROMPTS'] = str(tmp_path / 'prompts.txt')
   args = [files.get(a, a) for a in args]
   result = run_cli('sample.py', '--workdir', str(tmp_path / 'nope'), '--prompt', 'a red circle', '--out',
                    str(tmp_path / 'out'), *args)
@@ -78,3 +83,57 @@ def test_inpainting_from_the_command_line(tmp_path, ldm_workdir):
   assert settings['strength'] == 1.0 and settings['mask'].endswith('mask.png')
   for name in ('0000.png', '0001.png', 'grid.png'):
     assert (out / name).exists()
+
+
+def test_prompts_file_seeds_and_noise_plan(tmp_path):
+  from diffusion.errors import UserError
+  from diffusion.sampling import noise_plan, read_prompts_file
+
+  path = tmp_path / 'prompts.txt'
+  path.write_text('a red circle\t5\n\n  a blue square \nthree\ttabs\t-2\n')
+  prompts, seeds = read_prompts_file(str(path))
+  assert prompts == ['a red circle', 'a blue square', 'three\ttabs'] and seeds == [5, None, -2]
+  # Without seeds: image i from (seed, i), as before; a seeded prompt's image j from (its seed, j).
+  assert noise_plan(2, 2, 7) == [(7, 0), (7, 1), (7, 2), (7, 3)]
+  assert noise_plan(3, 2, 7, seeds) == [(5, 0), (5, 1), (7, 2), (7, 3), (-2, 0), (-2, 1)]
+  path.write_text('a red circle\t\n')
+  with pytest.raises(UserError, match='prompts.txt:1'):
+    read_prompts_file(str(path))
+
+
+def test_labelled_grid_layout():
+  from diffusion.sampling import labelled_grid, setting_name
+
+  assert [setting_name(3.0, 25), setting_name(7.5, 10)] == ['gs3_steps25', 'gs7.5_steps10']
+  images = np.zeros((2, 3, 32, 32, 3), np.uint8)
+  images[1, 2] = (200, 30, 90)
+  grid = np.asarray(labelled_grid(images, ['a red circle (seed 0, #0)', 'b'], ['gs 1', 'gs 3', 'gs 7']))
+  assert grid.shape[1] > 3 * 96 and grid.shape[0] > 2 * 96  # Cells enlarged 3x (32 -> 96 px), plus labels.
+  assert (grid == (200, 30, 90)).all(-1).sum() == 96 * 96  # The last cell, enlarged, and nothing else of that colour.
+  assert (grid[:12] < 128).any()  # Column labels drawn in the top band.
+
+
+@pytest.mark.slow
+def test_sweep_with_per_prompt_seeds(tmp_path, ldm_workdir):
+  from diffusion.sampling import sample_to_directory
+
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('a red circle\t5\na blue square\n')
+  out = tmp_path / 'sweep'
+  result = run_cli('sample.py', '--workdir', ldm_workdir, '--prompts_file', str(prompts), '--guidance_scale', '1,3',
+                   '--num_steps', '2', '--sampler', 'ddim', '--seed', '7', '--out', str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  settings = json.load(open(out / 'settings.json'))
+  assert [e['dir'] for e in settings['sweep']] == ['gs1_steps2', 'gs3_steps2']
+  assert [e['guidance_scale'] for e in settings['sweep']] == [1.0, 3.0] and settings['prompt_seeds'] == [5, None]
+  load = lambda path: np.asarray(Image.open(path))
+  for entry in settings['sweep']:
+    sub = json.load(open(out / entry['dir'] / 'settings.json'))
+    assert sub['guidance_scale'] == entry['guidance_scale'] and sub['num_steps'] == 2
+  assert not np.array_equal(load(out / 'gs1_steps2' / '0000.png'), load(out / 'gs3_steps2' / '0000.png'))
+  # The seeded prompt's image is the one a separate run with that seed makes.
+  sample_to_directory(ldm_workdir, ['a red circle'], str(tmp_path / 'seeded'), seed=5, guidance_scale=1.0,
+                      num_steps=2, sampler='ddim')
+  np.testing.assert_array_equal(load(out / 'gs1_steps2' / '0000.png'), load(tmp_path / 'seeded' / '0000.png'))
+  grid = Image.open(out / 'grid.png')
+  assert grid.width > 2 * 96 and grid.height > 2 * 96  # Two labelled columns, two rows of enlarged cells.
