@@ -111,6 +111,22 @@ class CliWorker:
         self.proc.wait()
 
 
+class WorkerPool:
+  """Workers started on first use, one per CLI; `pool('sample.py').run(...)`; `close()` stops them all."""
+
+  def __init__(self):
+    self.workers: dict[str, CliWorker] = {}
+
+  def __call__(self, script: str) -> CliWorker:
+    if script not in self.workers:
+      self.workers[script] = CliWorker(script)
+    return self.workers[script]
+
+  def close(self) -> None:
+    for worker in self.workers.values():
+      worker.close()
+
+
 def assert_user_error(result: dict, *needles: str) -> str:
   """Exit code 2, exactly one `error: ...` line on stderr naming every needle, no traceback; returns the line."""
   stderr = result['stderr']

@@ -12,7 +12,7 @@ import string
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from cli_worker import CliWorker, assert_user_error
+from cli_worker import CliWorker, WorkerPool, assert_user_error
 
 FEW = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 MANY = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -174,16 +174,9 @@ def convert_cases(draw, workdir: str, tmp: str) -> tuple[list[str], list[str]]:
 @pytest.fixture(scope='module')
 def workers():
   """One worker per CLI, started on first use and shared by this module's tests."""
-  started = {}
-
-  def get(script: str) -> CliWorker:
-    if script not in started:
-      started[script] = CliWorker(script)
-    return started[script]
-
-  yield get
-  for worker in started.values():
-    worker.close()
+  pool = WorkerPool()
+  yield pool
+  pool.close()
 
 
 def _check(worker: CliWorker, case: tuple[list[str], list[str]]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from PIL import Image
 from diffusion.data import folder as folder_lib
 from diffusion.data import tfds_shapes
 from diffusion.data import tokenizer as tokenizer_lib
+from diffusion.errors import UserError
 
 SourceFactory = Callable[[ml_collections.ConfigDict, str], Any]
 _SOURCES: dict[str, SourceFactory] = {}
@@ -68,15 +70,35 @@ def _folder_source(data_config: ml_collections.ConfigDict, split: str):
 
 
 def _tfds_source(data_config: ml_collections.ConfigDict, split: str):
+  """A prepared TFDS dataset; an `Image` feature is read as its encoded bytes, so that `DecodeRecord` decodes it
+  (to RGB whatever its channels) and skips and counts files that do not decode instead of failing the run."""
+  kwargs = dict(split=split, data_dir=data_config.data_dir or None, download=False)
   try:
-    return tfds.data_source(data_config.name, split=split, data_dir=data_config.data_dir or None,
-                            download=False)
+    source = tfds.data_source(data_config.name, **kwargs)
   except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError, AssertionError) as e:
-    raise ValueError(
+    raise UserError(
         f"unknown data.name {data_config.name!r}: not one of {known_sources()} and not a TFDS "
         f"dataset prepared in ArrayRecord format under data_dir={data_config.data_dir!r} "
         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     ) from e
+  decoders = _skip_image_decoding(getattr(source, "dataset_info", None), data_config.image_key)
+  return tfds.data_source(data_config.name, decoders=decoders, **kwargs) if decoders else source
+
+
+def _skip_image_decoding(info: Any, image_key: str) -> dict | None:
+  """{'a': {'b': SkipDecoding()}} for image_key 'a/b' when that feature is a TFDS `Image`, else None."""
+  feature = getattr(info, "features", None)
+  for key in image_key.split("/"):
+    try:
+      feature = feature[key]
+    except (KeyError, TypeError):
+      return None
+  if not isinstance(feature, tfds.features.Image):
+    return None
+  decoders: Any = tfds.decode.SkipDecoding()
+  for key in reversed(image_key.split("/")):
+    decoders = {key: decoders}
+  return decoders
 
 
 def create_data_source(data_config: ml_collections.ConfigDict, split: str):
@@ -116,53 +138,153 @@ def _as_text(value: Any) -> str:
   return str(value)
 
 
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-  """uint8 (H, W, 3) from grey (H, W[, 1]) or RGBA images."""
+class DataStats:
+  """What the pipeline fixed or dropped, counted per process (with `worker_count > 0`, per worker).
+
+  `DecodeRecord` and `Finalize` share one instance. After one pass over this host's records it logs one summary
+  line (`summary()`): records dropped and why, the effective dataset size, images converted to RGB, captions that
+  were empty (kept as unconditional examples, like caption dropout) or truncated. The first occurrence of each
+  kind of problem is also logged when it happens.
+  """
+
+  KINDS = ("undecodable", "bad_shape", "grey", "grey_alpha", "rgba", "empty_caption", "truncated")
+
+  def __init__(self, name: str = "data", num_records: int | None = None):
+    self.name, self.num_records = name, num_records
+    self.seen = 0
+    self.counts = dict.fromkeys(self.KINDS, 0)
+    self.reported = False
+    self._lock = threading.Lock()
+
+  def __getstate__(self) -> dict:  # Picklable for grain worker processes (each then counts its own records).
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state, _lock=threading.Lock())
+
+  def add(self, kind: str, n: int = 1, example: str = "") -> None:
+    """Counts `n` problems of `kind`; logs the first one (with `example`), later ones only in the summary."""
+    with self._lock:
+      first = self.counts[kind] == 0
+      self.counts[kind] += n
+    if first and n:
+      logging.warning("%s: %s%s (logged once; the count goes on and is reported after one pass over the data)",
+                      self.name, _MESSAGES[kind], f": {example}" if example else "")
+
+  def record_seen(self) -> None:
+    with self._lock:
+      self.seen += 1
+      done = self.num_records is not None and self.seen == self.num_records and not self.reported
+      self.reported = self.reported or done
+    if done:
+      logging.warning("%s", self.summary())
+      if self.dropped == self.num_records:
+        raise UserError(f"{self.name}: none of the {self.num_records} records has a usable image ({self.summary()})")
+
+  @property
+  def dropped(self) -> int:
+    return self.counts["undecodable"] + self.counts["bad_shape"]
+
+  def summary(self) -> str:
+    """One line: what was dropped (and the effective size), converted and fixed."""
+    c = self.counts
+    total = self.num_records if self.num_records is not None else self.seen
+    parts = [f"{self.name}: read {self.seen} records; dropped {self.dropped} ({c['undecodable']} that do not "
+             f"decode, {c['bad_shape']} of an unusable shape) -> effective size {total - self.dropped} of {total}"]
+    converted = {k: c[k] for k in ("grey", "grey_alpha", "rgba") if c[k]}
+    if converted:
+      parts.append("converted to RGB: " + ", ".join(f"{n} {k.replace('_', '+')}" for k, n in converted.items()))
+    parts.append(f"{c['empty_caption']} empty captions kept as unconditional examples")
+    parts.append(f"{c['truncated']} captions truncated so far")
+    return "; ".join(parts)
+
+
+_MESSAGES = {
+    "undecodable": "skipping an undecodable image",
+    "bad_shape": "skipping an image whose shape is not (H, W), (H, W, 1|2|3|4)",
+    "grey": "converting a greyscale image to RGB",
+    "grey_alpha": "converting a greyscale+alpha image to RGB (alpha dropped)",
+    "rgba": "converting an RGBA image to RGB (alpha dropped)",
+    "empty_caption": "an example has no (or only empty) captions; it is kept as an unconditional example",
+    "truncated": "a caption longer than data.max_text_length tokens is truncated",
+}
+_CHANNEL_KINDS = {1: "grey", 2: "grey_alpha", 4: "rgba"}
+
+
+def _as_rgb(image: np.ndarray, stats: DataStats | None = None) -> np.ndarray | None:
+  """uint8 (H, W, 3) from grey (H, W[, 1]), grey+alpha, RGB or RGBA arrays; None (counted) for any other shape."""
   image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise UserError(f"expected uint8 images, got {image.dtype}")
   if image.ndim == 2:
     image = image[..., None]
-  if image.shape[-1] == 1:
-    image = np.repeat(image, 3, axis=-1)
-  if image.dtype != np.uint8:
-    raise ValueError(f"expected uint8 images, got {image.dtype}")
+  channels = image.shape[-1] if image.ndim == 3 else 0
+  if channels not in (1, 2, 3, 4) or 0 in image.shape:
+    if stats is not None:
+      stats.add("bad_shape", example=f"shape {image.shape}")
+    return None
+  if channels != 3 and stats is not None:
+    stats.add(_CHANNEL_KINDS[channels], example=f"shape {image.shape}")
+  if channels in (1, 2):
+    return np.repeat(image[..., :1], 3, axis=-1)
   return image[..., :3]
 
 
 class DecodeRecord(grain.transforms.Map):
-  """Picks image and caption(s) out of a record; decodes encoded image bytes.
+  """Picks image and caption(s) out of a record; decodes encoded image bytes to RGB.
 
-  Undecodable images become None (dropped by `KeepDecoded`); each is logged with a running count
-  in `num_skipped` (per process).
+  Undecodable images and arrays of an unusable shape become None (dropped by `KeepDecoded`); grey, grey+alpha and
+  RGBA images are converted to RGB; blank captions are removed, and an example left without any caption gets the
+  empty caption (an unconditional example). Everything is counted in `stats` (see `DataStats`).
   """
 
-  def __init__(self, image_key: str, caption_key: str):
+  def __init__(self, image_key: str, caption_key: str, stats: DataStats | None = None):
     self.image_key, self.caption_key = image_key, caption_key
-    self.num_skipped = 0
+    self.stats = stats or DataStats()
+
+  @property
+  def num_skipped(self) -> int:
+    """Records dropped so far (undecodable or unusable shape)."""
+    return self.stats.dropped
 
   def map(self, record: dict) -> dict:
     image = _lookup(record, self.image_key)
     caption = _lookup(record, self.caption_key)
     if isinstance(image, (bytes, np.bytes_)):
-      try:
-        with Image.open(io.BytesIO(image)) as im:
-          image = np.asarray(im.convert("RGB"))
-      except Exception:  # pylint: disable=broad-except  # Any undecodable file is skipped.
-        self.num_skipped += 1
-        logging.warning("Skipping undecodable image %s (%d skipped so far).",
-                        record.get("file_name", "?"), self.num_skipped)
-        image = None
+      image = self._decode(bytes(image), record)
+    elif image is not None:
+      image = _as_rgb(image, self.stats)
     if isinstance(caption, np.ndarray) and caption.ndim > 0:
       caption = list(caption)
-    captions = [_as_text(c) for c in caption] if isinstance(caption, (list, tuple)) else [
-        _as_text(caption)]
-    return {"image": None if image is None else _as_rgb(image), "captions": captions}
+    captions = [_as_text(c) for c in caption] if isinstance(caption, (list, tuple)) else [_as_text(caption)]
+    captions = [c for c in captions if c.strip()]
+    if not captions:
+      self.stats.add("empty_caption", example=str(record.get("file_name", ""))[:200])
+      captions = [""]
+    self.stats.record_seen()
+    return {"image": image, "captions": captions}
+
+  def _decode(self, data: bytes, record: dict) -> np.ndarray | None:
+    try:
+      with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        mode = im.mode
+        rgb = np.asarray(im.convert("RGB"))
+    except Exception as e:  # pylint: disable=broad-except  # Any undecodable file is skipped.
+      name = record.get("file_name", "?") if isinstance(record, dict) else "?"
+      self.stats.add("undecodable", example=f"{name} ({type(e).__name__}: {str(e)[:100]})")
+      return None
+    kind = {"L": "grey", "I": "grey", "I;16": "grey", "LA": "grey_alpha", "RGBA": "rgba", "P": None}.get(mode)
+    if kind:
+      self.stats.add(kind, example=f"mode {mode}")
+    return rgb
 
 
 class KeepDecoded(grain.transforms.Filter):
-  """Drops records whose image could not be decoded."""
+  """Drops records whose image could not be decoded or has an unusable shape (counted by `DecodeRecord`)."""
 
   def filter(self, element: dict) -> bool:
-    return element["image"] is not None and bool(element["captions"])
+    return element["image"] is not None
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
@@ -241,9 +363,13 @@ class Finalize(grain.transforms.Map):
   Other arrays (the latent cache's posterior mean / logvar) pass through unchanged.
   """
 
-  def __init__(self, tokenizer, max_length: int):
+  def __init__(self, tokenizer, max_length: int, stats: DataStats | None = None):
     self.tokenizer, self.max_length = tokenizer, max_length
-    self.num_truncated = 0
+    self.stats = stats or DataStats()
+
+  @property
+  def num_truncated(self) -> int:
+    return self.stats.counts["truncated"]
 
   def map(self, element: dict) -> dict:
     out = {k: v for k, v in element.items() if k != "caption"}
@@ -262,10 +388,8 @@ class Finalize(grain.transforms.Map):
       return
     lengths = [len(ids) for ids in self.tokenizer(maybe_long, truncation=False)["input_ids"]]
     long = [c for c, n in zip(maybe_long, lengths) if n > self.max_length]
-    if long and not self.num_truncated:
-      logging.warning("Caption longer than data.max_text_length=%d tokens is truncated (warned once; count "
-                      "continues): %r", self.max_length, long[0][:200])
-    self.num_truncated += len(long)
+    if long:
+      self.stats.add("truncated", len(long), example=f"data.max_text_length={self.max_length}: {long[0][:200]!r}")
 
 
 def create_input_pipeline(data_config: ml_collections.ConfigDict, split: str, *, tokenizer,
@@ -292,16 +416,27 @@ def create_input_pipeline(data_config: ml_collections.ConfigDict, split: str, *,
   source = create_data_source(data_config, split)
   sampler = make_sampler(len(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                          process_index=process_index, process_count=process_count, drop_remainder=drop_remainder)
+  stats = DataStats(f"data {data_config.name}/{split}",
+                    num_records=_shard_size(len(source), process_index, process_count, drop_remainder))
   operations = [
-      DecodeRecord(data_config.image_key, data_config.caption_key),
+      DecodeRecord(data_config.image_key, data_config.caption_key, stats),
       KeepDecoded(),
       Augment(data_config.image_size, data_config.random_crop, data_config.random_flip),
       grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder,
                              batch_fn=_stack),
-      Finalize(tokenizer, data_config.max_text_length),
+      Finalize(tokenizer, data_config.max_text_length, stats),
   ]
-  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                          worker_count=data_config.worker_count, read_options=_READ_OPTIONS)
+  loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                            worker_count=data_config.worker_count, read_options=_READ_OPTIONS)
+  loader.data_stats = stats  # Live counts with worker_count=0; each worker process counts its own otherwise.
+  return loader
+
+
+def _shard_size(num_records: int, process_index: int, process_count: int, drop_remainder: bool) -> int:
+  """Records in this host's shard (grain's `ShardOptions` split)."""
+  if drop_remainder:
+    return num_records // process_count
+  return len(range(process_index, num_records, process_count))
 
 
 def make_sampler(num_records: int, *, seed: int, shuffle: bool, num_epochs: int | None, process_index: int,
