@@ -66,6 +66,7 @@ class LatentDiffusionPipeline:
     self.config = config
     self.params = params
     self.tokenizer = tokenizer
+    self.step: int | None = None  # The checkpoint step of `params`, when loaded from a workdir.
     self.unet = models.create_unet(config.model.unet)
     self.text_encoder = models.create_text_encoder(config.model.text)
     self.vae = models.create_vae(config.model.vae)
@@ -89,7 +90,9 @@ class LatentDiffusionPipeline:
       raise UserError(f'no checkpoint in {workdir!r}: train it first')
     trained = ckpt.restore_params(step, 'ema_params' if use_ema else 'params')
     vae_params = checkpoint.load_pytree(os.path.join(workdir, 'frozen', 'vae'))
-    return cls(config, {'unet': trained['unet'], 'text': trained['text'], 'vae': vae_params}, tokenizer)
+    pipeline = cls(config, {'unet': trained['unet'], 'text': trained['text'], 'vae': vae_params}, tokenizer)
+    pipeline.step = step if step is not None else ckpt.latest_step()  # The step restored (past a damaged one).
+    return pipeline
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     return tokenizer_lib.tokenize(self.tokenizer, list(prompts), self.config.data.max_text_length)

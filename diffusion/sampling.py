@@ -114,9 +114,7 @@ def sample_to_directory(workdir: str, prompts: Sequence[str], out: str, *, num_i
   `options` are further sampler options (karras, timestep_spacing, s_churn, ...); see `LatentDiffusionPipeline`.
   """
   pipeline = LatentDiffusionPipeline.from_workdir(workdir, use_ema=use_ema, step=step)
-  if step is None:
-    from diffusion import checkpoint
-    step = checkpoint.Checkpointer(workdir, read_only=True).latest_step()
+  step = pipeline.step  # The step actually restored: a damaged latest checkpoint is skipped with a warning.
   size = pipeline.config.data.image_size
   image = None if init_image is None else load_image(init_image, size)
   mask_array = None if mask is None else load_mask(mask, init_image, size)

@@ -50,7 +50,7 @@ TRAIN_BAD = {
     'train.num_steps': non_positive_int, 'train.batch_size': non_positive_int,
     'train.checkpoint_every': non_positive_int, 'train.log_every': non_positive_int,
     'train.eval_every': st.integers(max_value=-1), 'optim.warmup_steps': st.integers(max_value=-1),
-    'optim.lr': st.one_of(st.floats(max_value=0.0, allow_nan=True), st.just(float('inf'))),
+    'optim.lr': st.one_of(st.floats(max_value=0.0, allow_nan=False), st.sampled_from([float('nan'), float('inf')])),
     'optim.weight_decay': negative_float, 'sample.guidance_scale': negative_float,
     'sample.num_steps': st.one_of(non_positive_int, st.integers(min_value=1001, max_value=10**6)),
     'diffusion.caption_dropout': st.one_of(st.floats(min_value=1.0, allow_nan=False), negative_float),

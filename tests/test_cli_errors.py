@@ -1,0 +1,94 @@
+"""The error paths of all four CLIs in one table: each bad invocation is exit code 2 with one `error: ...` line that
+names the problem and no traceback; a damaged latest checkpoint met by sample.py is a warning and a fallback.
+
+The CLIs run in-process in one worker per CLI (tests/cli_worker.py), on the session's tiny trained workdirs.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from cli_worker import WorkerPool, assert_user_error
+
+MISSING = '{tmp}/does/not/exist'
+
+# (id, script, argv with {vae} / {ldm} / {tmp} placeholders, words the error line must contain)
+CASES = [
+    ('train-missing-config', 'train.py', ['--config', '{tmp}/nope.py:tiny', '--workdir', '{tmp}/w'], ['No such file']),
+    ('train-missing-vae-workdir', 'train.py', ['--config', 'configs/ldm_base.py:tiny', '--workdir', '{tmp}/w',
+                                               '--config.vae_workdir=' + MISSING], ['not a training workdir']),
+    ('train-ldm-as-vae-workdir', 'train.py', ['--config', 'configs/ldm_base.py:tiny', '--workdir', '{tmp}/w',
+                                              '--config.vae_workdir={ldm}'], ["'ldm' model", "'vae'"]),
+    ('train-unknown-sampler', 'train.py', ['--config', 'configs/ldm_base.py:tiny', '--workdir', '{tmp}/w',
+                                           '--config.sample.sampler=magic'], ['sample.sampler', 'magic', 'ddim']),
+    ('sample-missing-workdir', 'sample.py', ['--workdir', MISSING, '--prompt', 'a', '--out', '{tmp}/o'],
+     ['does not exist']),
+    ('sample-no-prompt', 'sample.py', ['--workdir', '{ldm}', '--out', '{tmp}/o'], ['no prompt']),
+    ('sample-blank-prompts-file', 'sample.py', ['--workdir', '{ldm}', '--prompts_file', '{tmp}/blank.txt', '--out',
+                                                '{tmp}/o'], ['no prompt']),
+    ('sample-missing-prompts-file', 'sample.py', ['--workdir', '{ldm}', '--prompts_file', MISSING, '--out', '{tmp}/o'],
+     ['prompts', 'No such file']),
+    ('sample-unknown-sampler', 'sample.py', ['--workdir', '{ldm}', '--prompt', 'a', '--sampler', 'magic', '--out',
+                                             '{tmp}/o'], ['magic', 'ddim']),
+    ('sample-vae-workdir', 'sample.py', ['--workdir', '{vae}', '--prompt', 'a', '--out', '{tmp}/o'], ["'vae'"]),
+    ('sample-missing-init-image', 'sample.py', ['--workdir', '{ldm}', '--prompt', 'a', '--init_image', MISSING,
+                                                '--out', '{tmp}/o'], ['--init_image']),
+    ('eval-missing-workdir', 'eval/run.py', ['--workdir', MISSING], ['does not exist']),
+    ('eval-vae-workdir', 'eval/run.py', ['--workdir', '{vae}', '--metrics', 'oracle', '--num_samples', '2'],
+     ["'vae'", "'ldm'"]),
+    ('eval-blank-prompts-file', 'eval/run.py', ['--workdir', '{ldm}', '--metrics', 'oracle', '--num_samples', '2',
+                                                '--prompts_file', '{tmp}/blank.txt'], ['no prompts']),
+    ('eval-unknown-sampler', 'eval/run.py', ['--workdir', '{ldm}', '--sampler', 'magic'], ['magic', 'ddim']),
+    ('eval-missing-step', 'eval/run.py', ['--workdir', '{ldm}', '--step', '999', '--metrics', 'oracle'],
+     ['step 999']),
+    ('convert-missing-source', 'scripts/convert.py', ['import', MISSING, '--workdir', '{tmp}/new'],
+     ['does not exist']),
+    ('convert-missing-workdir', 'scripts/convert.py', ['export', '{tmp}/out', '--workdir', MISSING],
+     ['does not exist']),
+    ('convert-vae-workdir', 'scripts/convert.py', ['export', '{tmp}/out', '--workdir', '{vae}'], ["'vae'", "'ldm'"]),
+    ('convert-unknown-command', 'scripts/convert.py', ['upgrade'], ['invalid choice']),
+]
+
+
+@pytest.fixture(scope='module')
+def workers():
+  pool = WorkerPool()
+  yield pool
+  pool.close()
+
+
+@pytest.mark.parametrize('script,argv,needles', [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_cli_error_table(workers, tmp_path, vae_workdir, ldm_workdir, script, argv, needles):
+  (tmp_path / 'blank.txt').write_text('\n  \n\t\n')
+  values = {'vae': vae_workdir, 'ldm': ldm_workdir, 'tmp': str(tmp_path)}
+  result = workers(script).run(*[a.format(**values) for a in argv])
+  assert_user_error(result, *needles)
+  assert not os.path.exists(tmp_path / 'o'), 'nothing is written on an error'
+
+
+def test_sample_falls_back_past_a_damaged_checkpoint(workers, tmp_path, ldm_workdir):
+  """A truncated latest checkpoint: sample.py warns, names it, samples from the previous step and exits 0."""
+  workdir = str(tmp_path / 'ldm')
+  shutil.copytree(ldm_workdir, workdir)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+  assert len(steps) >= 2, steps
+  damaged = 0
+  for root, _, files in os.walk(os.path.join(workdir, 'checkpoints', str(steps[-1]), 'state')):
+    for name in files:
+      path = os.path.join(root, name)
+      if os.path.getsize(path) > 8:
+        with open(path, 'r+b') as f:
+          f.truncate(os.path.getsize(path) // 2)
+        damaged += 1
+  assert damaged
+  result = workers('sample.py').run('--workdir', workdir, '--prompt', 'a red circle', '--num_steps', '1',
+                                    '--sampler', 'ddim', '--out', str(tmp_path / 'o'))
+  assert result['code'] == 0, result['stderr'][-3000:]
+  warnings = [l for l in result['stderr'].splitlines() if l.startswith('warning: checkpoint')]
+  assert len(warnings) == 1 and 'damaged' in warnings[0] and f'/{steps[-1]}' in warnings[0], result['stderr'][-2000:]
+  assert 'Traceback' not in result['stderr']
+  settings = json.load(open(tmp_path / 'o' / 'settings.json'))
+  assert settings['step'] == steps[-2]
+  assert os.path.exists(tmp_path / 'o' / '0000.png')
