@@ -21,21 +21,36 @@ from collections.abc import Sequence
 
 from absl import logging
 
+from diffusion.errors import UserError
+
 _CAPTION_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+class FolderNotFoundError(UserError, FileNotFoundError):
+  """A missing image folder or captions file: a user error (one `error: ...` line), still a FileNotFoundError."""
 
 
 def _read_rows(captions_file: str) -> list[dict]:
   """Rows of a .jsonl or .csv captions file, each with at least file_name and text."""
+  if not os.path.isfile(captions_file):
+    raise FolderNotFoundError(f"captions file not found: {captions_file!r} (data.folder.captions_file)")
   with open(captions_file, newline="", encoding="utf-8") as f:
     if captions_file.endswith(".jsonl") or captions_file.endswith(".json"):
-      rows = [json.loads(line) for line in f if line.strip()]
+      rows = []
+      for number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise UserError(f"{captions_file} line {number} is not valid JSON ({e})") from None
     elif captions_file.endswith(".csv"):
       rows = list(csv.DictReader(f))
     else:
-      raise ValueError(f"captions file must be .jsonl or .csv: {captions_file}")
+      raise UserError(f"captions file must be .jsonl or .csv: {captions_file}")
   for i, row in enumerate(rows):
-    if "file_name" not in row or "text" not in row:
-      raise ValueError(f"{captions_file} row {i} lacks 'file_name' or 'text': {row}")
+    if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
+      raise UserError(f"{captions_file} row {i} lacks 'file_name' or 'text': {row}")
   return rows
 
 
@@ -48,7 +63,7 @@ def _find_captions_file(directory: str, captions_file: str) -> str:
     candidate = os.path.join(directory, name)
     if os.path.exists(candidate):
       return candidate
-  raise FileNotFoundError(f"no captions file ({' or '.join(_CAPTION_FILES)}) in {directory}")
+  raise FolderNotFoundError(f"no captions file ({' or '.join(_CAPTION_FILES)}) in {directory}")
 
 
 class FolderDataSource:
@@ -60,7 +75,7 @@ class FolderDataSource:
   def __init__(self, path: str, captions_file: str = "", split: str | None = None,
                train_split: str = "train"):
     if not path or not os.path.isdir(path):
-      raise FileNotFoundError(f"image folder not found: {path!r}")
+      raise FolderNotFoundError(f"image folder not found: {path!r} (data.folder.path)")
     directory = path
     if split and os.path.isdir(os.path.join(path, split)):
       directory = os.path.join(path, split)
@@ -85,7 +100,7 @@ class FolderDataSource:
       logging.warning("Folder %s: skipped %d rows whose image file is missing.", path,
                       self.num_missing)
     if not self._files:
-      raise ValueError(f"no images found for split {split!r} in {path} ({captions_path})")
+      raise UserError(f"no images found for split {split!r} in {path} ({captions_path})")
     self._desc = f"FolderDataSource(path={path!r}, split={split!r}, n={len(self._files)})"
 
   def __len__(self) -> int:

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from diffusion.data import pipeline, tokenizer
+from diffusion.data import folder, pipeline, tokenizer
 from diffusion.errors import UserError
 
 WORDS = ['rgb', 'grey', 'rgba', 'alpha', 'palette', 'broken', 'garbage', 'long', 'word', 'five', 'flat', 'zero']
@@ -167,3 +167,14 @@ def test_a_dataset_without_any_usable_image_is_a_user_error():
 def test_unknown_dataset_name_is_a_user_error(make_config, tmp_path):
   with pytest.raises(UserError, match='no_such_dataset_xyz'):
     pipeline.create_data_source(make_config(name='no_such_dataset_xyz', data_dir=str(tmp_path)), 'train')
+
+
+def test_folder_source_problems_are_user_errors(tmp_path):
+  """A wrong data.folder.path or a broken captions file is one clear error, not a traceback."""
+  with pytest.raises(UserError, match='data.folder.path'):
+    folder.FolderDataSource(str(tmp_path / 'nope'))
+  (tmp_path / 'metadata.jsonl').write_text('{"file_name": "a.png", "text": "a"}\n{not json\n')
+  with pytest.raises(UserError, match='line 2 is not valid JSON'):
+    folder.FolderDataSource(str(tmp_path))
+  with pytest.raises(UserError, match='captions file not found'):
+    folder.FolderDataSource(str(tmp_path), captions_file=str(tmp_path / 'missing.csv'))
