@@ -8,8 +8,9 @@ r"""Encodes a dataset split once with a trained VAE (its EMA params), so stage 2
 Images get the training pipeline's decode, resize and centre crop; each record stores the posterior mean and logvar
 (float32) of the image and, with flips, of its mirror image, plus the captions. `--config.a.b=value` overrides
 apply as in train.py: use the same data settings you will train with (the training run refuses a cache whose
-metadata does not match its config). Multi-host: run it on every process (under `jax.distributed`) or pass
---process_index/--process_count; each process writes its own contiguous slice.
+metadata does not match its config). Several machines: run it on each with --process_index i --process_count n;
+each writes its own contiguous slice of the split, process 0 also the metadata, and training reads the cache only once
+every slice is complete (checked on one machine by writing the slices one after the other).
 """
 
 import os
