@@ -176,8 +176,8 @@ class DataStats:
       self.seen += 1
       done = self.num_records is not None and self.seen == self.num_records and not self.reported
       self.reported = self.reported or done
-    if done:
-      logging.warning("%s", self.summary())
+    if done:  # A warning when something was dropped or fixed, else info (clean data is not news).
+      (logging.warning if any(self.counts.values()) else logging.info)("%s", self.summary())
       if self.dropped == self.num_records:
         raise UserError(f"{self.name}: none of the {self.num_records} records has a usable image ({self.summary()})")
 
