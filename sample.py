@@ -143,7 +143,10 @@ def main(argv: list[str]) -> None:
   prompts, seeds = _prompts()
   options = _sampler_options()
   interval = _guidance_interval()
+  from diffusion import parallel
   from diffusion.sampling import sample_to_directory
+
+  parallel.initialize_distributed()  # Multi-host launches (from the environment); else a no-op.
 
   cli.require(os.path.isdir(_WORKDIR.value), f'workdir {_WORKDIR.value!r} does not exist')
   single = lambda values: values[0] if values is not None and len(values) == 1 else values

@@ -31,7 +31,9 @@ def main(argv: list[str]) -> None:
   if '{wandb_run_id}' in workdir:
     cli.require(bool(os.environ.get('WANDB_RUN_ID')), '--workdir uses {wandb_run_id} but WANDB_RUN_ID is not set')
     workdir = workdir.replace('{wandb_run_id}', os.environ['WANDB_RUN_ID'])
-  from diffusion import training  # Imported after flag checks: a usage error should not wait for JAX.
+  from diffusion import parallel, training  # Imported after flag checks: a usage error should not wait for JAX.
+
+  parallel.initialize_distributed(_CONFIG.value.get('distributed'))  # Multi-host launches; else a no-op.
 
   try:
     training.train_and_evaluate(_CONFIG.value, workdir)

@@ -37,6 +37,8 @@ def get_train_config() -> ml_collections.ConfigDict:
   train.keep_checkpoints = 3
   train.sample_every = 5000
   train.max_bad_steps = 10
+  train.grad_accum_steps = 1  # Micro-batches per step (batch_size stays the global batch).
+  train.compute_dtype = ''  # '' (each model.*.dtype) | 'float32' | 'bfloat16': activations; params stay float32.
   return train
 
 
@@ -60,7 +62,24 @@ def get_mesh_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # -1 takes the devices the other axes leave.
   mesh.fsdp = 1
   mesh.tensor = 1
+  # Across-slice (DCN) degrees of the data / fsdp axes on multi-slice pods; 1 = one slice (or no pod).
+  mesh.dcn_data = 1
+  mesh.dcn_fsdp = 1
+  # Logical axis -> mesh axis (None: replicated); see diffusion/parallel.py for the logical axes of each param.
+  mesh.rules = (('embed', 'fsdp'), ('conv_out', 'fsdp'), ('conv_in', 'fsdp'), ('heads', 'tensor'),
+                ('mlp', 'tensor'), ('vocab', 'tensor'), ('norm', 'fsdp'), ('bias', 'fsdp'))
+  mesh.min_shard_size = 2**14  # Params with fewer elements stay replicated.
   return mesh
+
+
+def get_distributed_config() -> ml_collections.ConfigDict:
+  """Multi-process start-up (diffusion.parallel.initialize_distributed)."""
+  distributed = ml_collections.ConfigDict()
+  distributed.initialize = 'auto'  # 'auto': when a cluster launch is detected | 'yes' | 'no'.
+  distributed.coordinator_address = ''  # 'host:port' of process 0; '' = from the cluster environment.
+  distributed.num_processes = -1
+  distributed.process_id = -1
+  return distributed
 
 
 def get_wandb_config(project: str) -> ml_collections.ConfigDict:

@@ -137,6 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train = common.get_train_config()
   config.optim = common.get_optim_config()
   config.mesh = common.get_mesh_config()
+  config.distributed = common.get_distributed_config()
   config.wandb = common.get_wandb_config('ldm-jax')
 
   if preset == 'base':

@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.lr = 4.5e-6 * 8  # LDM's base lr scaled for batch 8 per accelerator.
   config.optim.weight_decay = 0.0
   config.mesh = common.get_mesh_config()
+  config.distributed = common.get_distributed_config()
   config.wandb = common.get_wandb_config('ldm-jax-vae')
 
   if preset == 'base':

@@ -14,7 +14,9 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion.errors import UserError
 
@@ -40,6 +42,20 @@ def run_metadata() -> dict[str, Any]:
 
 def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
+
+
+def all_finite(tree: Any) -> bool:
+  """Whether every float in `tree` is finite: one jitted reduction, so sharded arrays spanning several processes
+  work too (each process calls it and gets the same replicated answer)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+  if not leaves:
+    return True
+  return bool(_all_finite(leaves))
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+  return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]))
 
 
 class Checkpointer:
@@ -69,7 +85,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: Any = None, meta: dict | None = None, force: bool = False) -> bool:
     """Saves asynchronously; refuses a state whose params are not all finite, so a NaN is never checkpointed."""
     params = state.params if hasattr(state, 'params') else state
-    if not all(bool(jax.numpy.isfinite(x).all()) for x in jax.tree.leaves(params)):
+    if not all_finite(params):
       raise FloatingPointError(f'refusing to checkpoint step {step}: the params are not all finite')
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave({'iterator': data_state}),
@@ -116,7 +132,7 @@ class Checkpointer:
     """The newest step whose train state restores (damaged newer ones are set aside, as in `restore`)."""
     if not self.all_steps():
       return None
-    restore = lambda s: self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    restore = lambda s: self.manager.restore(s, args=self._untargeted_state_args(s))
     try:
       return self._restore_valid(restore, None)[0]
     except UserError:
@@ -131,9 +147,15 @@ class Checkpointer:
     past a damaged latest checkpoint like `restore`."""
     if step is None and not self.all_steps():
       raise UserError(f'no checkpoint in {self.manager.directory}')
-    restore = lambda s: self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    restore = lambda s: self.manager.restore(s, args=self._untargeted_state_args(s)).state
     state = self._restore_valid(restore, step)[1]
     return state[item] if isinstance(state, dict) else getattr(state, item)
+
+  def _untargeted_state_args(self, step: int) -> ocp.args.Composite:
+    """Restore args for the saved state without a caller's target: the saved shapes and dtypes, replicated over
+    this run's devices, so a checkpoint written on any mesh or number of processes restores here."""
+    target = _replicated_target(os.path.join(str(self.manager.directory), str(step), 'state'))
+    return ocp.args.Composite(state=ocp.args.StandardRestore(target))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -143,8 +165,16 @@ class Checkpointer:
     self.manager.close()
 
 
+def _replicated_target(path: str) -> Any:
+  """The saved pytree at `path` as ShapeDtypeStructs replicated over this run's devices."""
+  tree = ocp.StandardCheckpointer().metadata(path).item_metadata
+  sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ('devices',)), PartitionSpec())
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+
+
 def save_pytree(path: str, tree: Any) -> None:
-  """Writes a standalone pytree (e.g. the frozen VAE params copied into a stage-2 workdir)."""
+  """Writes a standalone pytree (e.g. the frozen VAE params copied into a stage-2 workdir); with several processes,
+  all of them call it (Orbax writes each array once)."""
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.abspath(path), tree, force=True)
   checkpointer.wait_until_finished()
@@ -155,4 +185,4 @@ def load_pytree(path: str, target: Any = None) -> Any:
   if not os.path.isdir(path):
     raise UserError(f'missing checkpoint directory {path!r}')
   checkpointer = ocp.StandardCheckpointer()
-  return checkpointer.restore(path, _abstract(target) if target is not None else None)
+  return checkpointer.restore(path, _abstract(target) if target is not None else _replicated_target(path))

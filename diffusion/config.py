@@ -58,6 +58,45 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
   for axis in ('data', 'fsdp', 'tensor'):
     value = config.mesh[axis]
     _check(value == -1 or value >= 1, f'mesh.{axis}', f'must be >= 1 or -1 (the rest), got {value!r}')
+  _validate_scaling(config)
+
+
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def _validate_scaling(config: ml_collections.ConfigDict) -> None:
+  """Gradient accumulation, compute dtype, mesh rules and DCN degrees, distributed start-up."""
+  train, mesh = config.train, config.mesh
+  accum = train.get('grad_accum_steps', 1)
+  _check(isinstance(accum, int) and accum >= 1, 'train.grad_accum_steps', f'must be an integer >= 1, got {accum!r}')
+  degrees = [mesh[axis] for axis in ('data', 'fsdp')]
+  parallel = degrees[0] * degrees[1] if -1 not in degrees else 1  # -1: checked once the device count is known.
+  _check(train.batch_size % (accum * parallel) == 0, 'train.batch_size',
+         f'{train.batch_size} is not divisible by the data parallelism {parallel} (mesh data x fsdp) times '
+         f'train.grad_accum_steps={accum}')
+  dtype = train.get('compute_dtype', '')
+  _check(dtype in ('',) + COMPUTE_DTYPES, 'train.compute_dtype',
+         f'unknown {dtype!r}; known: {", ".join(COMPUTE_DTYPES)} ("" = each model.*.dtype)')
+  for name in ('vae', 'unet', 'text'):
+    if name in config.get('model', {}) and 'dtype' in config.model[name]:
+      value = config.model[name].dtype
+      _check(value in COMPUTE_DTYPES + ('float16',), f'model.{name}.dtype', f'unknown {value!r}; known: '
+             f'{", ".join(COMPUTE_DTYPES + ("float16",))}')
+  for axis in ('data', 'fsdp'):
+    dcn = mesh.get(f'dcn_{axis}', 1)
+    _check(isinstance(dcn, int) and dcn >= 1, f'mesh.dcn_{axis}', f'must be an integer >= 1, got {dcn!r}')
+    _check(mesh[axis] == -1 or mesh[axis] % dcn == 0, f'mesh.dcn_{axis}',
+           f'{dcn} slices do not divide mesh.{axis}={mesh[axis]}')
+  for rule in mesh.get('rules', ()):
+    ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+    targets = () if not ok or rule[1] is None else (rule[1],) if isinstance(rule[1], str) else tuple(rule[1])
+    _check(ok and all(t in MESH_AXES for t in targets), 'mesh.rules',
+           f'each rule is (logical axis, mesh axis in {MESH_AXES} or None), got {rule!r}')
+  _check(mesh.get('min_shard_size', 0) >= 0, 'mesh.min_shard_size', 'must be >= 0')
+  if 'distributed' in config:
+    mode = config.distributed.initialize
+    _check(mode in ('auto', 'yes', 'no'), 'distributed.initialize', f'unknown {mode!r}; known: auto, yes, no')
 
 
 def _validate_data(config: ml_collections.ConfigDict) -> None:

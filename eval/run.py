@@ -284,6 +284,9 @@ def main(argv: list[str]) -> None:
   cli.require(v['sampler'] is None or v['sampler'] in names, f'unknown sampler {v["sampler"]!r}; known: '
               f'{", ".join(names)}')
   sampling = {'sampler': v['sampler'], 'num_steps': v['num_steps'], 'guidance_scale': v['guidance_scale']}
+  from diffusion import parallel
+
+  parallel.initialize_distributed()  # Multi-host launches (from the environment); else a no-op.
   records = run(v['workdir'], v['metrics'], v['num_samples'], step=v['step'], watch=v['watch'],
                 poll_seconds=v['poll_seconds'], idle_timeout=v['idle_timeout'], wandb_mode=v['wandb_mode'],
                 prompts_file=v['prompts_file'], split=v['split'], num_reference=v['num_reference'], seed=v['seed'],

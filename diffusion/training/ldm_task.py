@@ -25,6 +25,7 @@ from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import UserError
 from diffusion.logging import make_grid
 from diffusion.pipeline import LatentDiffusionPipeline, load_workdir_config
+from diffusion.training.state import with_compute_dtype
 
 
 def _load_frozen_vae(config: ml_collections.ConfigDict, workdir: str) -> Any:
@@ -37,8 +38,7 @@ def _load_frozen_vae(config: ml_collections.ConfigDict, workdir: str) -> Any:
   vae_config = load_workdir_config(config.vae_workdir, expect='vae')
   config.model.vae = vae_config.model.vae
   params = checkpoint.Checkpointer(config.vae_workdir, read_only=True).restore_params(item='ema_params')
-  if jax.process_index() == 0:
-    checkpoint.save_pytree(own, params)
+  checkpoint.save_pytree(own, params)  # Every process takes part in the (collective) save.
   return params
 
 
@@ -88,9 +88,9 @@ class LDMTask:
       latent_cache.check_training_cache(config, self.frozen['vae'])
     self.tokenizer = _load_tokenizer(config, workdir)
     config.model.text.vocab_size = len(self.tokenizer)
-    self.vae = models.create_vae(config.model.vae)
-    self.unet = models.create_unet(config.model.unet)
-    self.text_encoder = models.create_text_encoder(config.model.text)
+    self.vae = models.create_vae(with_compute_dtype(config.model.vae, config.train))
+    self.unet = models.create_unet(with_compute_dtype(config.model.unet, config.train))
+    self.text_encoder = models.create_text_encoder(with_compute_dtype(config.model.text, config.train))
     self.schedule = process.get_noise_schedule(config.diffusion)
     self.diffusion_loss = losses.get_diffusion_loss_fn(config.diffusion)
     self._pipeline = None
@@ -138,7 +138,7 @@ class LDMTask:
     text_params = params['text'] if c.model.text.trainable else jax.lax.stop_gradient(params['text'])
     context = self.text_encoder.apply({'params': text_params}, ids)[0]
     output = self.unet.apply({'params': params['unet']}, x_t, t, context)
-    return output, z0, noise, t
+    return output.astype(jnp.float32), z0, noise, t  # The loss in float32 whatever the compute dtype.
 
   def _posterior(self, vae_params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
     """(mean, logvar) of q(z|x): read from a latent-cache batch, else the frozen VAE encodes the images."""

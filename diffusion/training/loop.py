@@ -21,7 +21,8 @@ from diffusion.data import pipeline as data_pipeline
 from diffusion.errors import UserError
 from diffusion.logging import MetricWriter
 from diffusion.training.ldm_task import LDMTask
-from diffusion.training.state import TrainState, create_optimizer, create_train_state, make_train_step
+from diffusion.training.state import (TrainState, create_optimizer, make_train_step, sharded_train_state,
+                                      shardings_of)
 from diffusion.training.vae_task import VAETask
 
 TASKS = {'vae': VAETask, 'ldm': LDMTask}
@@ -63,7 +64,7 @@ def _global_batches(iterator, mesh):
     yield parallel.make_global_batch({k: batch[k] for k in keys if k in batch}, mesh)
 
 
-def _evaluate(task, state: TrainState, config, mesh, local_batch: int, eval_step) -> dict:
+def _evaluate(task, state: TrainState, config, mesh, local_batch: int, eval_step, frozen) -> dict:
   """Mean of the task's eval metrics over `train.eval_batches` held-out batches, with fixed noise."""
   loader = _input_pipeline(config, config.data.eval_split, task.tokenizer, local_batch, config.seed, shuffle=False,
                            num_epochs=1)
@@ -71,8 +72,9 @@ def _evaluate(task, state: TrainState, config, mesh, local_batch: int, eval_step
   for i, batch in enumerate(_global_batches(iter(loader), mesh)):
     if i >= config.train.eval_batches:
       break
-    keys = jax.random.split(jax.random.PRNGKey(config.seed + 1000 + i), config.train.batch_size)
-    metrics = jax.device_get(eval_step(state.ema_params, task.frozen, batch, keys))
+    keys = np.asarray(jax.random.split(jax.random.PRNGKey(config.seed + 1000 + i), config.train.batch_size))
+    keys = jax.device_put(keys, parallel.replicated(mesh))  # The same keys on every process.
+    metrics = jax.device_get(eval_step(state.ema_params, frozen, batch, keys))
     for k, v in metrics.items():
       totals[k] = totals.get(k, 0.0) + float(v)
     count += 1
@@ -90,7 +92,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   validate_config(config)
   workdir = os.path.abspath(workdir)
   mesh = parallel.create_mesh(config.mesh)
-  local_batch = parallel.check_batch_size(config.train.batch_size, mesh)
+  accum = int(config.train.get('grad_accum_steps', 1))
+  local_batch = parallel.check_batch_size(config.train.batch_size, mesh, grad_accum_steps=accum)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is not None and latest >= config.train.num_steps:
@@ -116,14 +119,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   tx = create_optimizer(config.optim, config.train.num_steps, frozen=getattr(task, 'frozen_param_groups', ()))
   rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
   replicated = parallel.replicated(mesh)
-  state = jax.jit(lambda r: create_train_state(task.init_params(r), tx, rng_train), out_shardings=replicated)(rng_init)
+  rules, min_size = parallel.mesh_rules(config.mesh)
+  state, target = sharded_train_state(task.init_params, tx, rng_init, rng_train, mesh, rules, min_size,
+                                      create=latest is None)
+  shardings = shardings_of(target)
+  frozen_shardings = parallel.tree_shardings(task.frozen, mesh, rules, min_size)
+  frozen = jax.device_put(task.frozen, frozen_shardings)
+  task.frozen = parallel.host_local(task.frozen)  # Its own copy, for process 0's sample grids.
+  sharded, total = parallel.sharded_bytes(target.params, shardings.params)
+  print(f'params: {sharded / 2**20:.2f} of {total / 2**20:.2f} MiB sharded over mesh '
+        f'{dict(mesh.shape)}', flush=True)
   if latest is not None:
-    state, data_state, meta = ckpt.restore(state)  # Falls back past a damaged latest checkpoint.
+    state, data_state, meta = ckpt.restore(target)  # Falls back past a damaged latest checkpoint.
     if data_state is not None:  # None for imported weights (scripts/convert.py): start the data from the top.
       train_iter.set_state(data_state.encode() if isinstance(data_state, str) else data_state)
     print(f'resumed from step {meta["step"]}', flush=True)
 
-  train_step = jax.jit(make_train_step(task.loss_fn, config.optim.ema_decay), donate_argnums=(0,))
+  micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES))
+  train_step = jax.jit(make_train_step(task.loss_fn, config.optim.ema_decay, accum, micro_sharding),
+                       in_shardings=(shardings, parallel.batch_sharding(mesh), frozen_shardings),
+                       out_shardings=(shardings, replicated), donate_argnums=(0,))
   eval_step = _eval_step_fn(task)
   writer = MetricWriter(workdir, config, config.train.num_steps, config.train.batch_size)
   batches = _global_batches(train_iter, mesh)
@@ -137,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   pending = []
   with _StopRequest() as stop:
     while step < config.train.num_steps:
-      state, metrics = train_step(state, next(batches), task.frozen)
+      state, metrics = train_step(state, next(batches), frozen)
       pending.append(metrics)
       step += 1
       last = step == config.train.num_steps
@@ -154,12 +169,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                    f'train.max_bad_steps={config.train.max_bad_steps}); the last checkpoint holds '
                                    'the last finite params')
       if config.train.eval_every and (step % config.train.eval_every == 0 or last):
-        writer.write_scalars(step, _evaluate(task, state, config, mesh, local_batch, eval_step), progress=False)
+        writer.write_scalars(step, _evaluate(task, state, config, mesh, local_batch, eval_step, frozen),
+                             progress=False)
       if config.train.sample_every and (step % config.train.sample_every == 0 or last):
         eval_batch = next(_global_batches(iter(_input_pipeline(
             config, config.data.eval_split, task.tokenizer, local_batch, config.seed, shuffle=False)), mesh))
-        grid, caption = task.sample_grid(state.ema_params, eval_batch)
-        writer.write_images(step, 'samples', grid, caption)
+        params, eval_batch = parallel.host_local((state.ema_params, eval_batch))  # Gathered on every process.
+        if jax.process_index() == 0:
+          writer.write_images(step, 'samples', *task.sample_grid(params, eval_batch))
       preempted = stop.requested or ckpt.reached_preemption(step)
       if step % config.train.checkpoint_every == 0 or last or preempted:
         data_state = train_iter.get_state()

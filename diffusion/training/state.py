@@ -70,14 +70,59 @@ def per_example_keys(rng: jax.Array, step: jax.Array, batch_size: int) -> jax.Ar
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, jnp.arange(batch_size))
 
 
-def make_train_step(loss_fn: LossFn, ema_decay: float) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict]]:
-  """Builds the pure step; `loss_fn(params, frozen, batch, example_keys, step) -> (loss, metrics)`."""
+def _micro_batches(tree: Any, num: int, sharding: Any = None) -> Any:
+  """(B, ...) -> (num, B / num, ...) with micro-batch j = examples j, j + num, j + 2 num, ...
+
+  Strided rather than contiguous, so each micro-batch is spread over every device of the batch sharding (a device's
+  contiguous block of examples holds B / (num x devices) examples of each micro-batch): no data moves between devices.
+  """
+
+  def split(x):
+    x = jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+  return jax.tree.map(split, tree)
+
+
+def accumulated_grads(loss_fn: LossFn, params: Any, frozen: Any, batch: dict, keys: jax.Array, step: jax.Array,
+                      num_micro: int, micro_sharding: Any = None) -> tuple[tuple[jax.Array, dict], Any]:
+  """((loss, metrics), grads) of the whole batch, computed in `num_micro` micro-batches (lax.scan) and averaged.
+
+  Each micro-batch's loss is its mean over equally many examples, so the average over micro-batches is the mean over
+  the batch: the same update as one step on the whole batch, up to float summation order.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_micro == 1:
+    return grad_fn(params, frozen, batch, keys, step)
+  micro = _micro_batches((batch, keys), num_micro, micro_sharding)
+  (loss0, metrics0), grads0 = jax.eval_shape(grad_fn, params, frozen, *jax.tree.map(lambda x: x[0], micro), step)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, metrics0, grads0))
+
+  def body(carry, xs):
+    (loss, metrics), grads = grad_fn(params, frozen, xs[0], xs[1], step)
+    return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+  (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
+  loss, metrics, grads = jax.tree.map(lambda x: x / num_micro, (loss, metrics, grads))
+  return (loss, metrics), grads
+
+
+def make_train_step(loss_fn: LossFn, ema_decay: float, grad_accum_steps: int = 1,
+                    micro_sharding: Any = None) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict]]:
+  """Builds the pure step; `loss_fn(params, frozen, batch, example_keys, step) -> (loss, metrics)`.
+
+  With `grad_accum_steps` > 1 the gradient is accumulated over that many micro-batches of the (global) batch; every
+  example keeps the key of its index in the global batch, so accumulation changes no example's noise, timestep or
+  caption dropout. `micro_sharding` (optional) pins the (micro-batch, example, ...) layout, e.g.
+  P(None, ('data', 'fsdp')).
+  """
 
   def train_step(state: TrainState, batch: dict, frozen: Any) -> tuple[TrainState, dict]:
     batch_size = jax.tree.leaves(batch)[0].shape[0]
     keys = per_example_keys(state.rng, state.step, batch_size)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, frozen, batch, keys, state.step)
+    (loss, metrics), grads = accumulated_grads(loss_fn, state.params, frozen, batch, keys, state.step,
+                                               grad_accum_steps, micro_sharding)
+    loss = loss.astype(jnp.float32)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
@@ -93,3 +138,42 @@ def make_train_step(loss_fn: LossFn, ema_decay: float) -> Callable[[TrainState, 
     return new_state, metrics
 
   return train_step
+
+
+def sharded_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                        rng_init: jax.Array, rng_train: jax.Array, mesh: Any, rules: Any, min_shard_size: int = 0,
+                        create: bool = True) -> tuple[TrainState | None, TrainState]:
+  """(state, target): the train state created already sharded, and its abstract twin carrying the shardings.
+
+  Shapes come from `jax.eval_shape`, shardings from the logical-axis rules (`parallel.tree_shardings`), and the state
+  is built by `jax.jit(..., out_shardings=...)`, so no device ever holds a full copy of a sharded parameter. The
+  target (ShapeDtypeStructs with shardings) is what a checkpoint restores into; `create=False` skips the creation.
+  """
+  from diffusion import parallel
+
+  init = lambda: create_train_state(init_params(rng_init), tx, rng_train)
+  abstract = jax.eval_shape(init)
+  shardings = parallel.tree_shardings(abstract, mesh, rules, min_shard_size)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  state = jax.jit(init, out_shardings=shardings)() if create else None
+  return state, target
+
+
+def shardings_of(tree: Any) -> Any:
+  """The `.sharding` of every leaf (arrays or ShapeDtypeStructs)."""
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def with_compute_dtype(model_config: ml_collections.ConfigDict,
+                       train_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`model_config` with `dtype` = `train.compute_dtype` when that is set ('' keeps the model's own `dtype`).
+
+  The dtype is the networks' activation / matmul dtype; params are created and kept in float32 (the master copy the
+  optimizer updates), and the tasks compute their losses in float32. bfloat16 needs no loss scaling.
+  """
+  dtype = train_config.get('compute_dtype', '')
+  if not dtype or model_config.get('dtype') == dtype:
+    return model_config
+  copy = model_config.copy_and_resolve_references()
+  copy.dtype = dtype
+  return copy

@@ -9,6 +9,7 @@ import numpy as np
 
 from diffusion import losses, models
 from diffusion.logging import make_grid, to_uint8
+from diffusion.training.state import with_compute_dtype
 
 
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -31,7 +32,7 @@ class VAETask:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
     self.workdir = workdir
-    self.vae = models.create_vae(config.model.vae)
+    self.vae = models.create_vae(with_compute_dtype(config.model.vae, config.train))
     self.tokenizer = None
     self.frozen = {}
 
@@ -43,9 +44,10 @@ class VAETask:
   def loss_fn(self, params: Any, frozen: Any, batch: dict, keys: jax.Array, step: jax.Array):
     del frozen, step
     x = batch['image']
-    mean, logvar = self.vae.apply({'params': params}, x, method='encode')
+    f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)  # Losses in float32 whatever the compute dtype.
+    mean, logvar = f32(self.vae.apply({'params': params}, x, method='encode'))
     noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(keys)  # Per-example draws.
-    rec = self.vae.apply({'params': params}, mean + jnp.exp(0.5 * logvar) * noise, method='decode')
+    rec = f32(self.vae.apply({'params': params}, mean + jnp.exp(0.5 * logvar) * noise, method='decode'))
     loss_cfg = self.config.loss
     loss, metrics = losses.vae_loss(x, rec, mean, logvar, kl_weight=loss_cfg.kl_weight, rec_loss=loss_cfg.rec_loss,
                                     extra_terms=extra_vae_terms(loss_cfg))
