@@ -58,25 +58,24 @@ def test_stored_posteriors_equal_the_encoders_on_the_same_images(cache_dir, data
   assert records[0]['flipped_captions'] == [data_pipeline.swap_left_right(caption)]
 
 
-def _task_and_batches(config, workdir, num_batches=2):
-  from diffusion.training.ldm_task import LDMTask
-
-  task = LDMTask(config, workdir)
-  loader = data_pipeline.create_input_pipeline(config.data, 'train', tokenizer=task.tokenizer, batch_size=8, seed=5)
-  return task, [next(it) for it in [iter(loader)] for _ in range(num_batches)]
+def _batches(data_config, tokenizer, num_batches=2):
+  loader = data_pipeline.create_input_pipeline(data_config, 'train', tokenizer=tokenizer, batch_size=8, seed=5)
+  return [next(it) for it in [iter(loader)] for _ in range(num_batches)]
 
 
 def test_losses_from_the_cache_equal_the_losses_on_the_fly(cache_dir, data_dir, vae_workdir, tmp_path):
-  task, image_batches = _task_and_batches(_config(data_dir, vae_workdir), str(tmp_path / 'fly'))
-  cached_config = _config(data_dir, vae_workdir, **{'data.latent_cache': cache_dir})
-  cached_task, cached_batches = _task_and_batches(cached_config, str(tmp_path / 'cache'))
-  for t in (task, cached_task):  # A fixed scale (calibration is checked by the slow end-to-end test).
-    t.config.model.vae.scaling_factor = 0.7
+  from diffusion.training.ldm_task import LDMTask
+
+  # One task computes both: its loss encodes image batches and samples cached posteriors from cache batches.
+  task = LDMTask(_config(data_dir, vae_workdir, **{'data.latent_cache': cache_dir}), str(tmp_path / 'run'))
+  task.config.model.vae.scaling_factor = 0.7  # A fixed scale (calibration is checked by the slow end-to-end test).
+  cached_batches = _batches(task.config.data, task.tokenizer)
+  image_batches = _batches(_config(data_dir, vae_workdir).data, task.tokenizer)
   params = task.init_params(jax.random.PRNGKey(0))
   losses = {}
-  for name, t, batches in (('fly', task, image_batches), ('cache', cached_task, cached_batches)):
-    loss_fn = jax.jit(t.loss_fn)
-    losses[name] = [float(loss_fn(params, t.frozen, b, jax.random.split(jax.random.PRNGKey(i), 8), 0)[0])
+  loss_fn = jax.jit(task.loss_fn)
+  for name, batches in (('fly', image_batches), ('cache', cached_batches)):
+    losses[name] = [float(loss_fn(params, task.frozen, b, jax.random.split(jax.random.PRNGKey(i), 8), 0)[0])
                     for i, b in enumerate(batches)]
   assert set(cached_batches[0]) == {'latent_mean', 'latent_logvar', 'input_ids'}
   for a, b in zip(image_batches, cached_batches):  # Same examples, same caption choices and flips.
