@@ -55,36 +55,70 @@ def cheap_init(init_params):
   return init
 
 
+def tiny_ldm_config(**overrides):
+  """The test suite's tiny LDM (U-Net + text transformer on a frozen VAE) with tensor-parallel-friendly sizes."""
+  from support import LDM, load_config
+
+  return load_config('ldm_base', {**LDM, 'mesh.min_shard_size': 0, 'optim.warmup_steps': 0, 'optim.lr': 1e-3,
+                                  'train.batch_size': BATCH, 'model.vae.scaling_factor': 1.0,
+                                  'diffusion.caption_dropout': 0.5}, '', **overrides)
+
+
+def make_task(config, workdir):
+  """The real task; for stage 2 a workdir holding a generic frozen VAE (no stage-1 run needed)."""
+  import jax
+
+  from diffusion import checkpoint, models
+  from diffusion.training.ldm_task import LDMTask
+  from diffusion.training.vae_task import VAETask
+
+  if config.model_type == 'vae':
+    task = VAETask(config, workdir)
+  else:
+    vae_dir = os.path.join(workdir, 'frozen', 'vae')
+    if jax.process_index() == 0 and not os.path.isdir(vae_dir):
+      vae = models.create_vae(config.model.vae)
+      size = config.data.image_size
+      init = lambda r: vae.init(r, np.zeros((1, size, size, 3), np.float32), sample_posterior=False)['params']
+      checkpoint.save_pytree(vae_dir, jax.jit(cheap_init(init))(jax.random.PRNGKey(0)))
+    task = LDMTask(config, workdir)
+  task.init_params = cheap_init(task.init_params)
+  return task
+
+
 def global_batch(config):
   rng = np.random.default_rng(0)
   size = config.data.image_size
-  return {'image': rng.uniform(-1, 1, (BATCH, size, size, 3)).astype(np.float32)}
+  batch = {'image': rng.uniform(-1, 1, (BATCH, size, size, 3)).astype(np.float32)}
+  if config.model_type == 'ldm':
+    batch['input_ids'] = rng.integers(0, 12, (BATCH, config.data.max_text_length)).astype(np.int32)
+  return batch
 
 
-def train(config, mesh, batch, steps=STEPS):
+def train(config, mesh, batch, steps=STEPS, workdir=''):
   """(final state, per-step losses) of `steps` steps on `batch` (this process's rows of the global batch)."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from diffusion import parallel
   from diffusion.training.state import create_optimizer, make_train_step, sharded_train_state, shardings_of
-  from diffusion.training.vae_task import VAETask
 
-  task = VAETask(config, '')
-  task.init_params = cheap_init(task.init_params)
-  tx = create_optimizer(config.optim, config.train.num_steps)
+  task = make_task(config, workdir)
+  tx = create_optimizer(config.optim, config.train.num_steps, frozen=getattr(task, 'frozen_param_groups', ()))
   rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
   rules, min_size = parallel.mesh_rules(config.mesh)
   state, target = sharded_train_state(task.init_params, tx, rng_init, rng_train, mesh, rules, min_size)
   shardings = shardings_of(target)
   step_fn = make_train_step(task.loss_fn, config.optim.ema_decay, config.train.grad_accum_steps,
                             NamedSharding(mesh, P(None, parallel.BATCH_AXES)))
-  step = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+  frozen_shardings = parallel.tree_shardings(task.frozen, mesh, rules, min_size)
+  step = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh), frozen_shardings),
                  out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
   global_arrays = parallel.make_global_batch(batch, mesh)
+  frozen = jax.device_put(task.frozen, frozen_shardings)
   losses = []
   for _ in range(steps):
-    state, metrics = step(state, global_arrays, {})
+    state, metrics = step(state, global_arrays, frozen)
     losses.append(float(metrics['loss']))
   return state, losses
 
@@ -104,6 +138,8 @@ CASES = {
     '2data4fsdp_accum4': ((2, 4, 1), 4, ''),
     '1_accum4': (None, 4, ''),
     '8fsdp_bf16': ((1, 8, 1), 1, 'bfloat16'),
+    'ldm_1': (None, 1, ''),
+    'ldm_2data2fsdp2tensor_accum2': ((2, 2, 2), 2, ''),
 }
 
 
@@ -115,15 +151,15 @@ def run_meshes(out, names):
   from diffusion import parallel
 
   results, report = {}, {}
-  batch = global_batch(tiny_vae_config())
   for name in names:
     shape, accum, dtype = CASES[name]
     start = time.perf_counter()
     degrees = dict(zip(('data', 'fsdp', 'tensor'), shape or (1, 1, 1)))
-    config = tiny_vae_config(**{f'mesh.{k}': v for k, v in degrees.items()},
-                             **{'train.grad_accum_steps': accum, 'train.compute_dtype': dtype})
+    make_config = tiny_ldm_config if name.startswith('ldm') else tiny_vae_config
+    config = make_config(**{f'mesh.{k}': v for k, v in degrees.items()},
+                         **{'train.grad_accum_steps': accum, 'train.compute_dtype': dtype})
     mesh = parallel.create_mesh(config.mesh, jax.devices()[:1] if shape is None else jax.devices())
-    state, losses = train(config, mesh, batch)
+    state, losses = train(config, mesh, global_batch(config), workdir=os.path.join(os.path.dirname(out), name))
     results.update({f'{name}:{k}': v for k, v in _flat(state.params).items()})
     held = parallel.device_bytes((state.params, state.opt_state))
     total = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
