@@ -57,6 +57,7 @@ class MetricWriter:
     self.is_lead = jax.process_index() == 0
     self._wandb = None
     self._last_time, self._last_step = None, None
+    self._flops_per_device, self._peak_tflops, self._num_devices = None, None, jax.device_count()
     if self.is_lead:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
@@ -65,27 +66,40 @@ class MetricWriter:
   def start(self, step: int) -> None:
     self._last_time, self._last_step = time.perf_counter(), step
 
+  def set_step_flops(self, flops_per_device: float | None, peak_tflops_per_device: float | None) -> None:
+    """FLOPs of one train step per device (XLA's count) and the device's peak rate, for TFLOP/s and MFU."""
+    self._flops_per_device, self._peak_tflops = flops_per_device, peak_tflops_per_device
+
   def write_scalars(self, step: int, scalars: Mapping[str, Any], progress: bool = True) -> None:
-    """Logs one step's scalars; with `progress`, adds and prints steps/s, images/s and ETA."""
+    """Logs one step's scalars; with `progress`, adds and prints steps/s, images/s, TFLOP/s, MFU and ETA."""
     if not self.is_lead:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
     if progress and self._last_time is not None and step > self._last_step:
       now = time.perf_counter()
       steps_per_sec = (step - self._last_step) / (now - self._last_time)
-      scalars['steps_per_sec'] = steps_per_sec
-      scalars['images_per_sec'] = steps_per_sec * self.batch_size
+      speed = self._throughput(steps_per_sec)
       self._last_time, self._last_step = now, step
       eta = _format_eta((self.total_steps - step) / max(steps_per_sec, 1e-9))
-      shown = ' '.join(f'{k}={v:.4g}' for k, v in scalars.items() if k not in ('steps_per_sec', 'images_per_sec'))
+      shown = ' '.join(f'{k}={v:.4g}' for k, v in scalars.items())
+      rate = f' TFLOP/s={speed["tflops"]:.3g}' if 'tflops' in speed else ''
+      rate += f' MFU={100 * speed["mfu"]:.1f}%' if 'mfu' in speed else ''
       print(f'step {step}/{self.total_steps} {shown} steps/s={steps_per_sec:.2f} '
-            f'images/s={scalars["images_per_sec"]:.1f} eta={eta}', flush=True)
+            f'images/s={speed["images_per_s"]:.1f}{rate} eta={eta}', flush=True)
+      scalars.update(speed)
     elif scalars:
       print(f'step {step} ' + ' '.join(f'{k}={v:.4g}' for k, v in scalars.items()), flush=True)
     self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
     self._jsonl.flush()
     if self._wandb is not None:
       self._wandb.log(scalars, step=step)
+
+  def _throughput(self, steps_per_sec: float) -> dict[str, float]:
+    from diffusion.training.throughput import throughput  # Lazy: diffusion.training imports this module.
+
+    speed = throughput(1.0 / steps_per_sec, self.batch_size, self._num_devices, self._flops_per_device,
+                       self._peak_tflops)
+    return {'steps_per_sec': steps_per_sec, 'images_per_sec': speed['images_per_s'], **speed}
 
   def write_images(self, step: int, name: str, grid: np.ndarray, caption: str = '') -> str | None:
     """Saves a uint8 grid as `<workdir>/samples/<name>_<step>.png` and logs it to W&B."""

@@ -5,6 +5,7 @@ command after an interruption continues the same run; rerunning a finished run s
 checkpoint at the next step boundary and stops cleanly.
 """
 
+import itertools
 import os
 import signal
 import time
@@ -20,6 +21,7 @@ from diffusion.config import config_to_json, validate_config
 from diffusion.data import pipeline as data_pipeline
 from diffusion.errors import UserError
 from diffusion.logging import MetricWriter
+from diffusion.training import throughput
 from diffusion.training.ldm_task import LDMTask
 from diffusion.training.state import (TrainState, create_optimizer, make_train_step, sharded_train_state,
                                       shardings_of)
@@ -148,6 +150,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         flush=True)
 
   step = int(state.step)
+  first = next(batches)  # Compiles the step here (FLOPs for TFLOP/s and MFU), outside the timed interval.
+  batches = itertools.chain([first], batches)
+  writer.set_step_flops(throughput.jit_flops(train_step, state, first, frozen),
+                        throughput.config_peak_tflops(config))
   writer.start(step)
   pending = []
   with _StopRequest() as stop:
