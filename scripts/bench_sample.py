@@ -122,14 +122,15 @@ def main() -> None:
   makers = {'ours': lambda: ours_generate(models, args.steps, args.guidance_scale),
             'flax': lambda: flax_generate(models, args.steps, args.guidance_scale),
             'torch': lambda: torch_generate(models, args.steps, args.guidance_scale, args.threads)}
-  rows, finals = [], {}
+  finals, runs = {}, {}
   for side in [s for s in common.SIDES if s not in args.skip]:
-    print(f'timing {common.LABELS[side]} ...', flush=True)
     generate = makers[side]()
-    run = lambda: finals.__setitem__(side, np.asarray(jax.block_until_ready(generate(x, cond, uncond))))
-    times = common.time_runs(run, max(args.warmup, 1), args.repeats)  # The first JAX call compiles.
-    per_step = {'ms_per_sampler_step': 1e3 * float(np.median(times)) / args.steps}
-    rows.append(common.summarize(side, times, args.batch, None, per_step))
+    runs[side] = lambda side=side, generate=generate: finals.__setitem__(
+        side, np.asarray(jax.block_until_ready(generate(x, cond, uncond))))
+  times = common.time_runs(runs, max(args.warmup, 1), args.repeats)  # The first JAX call compiles.
+  rows = [common.summarize(side, times[side], args.batch, None,
+                           {'ms_per_sampler_step': 1e3 * float(np.median(times[side])) / args.steps})
+          for side in runs]
   agreement = {s: float(np.abs(v - finals['ours']).max()) for s, v in finals.items()
                if s != 'ours' and 'ours' in finals}
   env['load_avg_1m_at_end'] = round(os.getloadavg()[0], 2)

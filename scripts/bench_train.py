@@ -138,15 +138,20 @@ def check_agreement(models: Models, x, t, c, skip: list[str]) -> dict[str, float
   return diffs
 
 
-def time_runs(run: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-  """Seconds of each of `repeats` calls of `run` (which must block until its work is done), after `warmup`."""
+def time_runs(runs: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
+  """Seconds of each of `repeats` calls of every `runs[side]` (each must block until its work is done), after
+  `warmup` untimed calls. The sides take turns (a b c a b c ...), so a change of machine load during the
+  benchmark falls on all of them alike."""
   for _ in range(warmup):
-    run()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
+    for run in runs.values():
+      run()
+  times = {side: [] for side in runs}
+  for i in range(repeats):
+    for side, run in runs.items():
+      start = time.perf_counter()
+      run()
+      times[side].append(time.perf_counter() - start)
+    print(f'  round {i + 1}/{repeats}: ' + ', '.join(f'{s} {t[-1]:.3g}s' for s, t in times.items()), flush=True)
   return times
 
 
@@ -235,18 +240,18 @@ def main() -> None:
   agreement = check_agreement(models, *batch[:3], args.skip)
   print(f'U-Net {args.preset}: {models.num_params / 1e6:.2f}M params, latents {args.latent}x{args.latent}x4, batch '
         f'{args.batch}; max |output - ours| on the same weights: {agreement}', flush=True)
-  rows = []
+  runs, flops, extra = {}, {}, {}
   for side in [s for s in SIDES if s not in args.skip]:
-    print(f'timing {LABELS[side]} ...', flush=True)
-    flops, extra = None, {}
+    print(f'compiling / setting up {LABELS[side]} ...', flush=True)
     if side == 'torch':
-      run = torch_train_step(models, batch, args.threads)
+      runs[side], flops[side], extra[side] = torch_train_step(models, batch, args.threads), None, {}
     else:
       apply, params = (models.ours_fn(), models.ours_params) if side == 'ours' else (models.flax_fn(),
                                                                                        models.flax_params)
-      run, flops, compile_s = jax_train_step(apply, params, batch)
-      extra['compile_s'] = compile_s
-    rows.append(summarize(side, time_runs(run, args.warmup, args.repeats), args.batch, flops, extra))
+      runs[side], flops[side], compile_s = jax_train_step(apply, params, batch)
+      extra[side] = {'compile_s': compile_s}
+  times = time_runs(runs, args.warmup, args.repeats)
+  rows = [summarize(side, times[side], args.batch, flops[side], extra[side]) for side in runs]
   env['load_avg_1m_at_end'] = round(os.getloadavg()[0], 2)
   print_table(f'train step (fwd+bwd+AdamW, float32), {args.preset} U-Net, batch {args.batch}, '
               f'{args.latent}x{args.latent} latents; load avg {env["load_avg_1m_at_start"]} -> '
