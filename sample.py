@@ -9,7 +9,8 @@ r"""Generates images from a trained latent diffusion workdir.
 
 Writes DIR/0000.png, DIR/0001.png, ... (prompt-major: all images of the first prompt first), DIR/grid.png (one row per
 prompt) and DIR/settings.json with every setting, so any result can be reproduced exactly. Image i's initial noise
-comes from fold_in(seed, i), so the batch size and the device count do not change any image.
+comes from fold_in(seed, i), so the batch size and the device count do not change what an image is (the same
+settings give the same bytes; another batch size or device count may round the odd uint8 value the other way).
 
 Sweeps: comma-separated --guidance_scale and/or --num_steps sample every combination from the same noise, into
 DIR/gs<scale>_steps<n>/0000.png ... (each with its settings.json), plus DIR/grid.png (a row per image, a column per

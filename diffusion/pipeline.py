@@ -1,7 +1,9 @@
 """Text -> image (and image + text -> image): tokenize, encode, sample latents with guidance, decode.
 
 Used by sample.py, eval/ and training. Image i of a call gets its initial noise (and, for stochastic samplers, its
-per-step noise) from `fold_in(PRNGKey(seed), i)`, so neither the batch size nor the device count changes any image.
+per-step noise) from `fold_in(PRNGKey(seed), i)`, so neither the batch size nor the device count changes any image
+(up to float rounding in XLA's kernels: across device counts the odd uint8 value may differ by one). Batches are
+split over the process's local devices.
 
 Editing: `init_images` (in [-1, 1], at the model's image size) are encoded with the VAE (posterior mean) and
 sampling starts `int(num_steps * strength)` steps before the end from them, noised (img2img); `masks` (1 = repaint,
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion import models, process, samplers
 from diffusion.config import config_from_json
@@ -189,17 +192,48 @@ class LatentDiffusionPipeline:
     plan = self.plan(strength=strength, **settings)
     indices = np.arange(len(prompts)) if indices is None else np.asarray(indices)
     root = jax.random.PRNGKey(seed)
+    devices = jax.local_devices()
+    per_call = batch_size * len(devices)
+    params = self._replicated(params or self.params, devices)
     out = []
-    for start in range(0, len(prompts), batch_size):
-      chunk = slice(start, start + batch_size)
+    for start in range(0, len(prompts), per_call):
+      chunk = slice(start, start + per_call)
+      count = len(indices[chunk])
       keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(indices[chunk]))
-      cond = self.tokenize(list(prompts[chunk]))
-      uncond = self.tokenize([negative_prompt] * len(cond))
-      edit = {} if images is None else {'init_images': images[chunk]}
+      inputs = {'cond_ids': self.tokenize(list(prompts[chunk])),
+                'uncond_ids': self.tokenize([negative_prompt] * count), 'keys': keys}
+      if images is not None:
+        inputs['init_images'] = images[chunk]
       if masks is not None:
-        edit['masks'] = masks[chunk]
-      out.append(to_uint8(self._generate(params or self.params, cond, uncond, keys, plan=plan, **edit)))
+        inputs['masks'] = masks[chunk]
+      inputs = _shard_batch(inputs, devices)
+      out.append(to_uint8(self._generate(params, plan=plan, **inputs))[:count])
     return np.concatenate(out)
+
+  def _replicated(self, params: dict, devices: Sequence[Any]) -> dict:
+    """`params` on every local device (once per params object), so batches can be split over the devices."""
+    if len(devices) == 1:
+      return params
+    cached = getattr(self, '_replica', None)
+    if cached is None or cached[0] is not params:
+      mesh = Mesh(np.asarray(devices), ('batch',))
+      self._replica = (params, jax.device_put(params, NamedSharding(mesh, PartitionSpec())))
+    return self._replica[1]
+
+
+def _shard_batch(inputs: dict, devices: Sequence[Any]) -> dict:
+  """Pads the batch to a multiple of the local device count and splits it over the devices (data parallel).
+
+  Every image is computed from its own noise key alone, so the device count does not change any image.
+  """
+  if len(devices) == 1:
+    return inputs
+  mesh = Mesh(np.asarray(devices), ('batch',))
+  sharding = NamedSharding(mesh, PartitionSpec('batch'))
+  pad = -len(inputs['keys']) % len(devices)
+  padded = {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], pad, axis=0)]) if pad else np.asarray(v)
+            for k, v in inputs.items()}
+  return {k: jax.device_put(v, sharding) for k, v in padded.items()}
 
 
 def load_workdir_config(workdir: str, expect: str | None = None) -> ml_collections.ConfigDict:

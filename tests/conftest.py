@@ -1,12 +1,19 @@
 """Session fixtures: a tiny prepared dataset dir and trained workdirs of both stages (2 steps each)."""
 
 import os
+import tempfile
 
+import jax
 import pytest
 
 from support import LDM, VAE, load_config
 
 os.environ.setdefault('WANDB_MODE', 'disabled')
+# One persistent XLA compilation cache for the session, shared with the CLIs the tests start (they inherit the
+# variable): the suite compiles the same tiny models many times (fixtures, resumed runs, CLI subprocesses), and a
+# cache hit loads the executable the first compile produced, so results are unchanged.
+jax.config.update('jax_compilation_cache_dir',
+                  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax-cache-')))
 
 
 @pytest.fixture(scope='session')

@@ -80,3 +80,29 @@ def random_params(module, *args, seed=0, **kwargs):
     return jnp.asarray((name == 'scale') + 0.1 * rng.normal(size=shape), leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def write_clip_bpe(directory: str, merges: list[str]) -> list[str]:
+  """Writes vocab.json + merges.txt of a CLIP byte-level BPE with `merges` into `directory`; returns the vocab.
+
+  The vocabulary is CLIP's: the 256 byte characters, the same with '</w>', one token per merge, then
+  <|startoftext|> and <|endoftext|>.
+  """
+  import json  # pylint: disable=import-outside-toplevel
+
+  bs = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+  cs, n = bs[:], 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  chars = [chr(c) for c in cs]
+  vocab = chars + [c + '</w>' for c in chars] + [''.join(m.split()) for m in merges]
+  vocab += ['<|startoftext|>', '<|endoftext|>']
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, 'vocab.json'), 'w') as f:
+    json.dump({token: i for i, token in enumerate(vocab)}, f)
+  with open(os.path.join(directory, 'merges.txt'), 'w') as f:
+    f.write('#version: 0.2\n' + '\n'.join(merges) + '\n')
+  return vocab

@@ -135,10 +135,11 @@ def test_img2img_and_inpainting(pipeline):
   free = pipeline.generate(prompts, **COMMON)
   weak = pipeline.generate(prompts, init_images=image, strength=0.3, **COMMON)
   assert np.abs(weak.astype(np.float32) - free).max() > 8
-  # Inpainting with nothing to repaint returns the known latents exactly.
+  # Inpainting with nothing to repaint returns the known latents exactly (decoded at batch 2 against batch 1: the
+  # odd uint8 value may round the other way).
   keep_all = pipeline.generate(prompts, init_images=image, masks=np.zeros((32, 32)), **COMMON)
-  np.testing.assert_array_equal(keep_all[0], recon)
-  np.testing.assert_array_equal(keep_all[1], recon)
+  for kept in keep_all:
+    assert np.abs(kept.astype(np.int32) - recon).max() <= 1 and np.mean(kept != recon) < 1e-3
   mask = np.zeros((2, 32, 32), np.float32)
   mask[0, :, :16] = 1.0  # Repaint the left half of the first image, all of the second (strength 1: pure noise).
   mask[1] = 1.0
@@ -158,3 +159,34 @@ def test_flow_matching_pipeline(pipeline):
   keep_all = flow.generate(['a red circle'], sampler='flow_heun', num_steps=3, init_images=image,
                            masks=np.zeros((32, 32)))
   np.testing.assert_array_equal(keep_all[0], _reconstruction(pipeline, image))
+
+
+_SHARDED_SCRIPT = '''
+import sys
+import jax
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_pipeline_editing as t
+assert jax.local_device_count() == 4, jax.devices()
+images = t._pipeline().generate(t.SHARDED_PROMPTS, batch_size=1, **t.SHARDED_SETTINGS)
+np.save(sys.argv[2], images)
+'''
+SHARDED_PROMPTS = ['a red circle', 'a blue square', 'a green triangle', 'a red square', 'a cyan circle']
+SHARDED_SETTINGS = dict(sampler='euler_a', num_steps=3, guidance_scale=3.0, seed=7)
+
+
+def test_images_do_not_depend_on_the_device_count(pipeline, tmp_path):
+  """5 images on 4 devices (batches split over the devices, the last one padded) equal those on 1 device, up to
+  float rounding."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
+  out = tmp_path / 'sharded.npy'
+  subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT, os.path.dirname(__file__), str(out)], env=env, check=True,
+                 timeout=600)
+  single = pipeline.generate(SHARDED_PROMPTS, batch_size=2, **SHARDED_SETTINGS).astype(np.int32)
+  sharded = np.load(out).astype(np.int32)
+  assert sharded.shape == single.shape == (5, 32, 32, 3)
+  # The same computation per image; XLA's CPU kernels at another per-device batch may round differently, which
+  # flips the odd uint8 value by one.
+  assert np.abs(sharded - single).max() <= 1
+  assert np.mean(sharded != single) < 1e-3

@@ -39,11 +39,16 @@ def test_there_is_a_sweep():
   assert SWEEPS
 
 
+@pytest.mark.parametrize('every', [False, pytest.param(True, marks=pytest.mark.slow)], ids=['first-last', 'all'])
 @pytest.mark.parametrize('path', SWEEPS, ids=os.path.basename)
-def test_sweep_grid_runs(path, tmp_path, data_dir, vae_workdir):
+def test_sweep_grid_runs(path, every, tmp_path, data_dir, vae_workdir):
+  """The first and the last command of each grid (every value of every parameter in a grid of two-value axes);
+  with -m slow, every command."""
   sweep = yaml.safe_load(open(path))
   commands = agent_commands(sweep)
   assert len(commands) >= 2
+  if not every:
+    commands = [commands[0], commands[-1]]
   test_overrides = cli_overrides({**LDM, 'data.data_dir': data_dir, 'vae_workdir': vae_workdir,
                                   'train.sample_every': 0, 'wandb.mode': 'offline'})
   for i, (params, argv) in enumerate(commands):

@@ -20,6 +20,7 @@ from PIL import Image  # noqa: E402
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
 
 from diffusion.errors import UserError  # noqa: E402
+from support import write_clip_bpe  # noqa: E402
 from eval import clip_score  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,27 +29,9 @@ CAPTIONS = ['a red circle', 'blue', 'a blue circle and a red circle', 'red red r
 SIZES = [(40, 57), (100, 33), (32, 32), (64, 64), (17, 90), (300, 200)]  # (H, W): up- and downsampling, crops.
 
 
-def _bytes_to_unicode() -> list[str]:
-  """CLIP's byte -> printable-character table (the first 256 vocabulary entries)."""
-  bs = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
-  cs, n = bs[:], 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return [chr(c) for c in cs]
-
-
 def _write_tokenizer(directory: str) -> transformers.CLIPTokenizer:
-  chars = _bytes_to_unicode()
   merges = ['r e', 're d</w>', 'c i', 'ci r', 'cir c', 'l e</w>', 'circ le</w>', 'b l', 'bl u', 'blu e</w>']
-  vocab = chars + [c + '</w>' for c in chars] + [''.join(m.split()) for m in merges]
-  vocab += ['<|startoftext|>', '<|endoftext|>']
-  with open(os.path.join(directory, 'vocab.json'), 'w') as f:
-    json.dump({token: i for i, token in enumerate(vocab)}, f)
-  with open(os.path.join(directory, 'merges.txt'), 'w') as f:
-    f.write('#version: 0.2\n' + '\n'.join(merges) + '\n')
+  vocab = write_clip_bpe(directory, merges)
   tokenizer = transformers.CLIPTokenizer.from_pretrained(directory)
   ids = tokenizer(['a red circle'])['input_ids'][0]
   assert ids == [len(vocab) - 2, vocab.index('a</w>'), vocab.index('red</w>'), vocab.index('circle</w>'),

@@ -5,12 +5,12 @@ open_clip wheel). Helpers reach the tests through the `ref` fixture (conftest mo
 """
 
 import gzip
-import json
 import os
 import types
 
 import numpy as np
 import pytest
+from support import write_clip_bpe
 
 try:  # The PyTorch reference stack (the `test` extra); fixtures that need it skip without it.
   import diffusers
@@ -42,32 +42,12 @@ def perturb(model: 'torch.nn.Module', seed: int = 0) -> 'torch.nn.Module':
   return model.eval()
 
 
-def _bytes_to_unicode() -> list[str]:
-  """CLIP's byte -> printable-character table (the first 256 vocabulary entries)."""
-  bs = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return [chr(c) for c in cs]
-
-
 def write_clip_tokenizer_files(directory: str) -> str:
   """vocab.json + merges.txt of OpenAI's CLIP BPE (49408 tokens), from open_clip's bundled merges."""
   open_clip = pytest.importorskip('open_clip')
   path = os.path.join(os.path.dirname(open_clip.__file__), 'bpe_simple_vocab_16e6.txt.gz')
   merges = gzip.open(path).read().decode('utf-8').split('\n')[1:49152 - 256 - 2 + 1]
-  chars = _bytes_to_unicode()
-  vocab = chars + [c + '</w>' for c in chars] + [''.join(m.split()) for m in merges]
-  vocab += ['<|startoftext|>', '<|endoftext|>']
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, 'vocab.json'), 'w') as f:
-    json.dump({token: i for i, token in enumerate(vocab)}, f)
-  with open(os.path.join(directory, 'merges.txt'), 'w') as f:
-    f.write('#version: 0.2\n' + '\n'.join(merges) + '\n')
+  write_clip_bpe(directory, merges)
   return directory
 
 
