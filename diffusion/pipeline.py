@@ -70,6 +70,7 @@ class LatentDiffusionPipeline:
     self.params = params
     self.tokenizer = tokenizer
     self.step: int | None = None  # The checkpoint step of `params`, when loaded from a workdir.
+    self._replica: tuple[dict, dict] | None = None  # (params, their copy on every local device).
     self.unet = models.create_unet(config.model.unet)
     self.text_encoder = models.create_text_encoder(config.model.text)
     self.vae = models.create_vae(config.model.vae)
@@ -211,14 +212,26 @@ class LatentDiffusionPipeline:
     return np.concatenate(out)
 
   def _replicated(self, params: dict, devices: Sequence[Any]) -> dict:
-    """`params` on every local device (once per params object), so batches can be split over the devices."""
-    if len(devices) == 1:
-      return params
-    cached = getattr(self, '_replica', None)
+    """`params` on every local device (once per params object), so batches can be split over the devices.
+
+    Params sharded across processes (FSDP training on several hosts) are gathered first: a collective, which every
+    process reaches as each one samples (the same images; only process 0 writes them).
+    """
+    cached = self._replica
     if cached is None or cached[0] is not params:
-      mesh = Mesh(np.asarray(devices), ('batch',))
-      self._replica = (params, jax.device_put(params, NamedSharding(mesh, PartitionSpec())))
+      local = jax.tree.map(_gathered, params)
+      if len(devices) > 1:
+        local = jax.device_put(local, NamedSharding(Mesh(np.asarray(devices), ('batch',)), PartitionSpec()))
+      self._replica = (params, local)
     return self._replica[1]
+
+
+def _gathered(x: Any) -> Any:
+  """A process-spanning array as a full host copy; anything else as it is."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return multihost_utils.process_allgather(x, tiled=True)
+  return x
 
 
 def _shard_batch(inputs: dict, devices: Sequence[Any]) -> dict:
