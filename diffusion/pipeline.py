@@ -214,24 +214,16 @@ class LatentDiffusionPipeline:
   def _replicated(self, params: dict, devices: Sequence[Any]) -> dict:
     """`params` on every local device (once per params object), so batches can be split over the devices.
 
-    Params sharded across processes (FSDP training on several hosts) are gathered first: a collective, which every
-    process reaches as each one samples (the same images; only process 0 writes them).
+    `params` must be addressable by this process (a checkpoint restored here, or `parallel.host_local` of sharded
+    training params, as the training loop does for its sample grids).
     """
     cached = self._replica
     if cached is None or cached[0] is not params:
-      local = jax.tree.map(_gathered, params)
+      local = params
       if len(devices) > 1:
-        local = jax.device_put(local, NamedSharding(Mesh(np.asarray(devices), ('batch',)), PartitionSpec()))
+        local = jax.device_put(params, NamedSharding(Mesh(np.asarray(devices), ('batch',)), PartitionSpec()))
       self._replica = (params, local)
     return self._replica[1]
-
-
-def _gathered(x: Any) -> Any:
-  """A process-spanning array as a full host copy; anything else as it is."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return multihost_utils.process_allgather(x, tiled=True)
-  return x
 
 
 def _shard_batch(inputs: dict, devices: Sequence[Any]) -> dict:
