@@ -6,6 +6,7 @@ the run was trained with (`config.json`) and, for stage 2, the tokenizer and the
 optimizer NamedTuples come back as themselves.
 """
 
+import hashlib
 import importlib.metadata
 import os
 import subprocess
@@ -186,3 +187,14 @@ def load_pytree(path: str, target: Any = None) -> Any:
     raise UserError(f'missing checkpoint directory {path!r}')
   checkpointer = ocp.StandardCheckpointer()
   return checkpointer.restore(path, _abstract(target) if target is not None else _replicated_target(path))
+
+
+def params_hash(params: Any) -> str:
+  """sha256 over the params' paths, dtypes, shapes and values (the identity of a frozen VAE)."""
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+    value = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}|'.encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()

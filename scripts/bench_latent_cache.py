@@ -66,14 +66,14 @@ class _Trainer:
     import jax  # pylint: disable=import-outside-toplevel
 
     from diffusion import parallel  # pylint: disable=import-outside-toplevel
-    from diffusion.data import pipeline as data_pipeline  # pylint: disable=import-outside-toplevel
+    from diffusion.data import inputs  # pylint: disable=import-outside-toplevel
     from diffusion.training import state as state_lib  # pylint: disable=import-outside-toplevel
     from diffusion.training.ldm_task import LDMTask  # pylint: disable=import-outside-toplevel
 
     self.task = LDMTask(config, workdir)
     self.task.config.model.vae.scaling_factor = 1.0  # Calibration does not change the speed.
     mesh = parallel.create_mesh(config.mesh)
-    loader = data_pipeline.create_input_pipeline(config.data, config.data.train_split, tokenizer=self.task.tokenizer,
+    loader = inputs.create_input_pipeline(config.data, config.data.train_split, tokenizer=self.task.tokenizer,
                                                  batch_size=config.train.batch_size, seed=config.seed)
     self.batches = (parallel.make_global_batch(b, mesh) for b in loader)
     tx = state_lib.create_optimizer(config.optim, 1000, frozen=self.task.frozen_param_groups)
@@ -96,12 +96,12 @@ class _Trainer:
 
 
 def _bench_size(args, image_size: int, root: str, vae_workdir: str) -> tuple[float, float]:
-  from diffusion.data import latent_cache  # pylint: disable=import-outside-toplevel
+  from diffusion import latent_cache_writer  # pylint: disable=import-outside-toplevel
 
   data_dir = os.path.join(root, 'tfds')
   cache = os.path.join(root, f'latents_{image_size}')
   start = time.perf_counter()
-  latent_cache.precompute(_config(image_size, args.batch_size, args.num_train, data_dir, vae_workdir), vae_workdir,
+  latent_cache_writer.precompute(_config(image_size, args.batch_size, args.num_train, data_dir, vae_workdir), vae_workdir,
                           cache, batch_size=args.batch_size, log=lambda line: None)
   print(f'{image_size} px: precomputed {args.num_train} images x 2 flips in {time.perf_counter() - start:.1f} s '
         f'({args.num_train / (time.perf_counter() - start):.1f} images/s, compile included)', flush=True)

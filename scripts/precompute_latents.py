@@ -52,14 +52,14 @@ def main(argv: list[str]) -> None:
                 f'--process_index must be in [0, --process_count), got {_PROCESS_INDEX.value}')
   config = _CONFIG.value
   cli.require(config.get('model_type') == 'ldm', '--config must be a stage-2 (ldm) config, e.g. configs/ldm_base.py:tiny')
-  from diffusion.data import latent_cache  # After argument checks: a usage error should not wait for JAX.
+  from diffusion import latent_cache_writer  # After argument checks: a usage error should not wait for JAX.
 
   with config.unlocked():
-    meta = latent_cache.precompute(config, _VAE_WORKDIR.value, _OUT.value, split=_SPLIT.value, flips=_FLIPS.value,
+    meta = latent_cache_writer.precompute(config, _VAE_WORKDIR.value, _OUT.value, split=_SPLIT.value, flips=_FLIPS.value,
                                    batch_size=_BATCH.value, process_index=_PROCESS_INDEX.value,
                                    process_count=_PROCESS_COUNT.value,
                                    log=lambda line: print(line, flush=True))
-  print(f'latent cache {latent_cache.split_dir(_OUT.value, meta["dataset"]["split"])}: '
+  print(f'latent cache {latent_cache_writer.split_dir(_OUT.value, meta["dataset"]["split"])}: '
         f'{meta["dataset"]["num_records"]} records, latents {tuple(meta["latent_shape"])}, '
         f'variants {", ".join(meta["variants"])}', flush=True)
 

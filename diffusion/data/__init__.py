@@ -6,5 +6,7 @@ Modules (import the one you need; this package imports nothing heavy by itself):
   oracle       reads which coloured shapes an image shows; scores images against captions
   tokenizer    word-level tokenizer, save/load (also hub tokenizers), tokenize
   folder       image folder + captions file as a data source
-  pipeline     create_data_source / create_input_pipeline (grain; deterministic, resumable)
+  pipeline     create_data_source / create_image_pipeline (grain; deterministic, resumable)
+  latent_cache reading precomputed VAE posteriors (written by diffusion.latent_cache_writer)
+  inputs       create_input_pipeline: the images, or the latent cache where the config names one
 """

@@ -392,7 +392,7 @@ class Finalize(grain.transforms.Map):
       self.stats.add("truncated", len(long), example=f"data.max_text_length={self.max_length}: {long[0][:200]!r}")
 
 
-def create_input_pipeline(data_config: ml_collections.ConfigDict, split: str, *, tokenizer,
+def create_image_pipeline(data_config: ml_collections.ConfigDict, split: str, *, tokenizer,
                           batch_size: int, seed: int, shuffle: bool = True,
                           num_epochs: int | None = None, process_index: int = 0,
                           process_count: int = 1, drop_remainder: bool = True) -> grain.DataLoader:
@@ -401,18 +401,9 @@ def create_input_pipeline(data_config: ml_collections.ConfigDict, split: str, *,
   `batch_size` is per host. `num_epochs=None` repeats forever. Iterate with `iter(loader)`; the
   iterator's `get_state()` / `set_state()` save and restore the position.
 
-  With `data_config.latent_cache` set (stage 2), the training split (and any other split the cache holds) is
-  read from the precomputed latents instead: batches then carry `latent_mean` / `latent_logvar` in place of
-  `image`, in the same order, with the same captions and flips (see `diffusion.data.latent_cache`).
+  The images of the dataset itself; `diffusion.data.inputs.create_input_pipeline` reads a latent cache instead where the
+  config names one.
   """
-  cache_dir = data_config.get("latent_cache", "")
-  if cache_dir and tokenizer is not None:
-    from diffusion.data import latent_cache  # pylint: disable=import-outside-toplevel  # It imports this module.
-    if split == data_config.train_split or latent_cache.has_split(cache_dir, split):
-      return latent_cache.create_cached_pipeline(
-          data_config, split, tokenizer=tokenizer, batch_size=batch_size, seed=seed, shuffle=shuffle,
-          num_epochs=num_epochs, process_index=process_index, process_count=process_count,
-          drop_remainder=drop_remainder)
   source = create_data_source(data_config, split)
   sampler = make_sampler(len(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                          process_index=process_index, process_count=process_count, drop_remainder=drop_remainder)

@@ -53,7 +53,7 @@ def test_folder_pipeline_skips_broken_files(tmp_path, fmt, make_config, tok, cap
                        folder=dict(path=str(root), captions_file=""))
   source = pipeline.create_data_source(config, "train")
   assert len(source) == 6 and source.num_missing == 1
-  loader = pipeline.create_input_pipeline(config, "train", tokenizer=tok, batch_size=2, seed=0,
+  loader = pipeline.create_image_pipeline(config, "train", tokenizer=tok, batch_size=2, seed=0,
                                           num_epochs=1, shuffle=False, drop_remainder=False)
   with caplog.at_level(logging.WARNING):
     batches = list(loader)

@@ -16,7 +16,7 @@ def _batches(loader, n, start_iter=None):
 def _pipeline(config, tok, split="train", **kwargs):
   kwargs.setdefault("batch_size", 8)
   kwargs.setdefault("seed", 0)
-  return pipeline.create_input_pipeline(config, split, tokenizer=tok, **kwargs)
+  return pipeline.create_image_pipeline(config, split, tokenizer=tok, **kwargs)
 
 
 def _keys(batch):

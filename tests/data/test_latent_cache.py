@@ -7,7 +7,9 @@ import jax
 import numpy as np
 import pytest
 
+from diffusion import checkpoint, latent_cache_writer
 from diffusion.data import latent_cache
+from diffusion.data import inputs
 from diffusion.data import pipeline as data_pipeline
 from diffusion.errors import ConfigError
 from support import LDM, load_config, run_cli
@@ -29,7 +31,7 @@ def cache_dir(tmp_path_factory, data_dir, vae_workdir) -> str:
   """The training split with both flips, written in two process slices (as two hosts would)."""
   out = str(tmp_path_factory.mktemp('latents'))
   for index in (1, 0):  # Process 0 (the metadata writer) last, like a host that finishes late.
-    latent_cache.precompute(_config(data_dir, vae_workdir), vae_workdir, out, batch_size=24, process_index=index,
+    latent_cache_writer.precompute(_config(data_dir, vae_workdir), vae_workdir, out, batch_size=24, process_index=index,
                             process_count=2, log=_quiet)
   return out
 
@@ -38,14 +40,14 @@ def test_stored_posteriors_equal_the_encoders_on_the_same_images(cache_dir, data
   from diffusion import models
 
   config = _config(data_dir, vae_workdir)
-  vae_config, params = latent_cache.load_vae(vae_workdir)
+  vae_config, params = latent_cache_writer.load_vae(vae_workdir)
   source = data_pipeline.create_data_source(config.data, 'train')
   images = data_pipeline.normalize_images(np.stack([np.asarray(source[i]['image']) for i in range(len(source))]))
   vae = models.create_vae(vae_config)
   cached, meta = latent_cache.open_source(cache_dir, 'train')
   records = [latent_cache.decode_record(cached[i]) for i in range(len(cached))]
   assert meta['variants'] == ['original', 'flipped'] and len(records) == len(source) == 64
-  assert meta['vae_params_sha256'] == latent_cache.params_hash(params)
+  assert meta['vae_params_sha256'] == checkpoint.params_hash(params)
   for variant, x in enumerate((images, images[:, :, ::-1])):
     mean, logvar = jax.jit(lambda p, x: vae.apply({'params': p}, x, method='encode'))(params, x)
     stored_mean = np.stack([r['mean'][variant] for r in records])
@@ -59,7 +61,7 @@ def test_stored_posteriors_equal_the_encoders_on_the_same_images(cache_dir, data
 
 
 def _batches(data_config, tokenizer, num_batches=2):
-  loader = data_pipeline.create_input_pipeline(data_config, 'train', tokenizer=tokenizer, batch_size=8, seed=5)
+  loader = inputs.create_input_pipeline(data_config, 'train', tokenizer=tokenizer, batch_size=8, seed=5)
   return [next(it) for it in [iter(loader)] for _ in range(num_batches)]
 
 
@@ -91,9 +93,9 @@ def test_losses_from_the_cache_equal_the_losses_on_the_fly(cache_dir, data_dir, 
 
 
 def test_cache_of_another_vae_dataset_or_flip_setting_is_refused(cache_dir, data_dir, vae_workdir, tmp_path):
-  _, params = latent_cache.load_vae(vae_workdir)
+  _, params = latent_cache_writer.load_vae(vae_workdir)
   config = _config(data_dir, vae_workdir, **{'data.latent_cache': cache_dir})
-  config.model.vae = latent_cache.load_vae(vae_workdir)[0]
+  config.model.vae = latent_cache_writer.load_vae(vae_workdir)[0]
   latent_cache.check_training_cache(config, params)  # The matching cache passes.
   other = jax.tree.map(lambda p: p + 1e-3, params)
   with pytest.raises(ConfigError, match='VAE params'):
@@ -103,7 +105,7 @@ def test_cache_of_another_vae_dataset_or_flip_setting_is_refused(cache_dir, data
     latent_cache.check_cache(config, 'train', params)
   config.data.shapes.num_train = 64
   no_flips = str(tmp_path / 'no_flips')
-  latent_cache.precompute(_config(data_dir, vae_workdir), vae_workdir, no_flips, split='validation', flips='none',
+  latent_cache_writer.precompute(_config(data_dir, vae_workdir), vae_workdir, no_flips, split='validation', flips='none',
                           log=_quiet)
   config.data.latent_cache = no_flips
   with pytest.raises(ConfigError, match='data.random_flip=True needs the flipped variant'):

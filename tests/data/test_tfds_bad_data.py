@@ -101,7 +101,7 @@ def tok():
 
 def _run(make_config, data_dir, name, tok, caplog):
   config = make_config(name=name, data_dir=data_dir, image_size=8, max_text_length=MAX_LENGTH)
-  loader = pipeline.create_input_pipeline(config, 'train', tokenizer=tok, batch_size=3, seed=0, num_epochs=1,
+  loader = pipeline.create_image_pipeline(config, 'train', tokenizer=tok, batch_size=3, seed=0, num_epochs=1,
                                           shuffle=False, drop_remainder=False)
   with caplog.at_level(logging.WARNING):
     batches = list(loader)

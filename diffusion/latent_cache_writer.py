@@ -1,0 +1,195 @@
+"""Writing a latent cache: encode a dataset split once with a trained VAE's EMA params (scripts/precompute_latents.py).
+
+The layout and the reading side are in `diffusion.data.latent_cache`; training from the cache gives the same
+examples, captions and flips as encoding on the fly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import serialization
+
+from diffusion import checkpoint, models
+from diffusion.data import pipeline as data_pipeline
+from diffusion.data.latent_cache import _METADATA, VARIANTS, expected_metadata, load_metadata, split_dir
+from diffusion.errors import ConfigError, UserError
+from diffusion.workdir import load_workdir_config
+
+
+
+def load_vae(vae_workdir: str) -> tuple[ml_collections.ConfigDict, Any]:
+  """(the VAE workdir's model.vae config, its EMA params)."""
+  if not os.path.isdir(vae_workdir):
+    raise UserError(f'VAE workdir {vae_workdir!r} does not exist')
+  vae_config = load_workdir_config(vae_workdir, expect='vae').model.vae
+  params = checkpoint.Checkpointer(os.path.abspath(vae_workdir), read_only=True).restore_params(item='ema_params')
+  return vae_config, params
+
+
+def shard_range(num_records: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """Process i's contiguous slice [lo, hi) of the records (so shard files concatenate to dataset order)."""
+  return num_records * process_index // process_count, num_records * (process_index + 1) // process_count
+
+
+def _load_example(source: Any, decode: data_pipeline.DecodeRecord, index: int, size: int) -> dict:
+  """Decoded, resized, centre-cropped uint8 image (None if undecodable) and captions of record `index`."""
+  element = decode.map(source[index])
+  image = element['image']
+  if image is not None:
+    image = data_pipeline.resize_shorter_side(image, size)
+    h, w = image.shape[:2]
+    _, top, left, _ = data_pipeline.draw_augmentation(None, 1, h, w, size, False, False)
+    image = image[top:top + size, left:left + size]
+  return {'image': image, 'captions': element['captions']}
+
+
+def _examples(source: Any, data: ml_collections.ConfigDict, lo: int, hi: int) -> Iterator[dict]:
+  """Records lo..hi-1 in order, decoded by a few threads (PIL releases the GIL while decoding)."""
+  decode = data_pipeline.DecodeRecord(data.image_key, data.caption_key)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    chunk = 256
+    for start in range(lo, hi, chunk):
+      indices = range(start, min(start + chunk, hi))
+      yield from pool.map(lambda i: _load_example(source, decode, i, data.image_size), indices)
+
+
+def _encoder(vae_config: ml_collections.ConfigDict) -> Callable:
+  """jit: float images (n, H, W, 3) in [-1, 1] -> posterior (mean, logvar), each (n, h, w, c)."""
+  vae = models.create_vae(vae_config)
+  return jax.jit(lambda params, x: vae.apply({'params': params}, x, method='encode'))
+
+
+def _encode_batch(encode: Callable, params: Any, images: np.ndarray, flips: bool, batch_size: int) -> tuple:
+  """(mean, logvar) as float32 (n, variants, h, w, c); batches are padded to one shape, so one compile."""
+  n = len(images)
+  x = data_pipeline.normalize_images(images)  # Exactly the training pipeline's float images.
+  if flips:
+    x = np.concatenate([x, x[:, :, ::-1]])
+  padded = batch_size * (2 if flips else 1)
+  x = np.concatenate([x, np.zeros((padded - len(x), *x.shape[1:]), x.dtype)]) if len(x) < padded else x
+  mean, logvar = (np.asarray(a, np.float32) for a in encode(params, x))
+  parts = [slice(0, n), slice(n, 2 * n)] if flips else [slice(0, n)]
+  return tuple(np.stack([a[p] for p in parts], axis=1) for a in (mean, logvar))
+
+
+class _Progress:
+  """Prints images/s and the ETA every `every` seconds."""
+
+  def __init__(self, total: int, log: Callable[[str], None], every: float = 10.0):
+    self.total, self.log, self.every = total, log, every
+    self.start = self.last = time.perf_counter()
+
+  def update(self, done: int, force: bool = False) -> None:
+    now = time.perf_counter()
+    if not force and now - self.last < self.every:
+      return
+    self.last = now
+    rate = done / max(now - self.start, 1e-9)
+    eta = (self.total - done) / rate if rate > 0 else float('inf')
+    self.log(f'encoded {done}/{self.total} images, {rate:.1f} images/s, ETA {eta:.0f} s')
+
+
+def _write_batch(writer: Any, pending: list[dict], encode: Callable, params: Any, flips: bool,
+                 batch_size: int) -> None:
+  valid = [e for e in pending if e['image'] is not None]
+  if valid:
+    mean, logvar = _encode_batch(encode, params, np.stack([e['image'] for e in valid]), flips, batch_size)
+  empty = np.zeros((0,), np.float32)
+  j = 0
+  for e in pending:
+    record = {'valid': e['image'] is not None, 'captions': list(e['captions']),
+              'flipped_captions': [data_pipeline.swap_left_right(c) for c in e['captions']],
+              'mean': empty, 'logvar': empty}
+    if record['valid']:
+      record['mean'], record['logvar'] = mean[j], logvar[j]
+      j += 1
+    writer.write(serialization.msgpack_serialize(record))
+
+
+def precompute(config: ml_collections.ConfigDict, vae_workdir: str, out_dir: str, *, split: str | None = None,
+               flips: str = 'auto', batch_size: int = 64, process_index: int | None = None,
+               process_count: int | None = None, log: Callable[[str], None] = print) -> dict:
+  """Encodes this process's slice of `split` with the VAE's EMA params; writes its shard (+ metadata on process 0).
+
+  `flips`: 'both' stores the flipped image's posterior too, 'none' only the image's, 'auto' follows
+  config.data.random_flip. Returns the metadata.
+  """
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+
+  if flips == 'auto':
+    flips = 'both' if config.data.random_flip else 'none'
+  if flips not in VARIANTS:
+    raise UserError(f'flips must be one of {sorted(VARIANTS)} or auto, got {flips!r}')
+  if batch_size < 1:
+    raise UserError(f'batch_size must be >= 1, got {batch_size}')
+  split = split or config.data.train_split
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  vae_config, params = load_vae(vae_workdir)
+  config.model.vae = vae_config
+  if config.data.image_size % models.vae_downsample_factor(vae_config):
+    raise ConfigError('data.image_size', f'{config.data.image_size} is not divisible by the VAE factor '
+                      f'{models.vae_downsample_factor(vae_config)}')
+  source = data_pipeline.create_data_source(config.data, split)
+  lo, hi = shard_range(len(source), process_index, process_count)
+  directory = split_dir(out_dir, split)
+  os.makedirs(directory, exist_ok=True)
+  name = f'{process_index:05d}-of-{process_count:05d}'
+  encode, progress = _encoder(vae_config), _Progress(hi - lo, log)
+  writer = array_record_module.ArrayRecordWriter(os.path.join(directory, f'latents-{name}.array_record'),
+                                                 'group_size:1')
+  pending, done, skipped = [], 0, 0
+  for example in _examples(source, config.data, lo, hi):
+    skipped += example['image'] is None
+    pending.append(example)
+    if len(pending) == batch_size:
+      _write_batch(writer, pending, encode, params, flips == 'both', batch_size)
+      done, pending = done + len(pending), []
+      progress.update(done)
+  if pending:
+    _write_batch(writer, pending, encode, params, flips == 'both', batch_size)
+    done += len(pending)
+  writer.close()
+  progress.update(done, force=True)
+  with open(os.path.join(directory, f'shard-{name}.json'), 'w') as f:
+    json.dump({'range': [lo, hi], 'num_skipped': skipped}, f)
+  log(f'wrote records {lo}..{hi - 1} of {split!r} to {directory} ({skipped} unreadable images skipped)')
+  meta = _metadata(config, split, len(source), vae_workdir, params, flips, process_count)
+  if process_index == 0:
+    with open(os.path.join(directory, _METADATA + '.tmp'), 'w') as f:
+      json.dump(meta, f, indent=2)
+    os.replace(os.path.join(directory, _METADATA + '.tmp'), os.path.join(directory, _METADATA))
+  return meta
+
+
+def _metadata(config: ml_collections.ConfigDict, split: str, num_records: int, vae_workdir: str, params: Any,
+              flips: str, process_count: int) -> dict:
+  meta = expected_metadata(config, split)
+  meta['dataset']['num_records'] = num_records
+  names = [f'{i:05d}-of-{process_count:05d}' for i in range(process_count)]
+  meta.update({
+      'vae_workdir': os.path.abspath(vae_workdir), 'vae_params_sha256': checkpoint.params_hash(params),
+      'vae_scaling_factor': float(config.model.vae.scaling_factor),  # <= 0: calibrated from the cached posteriors.
+      'variants': list(VARIANTS[flips]), 'dtype': 'float32',
+      'shards': [f'latents-{n}.array_record' for n in names], 'shard_stats': [f'shard-{n}.json' for n in names],
+  })
+  return meta
+
+
+def num_skipped(cache_dir: str, split: str) -> int:
+  """Unreadable images the precompute skipped, over all shards."""
+  meta = load_metadata(cache_dir, split)
+  total = 0
+  for name in meta['shard_stats']:
+    with open(os.path.join(split_dir(cache_dir, split), name)) as f:
+      total += json.load(f)['num_skipped']
+  return total
