@@ -43,10 +43,11 @@ def _parser() -> argparse.ArgumentParser:
 @user_errors_exit
 def main(argv: list[str]) -> None:
   args = _parser().parse_args(argv[1:])
-  from diffusion import interop  # After argument checks: a usage error should not wait for JAX.
+  from configs import ldm_base  # After argument checks: a usage error should not wait for JAX.
+  from diffusion.training import pipeline_io
 
   if args.command == 'import':
-    config = interop.import_pipeline(args.source, args.workdir)
+    config = pipeline_io.import_pipeline(args.source, args.workdir, ldm_base.get_config('base'))
     unet = config.model.unet
     print(f'imported {args.source} into {args.workdir}: U-Net {tuple(unet.block_out_channels)}, '
           f'{config.data.image_size} px, prediction {config.diffusion.prediction_type}, '
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> None:
   else:
     if not os.path.isdir(args.workdir):
       raise UserError(f'workdir {args.workdir!r} does not exist')
-    warnings = interop.export_pipeline(args.workdir, args.directory, step=args.step, use_ema=not args.raw_params)
+    warnings = pipeline_io.export_pipeline(args.workdir, args.directory, step=args.step, use_ema=not args.raw_params)
     for warning in warnings:
       print(f'warning: {warning}', file=sys.stderr, flush=True)
     print(f'exported {args.workdir} to {args.directory}', flush=True)

@@ -1,5 +1,5 @@
-"""Weights from and to the PyTorch ecosystem: diffusers U-Nets and VAEs, transformers CLIP text encoders,
-and whole Stable-Diffusion pipeline directories.
+"""Weights from and to the PyTorch ecosystem: diffusers U-Nets and VAEs, transformers CLIP text encoders (whole
+pipeline directories <-> workdirs: `diffusion.training.pipeline_io`).
 
   unet, params = load_unet('path/to/sd/unet')          # or the pipeline directory, or a hub id
   out = unet.apply({'params': params}, z_t, t, context)  # NHWC, t in diffusers units (0 ... 999)
@@ -12,7 +12,6 @@ mis-shaped tensors rather than filling part of a model.
 
 from diffusion.interop.loaders import (load_text_encoder, load_text_encoder_config, load_unet, load_unet_config,
                                        load_vae, load_vae_config, save_text_encoder, save_unet, save_vae)
-from diffusion.interop.pipelines import export_pipeline, import_pipeline
 
-__all__ = ['export_pipeline', 'import_pipeline', 'load_text_encoder', 'load_text_encoder_config', 'load_unet',
+__all__ = ['load_text_encoder', 'load_text_encoder_config', 'load_unet',
            'load_unet_config', 'load_vae', 'load_vae_config', 'save_text_encoder', 'save_unet', 'save_vae']

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from configs import ldm_base
 from diffusion import checkpoint, interop
+from diffusion.training import pipeline_io
 from diffusion.errors import UserError
-from diffusion.pipeline import load_workdir_config
+from diffusion.workdir import load_workdir_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -155,7 +157,7 @@ def test_unsupported_scheduler_is_named(sd_pipeline_dir, tmp_path):
   config = json.load(open(os.path.join(sd_pipeline_dir, 'scheduler', 'scheduler_config.json')))
   (copy / 'scheduler' / 'scheduler_config.json').write_text(json.dumps({**config, 'beta_schedule': 'sigmoid'}))
   with pytest.raises(UserError, match="scheduler_config.json: beta_schedule='sigmoid' is not supported"):
-    interop.import_pipeline(str(copy), str(tmp_path / 'w'))
+    pipeline_io.import_pipeline(str(copy), str(tmp_path / 'w'), ldm_base.get_config('base'))
 
 
 @pytest.mark.slow  # Trains the tiny VAE and LDM of tests/conftest.py first.

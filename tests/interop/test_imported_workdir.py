@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import ldm_base
 from diffusion import checkpoint, interop
-from diffusion.pipeline import load_workdir_config
+from diffusion.training import pipeline_io
+from diffusion.workdir import load_workdir_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope='module')
 def workdir(sd_pipeline_dir, tmp_path_factory) -> str:
   workdir = str(tmp_path_factory.mktemp('imported'))
-  interop.import_pipeline(sd_pipeline_dir, workdir)
+  pipeline_io.import_pipeline(sd_pipeline_dir, workdir, ldm_base.get_config('base'))
   return workdir
 
 

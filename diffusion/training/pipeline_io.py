@@ -19,7 +19,9 @@ from diffusion.config import config_to_json, validate_config
 from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import UserError
 from diffusion.interop import configs, files, loaders
-from diffusion.pipeline import load_workdir_config
+from diffusion.training.ldm_task import frozen_param_groups
+from diffusion.training.state import create_optimizer, create_train_state
+from diffusion.workdir import load_workdir_config
 
 COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
 
@@ -54,17 +56,15 @@ def _scheduler_config(directory: str) -> dict[str, Any]:
   return configs.diffusion_from_scheduler(files.read_json(path), path)
 
 
-def _workdir_config(unet: Any, vae: Any, text: Any, diffusion: dict[str, Any], max_text_length: int,
-                    source: str) -> ml_collections.ConfigDict:
-  """configs/ldm_base.py:base with the imported model, process and tokenizer settings."""
-  from configs import ldm_base  # pylint: disable=import-outside-toplevel
-
-  config = ldm_base.get_config('base')
+def _workdir_config(base: ml_collections.ConfigDict, unet: Any, vae: Any, text: Any, diffusion: dict[str, Any],
+                    max_text_length: int, source: str) -> ml_collections.ConfigDict:
+  """`base` (e.g. configs/ldm_base.py:base) with the imported model, process and tokenizer settings."""
+  config = ml_collections.ConfigDict(base.to_dict())
   if unet.sample_size is None:
     raise UserError(f'{source}/unet/config.json: sample_size is not set (needed for the image size)')
-  config.model.unet = ml_collections.ConfigDict({**ldm_base.get_unet_config().to_dict(), **unet.to_dict()})
+  config.model.unet = ml_collections.ConfigDict({**base.model.unet.to_dict(), **unet.to_dict()})
   config.model.vae = vae
-  config.model.text = ml_collections.ConfigDict({**ldm_base.get_text_config().to_dict(), **text.to_dict(),
+  config.model.text = ml_collections.ConfigDict({**base.model.text.to_dict(), **text.to_dict(),
                                                  'tokenizer': os.path.join(source, 'tokenizer')})
   for key, value in diffusion.items():
     config.diffusion[key] = value
@@ -74,8 +74,11 @@ def _workdir_config(unet: Any, vae: Any, text: Any, diffusion: dict[str, Any], m
   return config
 
 
-def import_pipeline(source: str, workdir: str) -> ml_collections.ConfigDict:
-  """Converts a diffusers SD pipeline (directory or hub id) into a stage-2 workdir; returns its config."""
+def import_pipeline(source: str, workdir: str, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Converts a diffusers SD pipeline (directory or hub id) into a stage-2 workdir; returns its config.
+
+  `base` is the stage-2 config the imported settings fill in (its training, data and sampling sections are kept).
+  """
   workdir = os.path.abspath(workdir)
   if os.path.exists(os.path.join(workdir, 'config.json')) or os.path.exists(os.path.join(workdir, 'checkpoints')):
     raise UserError(f'workdir {workdir!r} already holds a run (config.json / checkpoints); use a new one')
@@ -86,7 +89,7 @@ def import_pipeline(source: str, workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f'{root}/tokenizer has {len(tokenizer)} tokens but text_encoder/config.json has '
                     f'vocab_size={text.vocab_size}')
   max_length = min(int(tokenizer.model_max_length), text.max_position_embeddings)
-  config = _workdir_config(loaders.load_unet_config(os.path.join(root, 'unet')),
+  config = _workdir_config(base, loaders.load_unet_config(os.path.join(root, 'unet')),
                            loaders.load_vae_config(os.path.join(root, 'vae')), text,
                            _scheduler_config(os.path.join(root, 'scheduler')), max_length, root)
   # Configs first (cheap, and every error names its file and key), then the weights.
@@ -99,9 +102,6 @@ def import_pipeline(source: str, workdir: str) -> ml_collections.ConfigDict:
 
 def _write_workdir(workdir: str, config: ml_collections.ConfigDict, tokenizer: Any, vae_params: Any,
                    params: dict[str, Any], source: str) -> None:
-  from diffusion.training.ldm_task import frozen_param_groups  # pylint: disable=import-outside-toplevel
-  from diffusion.training.state import create_optimizer, create_train_state  # pylint: disable=import-outside-toplevel
-
   os.makedirs(workdir, exist_ok=True)
   tokenizer_lib.save_tokenizer(tokenizer, os.path.join(workdir, 'tokenizer'))
   checkpoint.save_pytree(os.path.join(workdir, 'frozen', 'vae'), vae_params)
