@@ -63,7 +63,7 @@ _OUT = flags.DEFINE_string('out', None, 'Output directory.')
 
 
 def _prompts() -> tuple[list[str], list[int | None]]:
-  from diffusion.sampling import read_prompts_file
+  from diffusion.prompts import read_prompts_file
 
   prompts, seeds = list(_PROMPT.value), [None] * len(_PROMPT.value)
   if _PROMPTS_FILE.value:
@@ -145,7 +145,7 @@ def main(argv: list[str]) -> None:
   options = _sampler_options()
   interval = _guidance_interval()
   from diffusion import parallel
-  from diffusion.sampling import sample_to_directory
+  from diffusion.generation import sample_to_directory
 
   parallel.initialize_distributed()  # Multi-host launches (from the environment); else a no-op.
 

@@ -14,32 +14,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
 
-
-def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
-  """Tiles uint8 images (N, H, W, C) into one (rows*H, cols*W, C) image with a white border."""
-  n, h, w, c = images.shape
-  ncols = ncols or int(np.ceil(np.sqrt(n)))
-  nrows = int(np.ceil(n / ncols))
-  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
-  for i, image in enumerate(images):
-    r, col = divmod(i, ncols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
-  return grid
-
-
-def to_uint8(images: Any) -> np.ndarray:
-  """[-1, 1] floats -> uint8, rounding like diffusers' `numpy_to_pil`."""
-  images = np.asarray(images, dtype=np.float32)
-  return np.round(np.clip((images + 1.0) * 127.5, 0, 255)).astype(np.uint8)
-
-
-def save_png(image: np.ndarray, path: str, upscale: int = 1) -> None:
-  pil = Image.fromarray(image)
-  if upscale > 1:
-    pil = pil.resize((pil.width * upscale, pil.height * upscale), Image.NEAREST)
-  pil.save(path)
+from diffusion.images import save_png
 
 
 def _format_eta(seconds: float) -> str:
@@ -95,7 +71,7 @@ class MetricWriter:
       self._wandb.log(scalars, step=step)
 
   def _throughput(self, steps_per_sec: float) -> dict[str, float]:
-    from diffusion.training.throughput import throughput  # Lazy: diffusion.training imports this module.
+    from diffusion.throughput import throughput
 
     speed = throughput(1.0 / steps_per_sec, self.batch_size, self._num_devices, self._flops_per_device,
                        self._peak_tflops)

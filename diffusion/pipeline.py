@@ -12,7 +12,6 @@ latent pixel is repainted if any of the image pixels it covers is.
 """
 
 import functools
-import json
 import os
 from typing import Any, NamedTuple, Sequence
 
@@ -23,10 +22,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion import models, process, samplers
-from diffusion.config import config_from_json
+from diffusion.workdir import load_workdir_config
 from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import UserError
-from diffusion.logging import to_uint8
+from diffusion.images import to_uint8
 
 # Sampler options the config's sample section supplies (each passed only to samplers that take it).
 CONFIG_OPTIONS = ('eta', 'karras', 'timestep_spacing', 's_churn')
@@ -239,17 +238,3 @@ def _shard_batch(inputs: dict, devices: Sequence[Any]) -> dict:
   padded = {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], pad, axis=0)]) if pad else np.asarray(v)
             for k, v in inputs.items()}
   return {k: jax.device_put(v, sharding) for k, v in padded.items()}
-
-
-def load_workdir_config(workdir: str, expect: str | None = None) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (`<workdir>/config.json`)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise UserError(f'{workdir!r} is not a training workdir (no config.json)')
-  try:
-    config = config_from_json(open(path).read())
-  except json.JSONDecodeError as e:
-    raise UserError(f'{path} is not valid JSON: {e}') from None
-  if expect and config.get('model_type') != expect:
-    raise UserError(f'{workdir!r} holds a {config.get("model_type")!r} model, expected a {expect!r} workdir')
-  return config

@@ -92,7 +92,8 @@ class Evaluator:
                split: str | None = None, num_reference: int = 10000, seed: int | None = None,
                sampling: dict | None = None, batch_size: int = 50, inception_weights: str | None = None,
                metric_options: dict | None = None):
-    from diffusion.pipeline import LatentDiffusionPipeline, load_workdir_config
+    from diffusion.pipeline import LatentDiffusionPipeline
+    from diffusion.workdir import load_workdir_config
     from eval import metrics as metrics_lib
 
     self.workdir, self.num_samples, self.batch_size = workdir, num_samples, batch_size
@@ -230,7 +231,7 @@ def _is_lead() -> bool:
 
 
 def _final_step(workdir: str) -> int:
-  from diffusion.pipeline import load_workdir_config
+  from diffusion.workdir import load_workdir_config
 
   return int(load_workdir_config(workdir).train.num_steps)
 

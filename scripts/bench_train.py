@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from diffusion.training import throughput  # noqa: E402
+from diffusion import throughput  # noqa: E402
 
 SIDES = ('ours', 'flax', 'torch')
 LABELS = {'ours': 'ours (JAX)', 'flax': 'diffusers-Flax', 'torch': 'diffusers PyTorch'}

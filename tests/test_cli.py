@@ -58,7 +58,7 @@ def test_sample_user_errors(tmp_path, ldm_workdir, vae_workdir):
 
 
 def test_sample_is_bit_identical_across_runs_and_the_same_across_batch_sizes(tmp_path, ldm_workdir):
-  from diffusion.sampling import sample_to_directory
+  from diffusion.generation import sample_to_directory
 
   args = ['--workdir', ldm_workdir, '--prompt', 'a red circle', '--prompt', 'a blue square', '--num_images', '2',
           '--seed', '3', '--num_steps', '3', '--sampler', 'ddpm']

@@ -16,7 +16,7 @@ from diffusion import models
 from diffusion.data import shapes
 from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import UserError
-from diffusion.logging import to_uint8
+from diffusion.images import to_uint8
 from diffusion.pipeline import LatentDiffusionPipeline, SamplingPlan
 
 

@@ -87,7 +87,8 @@ def test_inpainting_from_the_command_line(tmp_path, ldm_workdir):
 
 def test_prompts_file_seeds_and_noise_plan(tmp_path):
   from diffusion.errors import UserError
-  from diffusion.sampling import noise_plan, read_prompts_file
+  from diffusion.generation import noise_plan
+  from diffusion.prompts import read_prompts_file
 
   path = tmp_path / 'prompts.txt'
   path.write_text('a red circle\t5\n\n  a blue square \nthree\ttabs\t-2\n')
@@ -102,7 +103,8 @@ def test_prompts_file_seeds_and_noise_plan(tmp_path):
 
 
 def test_labelled_grid_layout():
-  from diffusion.sampling import labelled_grid, setting_name
+  from diffusion.generation import setting_name
+  from diffusion.images import labelled_grid
 
   assert [setting_name(3.0, 25), setting_name(7.5, 10)] == ['gs3_steps25', 'gs7.5_steps10']
   images = np.zeros((2, 3, 32, 32, 3), np.uint8)
@@ -115,7 +117,7 @@ def test_labelled_grid_layout():
 
 @pytest.mark.slow
 def test_sweep_with_per_prompt_seeds(tmp_path, ldm_workdir):
-  from diffusion.sampling import sample_to_directory
+  from diffusion.generation import sample_to_directory
 
   prompts = tmp_path / 'prompts.txt'
   prompts.write_text('a red circle\t5\na blue square\n')

@@ -23,8 +23,9 @@ from diffusion.data import latent_cache
 from diffusion.data import shapes as shapes_lib
 from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import UserError
-from diffusion.logging import make_grid
-from diffusion.pipeline import LatentDiffusionPipeline, load_workdir_config
+from diffusion.images import make_grid
+from diffusion.pipeline import LatentDiffusionPipeline
+from diffusion.workdir import load_workdir_config
 from diffusion.training.state import with_compute_dtype
 
 

@@ -18,10 +18,10 @@ import numpy as np
 
 from diffusion import checkpoint, parallel
 from diffusion.config import config_to_json, validate_config
-from diffusion.data import pipeline as data_pipeline
+from diffusion.data import inputs
 from diffusion.errors import UserError
 from diffusion.logging import MetricWriter
-from diffusion.training import throughput
+from diffusion import throughput
 from diffusion.training.ldm_task import LDMTask
 from diffusion.training.state import (TrainState, create_optimizer, make_train_step, sharded_train_state,
                                       shardings_of)
@@ -55,7 +55,7 @@ class _StopRequest:
 
 def _input_pipeline(config: ml_collections.ConfigDict, split: str, tokenizer: Any, batch_size: int, seed: int,
                     shuffle: bool = True, num_epochs: int | None = None):
-  return data_pipeline.create_input_pipeline(
+  return inputs.create_input_pipeline(
       config.data, split, tokenizer=tokenizer, batch_size=batch_size, seed=seed, shuffle=shuffle,
       num_epochs=num_epochs, process_index=jax.process_index(), process_count=jax.process_count())
 

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from diffusion import losses, models
-from diffusion.logging import make_grid, to_uint8
+from diffusion.images import make_grid, to_uint8
 from diffusion.training.state import with_compute_dtype
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from support import LDM, ROOT, VAE, cli_overrides, load_config
 from diffusion import checkpoint
-from diffusion.pipeline import load_workdir_config
+from diffusion.workdir import load_workdir_config
 from diffusion.training import train_and_evaluate
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from support import ROOT
 from diffusion.logging import MetricWriter
-from diffusion.training import throughput
+from diffusion import throughput
 
 
 @pytest.mark.parametrize('kind, name', [
@@ -71,7 +71,7 @@ def test_flops_of_a_matmul_and_of_old_style_cost_lists():
 def test_compiled_flops_are_per_device_on_a_mesh():
   code = ('import jax, jax.numpy as jnp\n'
           'from jax.sharding import NamedSharding, PartitionSpec as P\n'
-          'from diffusion.training import throughput\n'
+          'from diffusion import throughput\n'
           'mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))\n'
           'x = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("data")))\n'
           'w = jax.device_put(jnp.ones((32, 16)), NamedSharding(mesh, P()))\n'

@@ -12,64 +12,10 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
 from diffusion.errors import UserError
-from diffusion.logging import make_grid, save_png
+from diffusion.images import labelled_grid, load_image, load_mask, make_grid, save_png
 from diffusion.pipeline import LatentDiffusionPipeline
-
-
-def load_image(path: str, size: int) -> np.ndarray:
-  """An RGB image file as (size, size, 3) floats in [-1, 1] (resized with bicubic filtering if needed)."""
-  try:
-    image = Image.open(path).convert('RGB')
-  except (OSError, ValueError) as e:
-    raise UserError(f'cannot read image {path!r}: {e}') from None
-  if image.size != (size, size):
-    image = image.resize((size, size), Image.BICUBIC)
-  return np.asarray(image, np.float32) / 127.5 - 1.0
-
-
-def load_mask(path: str, image_path: str, size: int) -> np.ndarray:
-  """A mask file (white = repaint, black = keep) as (size, size, 1) in {0, 1}; it must match the init image's
-  size (then both are resized alike)."""
-  try:
-    mask = Image.open(path).convert('L')
-    image_size = Image.open(image_path).size
-  except (OSError, ValueError) as e:
-    raise UserError(f'cannot read mask {path!r}: {e}') from None
-  if mask.size != image_size:
-    raise UserError(f'the mask {path!r} is {mask.size[0]}x{mask.size[1]} but the init image is '
-                    f'{image_size[0]}x{image_size[1]}: they must have the same size')
-  if mask.size != (size, size):
-    mask = mask.resize((size, size), Image.NEAREST)
-  return (np.asarray(mask, np.float32) > 127.5).astype(np.float32)[..., None]
-
-
-def read_prompts_file(path: str) -> tuple[list[str], list[int | None]]:
-  """(prompts, seeds) of a prompts file: one prompt per non-blank line, optionally `prompt<TAB>seed` (an integer);
-  a line without a seed gets None (the run's --seed)."""
-  try:
-    with open(path, encoding='utf-8') as f:
-      lines = [line.rstrip('\n') for line in f]
-  except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f'cannot read the prompts file {path!r}: {e}') from None
-  prompts, seeds = [], []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    text, tab, seed = line.rpartition('\t') if '\t' in line else (line, '', '')
-    if tab:
-      try:
-        seeds.append(int(seed.strip()))
-      except ValueError:
-        raise UserError(f'{path}:{number}: the text after the tab must be an integer seed, got {seed!r}') from None
-    else:
-      seeds.append(None)
-    if not text.strip():
-      raise UserError(f'{path}:{number}: empty prompt')
-    prompts.append(text.strip())
-  return prompts, seeds
 
 
 def noise_plan(num_prompts: int, num_images: int, seed: int,
@@ -202,30 +148,3 @@ def _sweep(pipeline: LatentDiffusionPipeline, image: Any, mask_array: Any, setti
   with open(os.path.join(out, 'settings.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   return summary
-
-
-def labelled_grid(images: np.ndarray, row_labels: Sequence[str], column_labels: Sequence[str],
-                  min_cell: int = 96) -> Image.Image:
-  """uint8 images (rows, columns, H, W, 3) as one image with text labels (PIL's default font) on both edges;
-  small images are enlarged by an integer factor (nearest neighbour) to at least `min_cell` pixels."""
-  from PIL import ImageDraw, ImageFont
-
-  num_rows, num_cols, h, w, _ = images.shape
-  scale = max(1, -(-min_cell // max(h, w)))
-  ch, cw, pad = h * scale, w * scale, 4
-  font = ImageFont.load_default()
-  draw = ImageDraw.Draw(Image.new('RGB', (1, 1)))
-  text_w = lambda t: draw.textbbox((0, 0), t, font=font)[2]
-  left = min(320, max(text_w(t) for t in row_labels) + 2 * pad)
-  top = max(draw.textbbox((0, 0), t, font=font)[3] for t in column_labels) + 2 * pad
-  grid = Image.new('RGB', (left + num_cols * (cw + pad) + pad, top + num_rows * (ch + pad) + pad), 'white')
-  draw = ImageDraw.Draw(grid)
-  for col, label in enumerate(column_labels):
-    draw.text((left + pad + col * (cw + pad), pad), label, fill='black', font=font)
-  for row, label in enumerate(row_labels):
-    y = top + pad + row * (ch + pad)
-    draw.text((pad, y + ch // 2 - 6), label, fill='black', font=font)
-    for col in range(num_cols):
-      cell = Image.fromarray(images[row, col]).resize((cw, ch), Image.NEAREST)
-      grid.paste(cell, (left + pad + col * (cw + pad), y))
-  return grid
