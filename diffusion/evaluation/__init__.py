@@ -1,0 +1,1 @@
+"""Evaluators: metrics of generated images (FID, CLIP score, the shapes oracle) behind one registry."""

@@ -1,0 +1,52 @@
+"""What every evaluator shares: the context it is built from, the metric protocol, and the one registry.
+
+A metric is built once per job from an `EvalContext` (where it may compute and cache reference data), then, per
+checkpoint, `reset()`, `update(images, prompts)` over the batches of generated uint8 images this process made,
+and `result()` -> scalars combined over all processes. `describe()` says what the numbers mean (weights, reference
+data), for the JSON record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import ml_collections
+import numpy as np
+
+from diffusion.registry import Registry
+
+
+@dataclasses.dataclass
+class EvalContext:
+  """What metrics may use: the workdir, its config, the reference split's images, and job options."""
+
+  workdir: str
+  config: ml_collections.ConfigDict
+  reference_images: Callable[[int], Iterator[np.ndarray]]  # batch_size -> uint8 batches of the reference split.
+  reference_name: str  # Identifies the reference data in cache file names, e.g. 'shapes-train-1000'.
+  batch_size: int = 50
+  inception_weights: str | None = None
+  seed: int = 0
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)  # Metric-specific settings (e.g. a model dir).
+
+  @property
+  def cache_dir(self) -> str:
+    return os.path.join(self.workdir, 'eval')
+
+
+class Metric(Protocol):
+  name: str
+
+  def reset(self) -> None: ...
+
+  def update(self, images: np.ndarray, prompts: Sequence[str]) -> None: ...
+
+  def result(self) -> dict[str, float]: ...
+
+  def describe(self) -> dict[str, Any]: ...
+
+
+MetricFactory = Callable[[EvalContext], Metric]
+METRICS: Registry[MetricFactory] = Registry('metric')
