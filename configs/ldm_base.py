@@ -121,6 +121,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.preset = preset
   config.seed = 0
   config.vae_workdir = ''  # Where stage 2 takes the frozen VAE from; its params are copied into this workdir.
+  config.base_workdir = ''  # A frozen base this run trains on top of (LoRA, ControlNet, a distillation teacher).
+  config.init_from = ''  # A workdir whose params the trainable params start from (fine-tuning, a student).
   config.data = common.get_data_config(image_size=256)
   config.data.name = 'coco_captions'
   config.data.caption_key = 'captions/text'
@@ -139,6 +141,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = common.get_mesh_config()
   config.distributed = common.get_distributed_config()
   config.wandb = common.get_wandb_config('ldm-jax')
+  # Evaluators of generated samples (diffusion/evaluation), run during training and by eval/run.py.
+  config.evals = ml_collections.ConfigDict()
 
   if preset == 'base':
     pass

@@ -19,6 +19,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model_type = 'vae'
   config.preset = preset
   config.seed = 0
+  config.base_workdir = ''  # A frozen base this run trains on top of (LoRA, ControlNet, a distillation teacher).
+  config.init_from = ''  # A workdir whose params the trainable params start from (fine-tuning, a student).
   config.data = common.get_data_config(image_size=256)
   config.data.name = 'coco_captions'
   config.data.caption_key = 'captions/text'

@@ -8,11 +8,14 @@ from absl import flags
 from diffusion.errors import UserError
 
 
-def parse_flags(argv: Sequence[str], config_flag: str | None = 'config') -> list[str]:
+def parse_flags(argv: Sequence[str], config_flag: str | None = 'config',
+                positional: Sequence[str] = ()) -> list[str]:
   """Parses `argv` into absl FLAGS; turns every flag error into a `UserError` that names the bad flag or key.
 
-  Positional arguments are refused (no entry point takes any, so one is a typo, e.g. a missing `=`), and a config
-  file that fails to load is reported here rather than when its value is first read.
+  Returns the positional arguments: exactly one per name in `positional` (e.g. `('PATH1', 'PATH2')` for
+  `eval.fid PATH1 PATH2`, or `('COMMAND', 'PATH')` for a tool with subcommands); any other count is a usage error
+  (a stray argument is usually a typo, e.g. a missing `=`). A config file that fails to load is reported here
+  rather than when its value is first read.
   """
   try:
     rest = flags.FLAGS(list(argv))
@@ -20,8 +23,13 @@ def parse_flags(argv: Sequence[str], config_flag: str | None = 'config') -> list
     raise UserError(_explain(e, argv, config_flag)) from None
   except (KeyError, AttributeError, TypeError, ValueError) as e:  # ml_collections override errors.
     raise UserError(_explain(e, argv, config_flag)) from None
-  if len(rest) > 1:
-    raise UserError(f'unexpected argument(s) {" ".join(rest[1:])!r}: flags are --name=value')
+  given = list(rest[1:])
+  if len(given) > len(positional):
+    extra = given[len(positional):]
+    raise UserError(f'unexpected argument(s) {" ".join(extra)!r}: flags are --name=value')
+  if len(given) < len(positional):
+    usage = ' '.join(positional)
+    raise UserError(f'missing argument {positional[len(given)]}: usage {argv[0] if argv else ""} {usage} [--flags]')
   if config_flag and config_flag in flags.FLAGS:
     try:
       value = flags.FLAGS[config_flag].value
@@ -30,7 +38,7 @@ def parse_flags(argv: Sequence[str], config_flag: str | None = 'config') -> list
     except (OSError, ValueError, SyntaxError, ImportError, AttributeError) as e:
       cause = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
       raise UserError(f'cannot load the --{config_flag} file: {cause}') from None
-  return rest
+  return given
 
 
 def _explain(error: Exception, argv: Sequence[str], config_flag: str | None) -> str:
