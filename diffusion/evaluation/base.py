@@ -50,3 +50,22 @@ class Metric(Protocol):
 
 MetricFactory = Callable[[EvalContext], Metric]
 METRICS: Registry[MetricFactory] = Registry('metric')
+
+
+def sum_across_processes(tree: Any) -> Any:
+  """Each leaf (a NumPy array or scalar of this process's partial sums) summed over all processes, in float64.
+
+  Evaluators keep sums (counts, feature sums, outer-product sums) of the samples this process generated and combine
+  them once, here, so P processes evaluating N/P samples each give the 1-process statistics (to float rounding).
+  """
+  import jax
+  from jax.experimental import multihost_utils
+
+  tree = jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+  if jax.process_count() == 1:
+    return tree
+  # JAX arrays are float32 here (no x64): send each float64 value as a float32 pair hi + lo, exact to ~1e-14.
+  hi = jax.tree.map(lambda x: x.astype(np.float32), tree)
+  lo = jax.tree.map(lambda x, h: (x - h.astype(np.float64)).astype(np.float32), tree, hi)
+  gathered = multihost_utils.process_allgather((hi, lo))  # Leading axis: the process.
+  return jax.tree.map(lambda h, l: (np.asarray(h, np.float64) + np.asarray(l, np.float64)).sum(axis=0), *gathered)
