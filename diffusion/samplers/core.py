@@ -23,6 +23,7 @@ import numpy as np
 
 from diffusion import process
 from diffusion.errors import UserError
+from diffusion.registry import Registry
 
 Array = jax.Array
 DenoiseFn = Callable[[Array, Array], Array]
@@ -78,8 +79,8 @@ class SamplerInfo(NamedTuple):
   options: tuple[str, ...]
 
 
-_SAMPLERS: dict[str, Callable[..., Any]] = {}
-_INFO: dict[str, SamplerInfo] = {}
+# name -> sampler; each sampler carries its `SamplerInfo` as `.info` and its plan function as `.spec`.
+SAMPLERS: Registry[Callable[..., Any]] = Registry('sampler')
 
 
 def register_sampler(name: str, family: str = 'diffusion') -> Callable[[Callable[..., Plan]], Callable[..., Any]]:
@@ -88,11 +89,10 @@ def register_sampler(name: str, family: str = 'diffusion') -> Callable[[Callable
     raise ValueError(f'unknown sampler family {family!r}; known: {FAMILIES}')
 
   def decorator(spec: Callable[..., Plan]) -> Callable[..., Any]:
-    if name in _SAMPLERS:
-      raise ValueError(f'sampler {name!r} is already registered')
     options = tuple(p for p in inspect.signature(spec).parameters if p not in ('schedule', 'num_steps'))
     sampler = _make_sampler(name, family, spec)
-    _SAMPLERS[name], _INFO[name] = sampler, SamplerInfo(family, options)
+    sampler.info = SamplerInfo(family, options)
+    SAMPLERS.add(name, sampler)
     return sampler
 
   return decorator
@@ -100,19 +100,16 @@ def register_sampler(name: str, family: str = 'diffusion') -> Callable[[Callable
 
 def get_sampler(name: str) -> Callable[..., Any]:
   """The sampler registered as `name`; a `UserError` listing the known names otherwise."""
-  if name not in _SAMPLERS:
-    raise UserError(f'unknown sampler {name!r}; known: {", ".join(available_samplers())}')
-  return _SAMPLERS[name]
+  return SAMPLERS.get(name)
 
 
 def available_samplers(family: str | None = None) -> list[str]:
-  return sorted(n for n in _SAMPLERS if family is None or _INFO[n].family == family)
+  return [n for n in SAMPLERS.names() if family is None or SAMPLERS.get(n).info.family == family]
 
 
 def sampler_info(name: str) -> SamplerInfo:
   """The family ('diffusion' or 'flow') and the option names of a registered sampler."""
-  get_sampler(name)
-  return _INFO[name]
+  return SAMPLERS.get(name).info
 
 
 def family_error(name: str, schedule: process.NoiseSchedule) -> str | None:
