@@ -119,12 +119,21 @@ def local_device_kind() -> str:
   return jax.devices()[0].device_kind
 
 
-def trained_model_dtype(config: Any) -> str:
-  """Compute dtype of the network a training config trains: the U-Net for 'ldm', the VAE for 'vae'."""
-  model = config.model.unet if config.model_type == 'ldm' else config.model.vae
-  return str(model.dtype)
+def compute_dtype(model_config: Any, train_config: Any) -> str:
+  """The dtype a network's activations and matmuls run in during training: `train.compute_dtype` when set, else
+  the model config's own `dtype`. The one owner of this choice: building the trained model and picking the MFU
+  peak both ask here, so MFU is measured against the rate of the dtype the step really computes in."""
+  override = train_config.get('compute_dtype', '') if train_config is not None else ''
+  return str(override or model_config.get('dtype', 'float32'))
+
+
+def trained_model_config(config: Any) -> Any:
+  """Config of the network a training config trains: the U-Net for 'ldm', the VAE for 'vae'."""
+  return config.model.unet if config.model_type == 'ldm' else config.model.vae
 
 
 def config_peak_tflops(config: Any, device_kind: str | None = None) -> float | None:
-  """Per-device peak TFLOP/s for a training config's compute dtype on this job's devices (None if unknown)."""
-  return peak_tflops(device_kind or local_device_kind(), trained_model_dtype(config))
+  """Per-device peak TFLOP/s for the dtype a training config's step computes in, on this job's devices (None if
+  unknown)."""
+  dtype = compute_dtype(trained_model_config(config), config.get('train'))
+  return peak_tflops(device_kind or local_device_kind(), dtype)

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from diffusion import throughput
+
 LossFn = Callable[[Any, Any, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
@@ -142,12 +144,13 @@ def make_train_step(loss_fn: LossFn, ema_decay: float, grad_accum_steps: int = 1
 
 def sharded_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                         rng_init: jax.Array, rng_train: jax.Array, mesh: Any, rules: Any, min_shard_size: int = 0,
-                        create: bool = True) -> tuple[TrainState | None, TrainState]:
+                        create: bool = True, params: Any = None) -> tuple[TrainState | None, TrainState]:
   """(state, target): the train state created already sharded, and its abstract twin carrying the shardings.
 
   Shapes come from `jax.eval_shape`, shardings from the logical-axis rules (`parallel.tree_shardings`), and the state
   is built by `jax.jit(..., out_shardings=...)`, so no device ever holds a full copy of a sharded parameter. The
   target (ShapeDtypeStructs with shardings) is what a checkpoint restores into; `create=False` skips the creation.
+  `params` (shaped as `init_params` makes them, e.g. a fine-tuning run's start) replace the fresh init.
   """
   from diffusion import parallel
 
@@ -155,8 +158,12 @@ def sharded_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradi
   abstract = jax.eval_shape(init)
   shardings = parallel.tree_shardings(abstract, mesh, rules, min_shard_size)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  state = jax.jit(init, out_shardings=shardings)() if create else None
-  return state, target
+  if not create:
+    return None, target
+  if params is None:
+    return jax.jit(init, out_shardings=shardings)(), target
+  start = lambda p: create_train_state(p, tx, rng_train)  # The params are an argument: no constants in the HLO.
+  return jax.jit(start, out_shardings=shardings)(params), target
 
 
 def shardings_of(tree: Any) -> Any:
@@ -171,8 +178,8 @@ def with_compute_dtype(model_config: ml_collections.ConfigDict,
   The dtype is the networks' activation / matmul dtype; params are created and kept in float32 (the master copy the
   optimizer updates), and the tasks compute their losses in float32. bfloat16 needs no loss scaling.
   """
-  dtype = train_config.get('compute_dtype', '')
-  if not dtype or model_config.get('dtype') == dtype:
+  dtype = throughput.compute_dtype(model_config, train_config)
+  if model_config.get('dtype', 'float32') == dtype:
     return model_config
   copy = model_config.copy_and_resolve_references()
   copy.dtype = dtype

@@ -36,6 +36,37 @@ def test_unknown_devices_and_dtypes():
     throughput.peak_tflops('TPU v4', 'int8')
 
 
+def _training_config(model_type: str, model_dtype: str, compute_dtype: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      'model_type': model_type, 'train': {'compute_dtype': compute_dtype},
+      'model': {'unet': {'dtype': model_dtype}, 'vae': {'dtype': 'float32'}}})
+
+
+@pytest.mark.parametrize('model_dtype, compute_dtype, peak', [
+    ('float32', 'bfloat16', 989.0),  # The step computes in bf16: the bf16 peak, not the TF32 one.
+    ('float32', '', 495.0),
+    ('bfloat16', '', 989.0),
+    ('bfloat16', 'float32', 495.0),
+])
+def test_mfu_peak_follows_the_step_compute_dtype(model_dtype, compute_dtype, peak):
+  config = _training_config('ldm', model_dtype, compute_dtype)
+  assert throughput.config_peak_tflops(config, 'NVIDIA H100 80GB HBM3') == peak
+  expected = compute_dtype or model_dtype
+  assert throughput.compute_dtype(config.model.unet, config.train) == expected
+
+
+def test_the_built_model_and_the_peak_share_one_dtype_rule():
+  from diffusion.training.state import with_compute_dtype
+
+  for model_dtype, compute_dtype in [('float32', 'bfloat16'), ('float32', ''), ('bfloat16', 'float32')]:
+    config = _training_config('vae', 'float32', compute_dtype)
+    config.model.vae.dtype = model_dtype
+    built = with_compute_dtype(config.model.vae, config.train).dtype
+    assert built == throughput.compute_dtype(config.model.vae, config.train) == (compute_dtype or model_dtype)
+  # A VAE run's peak follows the VAE's dtype, not the U-Net's.
+  assert throughput.config_peak_tflops(_training_config('vae', 'bfloat16', ''), 'NVIDIA H100 PCIe') == 378.0
+
+
 def test_throughput_arithmetic():
   out = throughput.throughput(0.5, global_batch=64, num_devices=8, flops_per_device=2e14, peak_tflops_per_device=800)
   assert out['step_time_s'] == 0.5
