@@ -5,41 +5,42 @@ integer t, EDM's log-normal sigma, or flow matching's uniform / logit-normal t),
 weighting and offset noise; see `losses.noised_example` and `losses.get_diffusion_loss_fn`.
 
 At the start of a fresh run the task copies the VAE's EMA params into `<workdir>/frozen/vae`, builds (or loads) the
-tokenizer into `<workdir>/tokenizer`, and computes the latent scale factor from data (1 / std of posterior samples,
+tokenizer into `<workdir>/tokenizer`, and (`calibrate`) computes the latent scale factor from data (1 / std of posterior samples,
 as LDM does); the factor, the VAE config and the vocabulary size are then part of the saved `config.json`, so the
-workdir is self-contained. On resume everything is read back from the workdir.
+workdir is self-contained. On resume everything is read back from the workdir. The task never changes the config it
+is given: `task.config` is its resolved copy.
 """
 
-import os
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion import checkpoint, losses, models, process
+from diffusion import losses, models, process
+from diffusion import workdir as workdir_lib
 from diffusion.data import latent_cache
 from diffusion.data import shapes as shapes_lib
 from diffusion.data import tokenizer as tokenizer_lib
-from diffusion.errors import UserError
+from diffusion.errors import ConfigError
 from diffusion.images import make_grid
 from diffusion.pipeline import LatentDiffusionPipeline
-from diffusion.workdir import load_workdir_config
 from diffusion.training.state import with_compute_dtype
+from diffusion.training.task import TASKS, Batches, resolved_copy
 
 
-def _load_frozen_vae(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """The frozen VAE params: the workdir's own copy on resume, else the VAE workdir's EMA params (copied over)."""
-  own = os.path.join(workdir, 'frozen', 'vae')
-  if os.path.isdir(own):
-    return checkpoint.load_pytree(own)
+def _frozen_vae(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """The frozen VAE params: the workdir's own copy on resume, else the VAE workdir's EMA params (copied over, and
+  its model config into `config.model.vae`)."""
+  if workdir_lib.has_frozen(workdir, 'vae'):
+    return workdir_lib.load_frozen(workdir, 'vae')
   if not config.vae_workdir:
-    raise UserError('config.vae_workdir is empty: stage 2 needs a trained VAE (train configs/vae_base.py first)')
-  vae_config = load_workdir_config(config.vae_workdir, expect='vae')
+    raise ConfigError('vae_workdir', 'is empty: stage 2 needs a trained VAE (train configs/vae_base.py first)')
+  vae_config = workdir_lib.load_workdir_config(config.vae_workdir, expect='vae', key='vae_workdir')
   config.model.vae = vae_config.model.vae
-  params = checkpoint.Checkpointer(config.vae_workdir, read_only=True).restore_params(item='ema_params')
-  checkpoint.save_pytree(own, params)  # Every process takes part in the (collective) save.
+  params, _ = workdir_lib.load_trained_params(config.vae_workdir, item='ema_params', key='vae_workdir')
+  workdir_lib.save_frozen(workdir, 'vae', params)  # Every process takes part in the (collective) save.
   return params
 
 
@@ -53,17 +54,19 @@ def _vocabulary(data_config: ml_collections.ConfigDict) -> list[str]:
   return [data_pipeline.record_caption(source[i], data_config) for i in range(min(len(source), 100_000))]
 
 
-def _load_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """The workdir's tokenizer on resume; else built from the data vocabulary or loaded from a path/hub id."""
-  own = os.path.join(workdir, 'tokenizer')
-  if os.path.isdir(own):
-    return tokenizer_lib.load_tokenizer(own)
+def _tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """The workdir's tokenizer on resume; else the `init_from` workdir's (its text encoder's ids), a path/hub id, or
+  one built from the data vocabulary (saved into the workdir)."""
+  if workdir_lib.has_tokenizer(workdir):
+    return workdir_lib.load_tokenizer(workdir)
   if config.model.text.tokenizer:
     tokenizer = tokenizer_lib.load_tokenizer(config.model.text.tokenizer)
+  elif config.get('init_from') and workdir_lib.has_tokenizer(config.init_from):
+    tokenizer = workdir_lib.load_tokenizer(config.init_from, key='init_from')
   else:
     tokenizer = tokenizer_lib.build_word_tokenizer(_vocabulary(config.data), config.data.max_text_length)
   if jax.process_index() == 0:
-    tokenizer_lib.save_tokenizer(tokenizer, own)
+    tokenizer_lib.save_tokenizer(tokenizer, workdir_lib.tokenizer_path(workdir))
   return tokenizer
 
 
@@ -72,23 +75,25 @@ def frozen_param_groups(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return () if config.model.text.trainable else ('text',)
 
 
+@TASKS.register('ldm')
 class LDMTask:
-  """What the generic loop needs from stage 2: params, loss, validation loss and sample grids."""
+  """The task protocol (`diffusion.training.task.Task`) for stage 2: params, loss, validation loss, sample grids."""
 
   name = 'ldm'
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    saved = os.path.join(workdir, 'config.json')
-    if os.path.isfile(saved):  # Resume: model facts computed at the start of the run win over the command line.
-      previous = load_workdir_config(workdir, expect='ldm')
+    config = resolved_copy(config)
+    if workdir_lib.has_config(workdir):
+      # Resume: model facts computed at the start of the run win over the command line.
+      previous = workdir_lib.load_workdir_config(workdir, expect='ldm')
       config.model.vae = previous.model.vae
       config.model.text.vocab_size = previous.model.text.vocab_size
-    self.config = config
-    self.frozen = {'vae': _load_frozen_vae(config, workdir)}
+    self.frozen = {'vae': _frozen_vae(config, workdir)}
     if config.data.get('latent_cache'):  # Refuse latents made by another VAE, dataset or augmentation setting.
       latent_cache.check_training_cache(config, self.frozen['vae'])
-    self.tokenizer = _load_tokenizer(config, workdir)
+    self.tokenizer = _tokenizer(config, workdir)
     config.model.text.vocab_size = len(self.tokenizer)
+    self.config = config
     self.vae = models.create_vae(with_compute_dtype(config.model.vae, config.train))
     self.unet = models.create_unet(with_compute_dtype(config.model.unet, config.train))
     self.text_encoder = models.create_text_encoder(with_compute_dtype(config.model.text, config.train))
@@ -101,17 +106,19 @@ class LDMTask:
   def frozen_param_groups(self) -> tuple[str, ...]:
     return frozen_param_groups(self.config)
 
-  @property
-  def needs_calibration(self) -> bool:
-    return self.config.model.vae.scaling_factor <= 0
+  def built_on(self) -> dict[str, Any]:
+    return {'vae_workdir': self.frozen['vae']}
 
-  def calibrate(self, batches: Iterator[dict], num_batches: int = 4) -> float:
-    """Sets model.vae.scaling_factor = 1 / std of posterior latent samples over a few global batches."""
+  def calibrate(self, batches: Batches, num_batches: int = 4) -> str | None:
+    """Unless set, model.vae.scaling_factor = 1 / std of posterior latent samples over a few global batches."""
+    if self.config.model.vae.scaling_factor > 0:
+      return None
     encode = jax.jit(lambda p, b, k: sample_posterior(*self._posterior(p, b), k))
-    latents = [encode(self.frozen['vae'], next(batches), jax.random.PRNGKey(i)) for i in range(num_batches)]
+    iterator = batches()
+    latents = [encode(self.frozen['vae'], next(iterator), jax.random.PRNGKey(i)) for i in range(num_batches)]
     std = float(jnp.std(jnp.concatenate(latents)))
     self.config.model.vae.scaling_factor = 1.0 / std
-    return self.config.model.vae.scaling_factor
+    return f'latent scaling factor computed from data: {self.config.model.vae.scaling_factor:.5f}'
 
   def init_params(self, rng: jax.Array) -> Any:
     c = self.config
@@ -156,16 +163,19 @@ class LDMTask:
     output, z0, noise, t = self._forward(params, frozen, batch, keys, drop_captions=False)
     return {'val_loss': jnp.mean(self.diffusion_loss(output, z0, noise, t, self.schedule))}
 
-  def sample_grid(self, params: Any, batch: dict) -> tuple[np.ndarray, str]:
+  def prepare_sampling(self, held_out: Callable[[], dict]) -> None:
+    del held_out  # Samples come from the configured prompts.
+    self.sampling_pipeline()
+
+  def sample_grid(self, params: Any, frozen: Any) -> tuple[np.ndarray, str]:
     """One row per configured prompt, `sample.num_images_per_prompt` columns, from the given (EMA) params."""
-    del batch
     s = self.config.sample
     prompts = [p for p in s.prompts for _ in range(s.num_images_per_prompt)]
-    images = self.pipeline().generate(prompts, seed=self.config.seed, negative_prompt=s.negative_prompt,
-                                      params={**params, 'vae': self.frozen['vae']})
+    images = self.sampling_pipeline().generate(prompts, seed=self.config.seed, negative_prompt=s.negative_prompt,
+                                               params={**params, 'vae': frozen['vae']})
     return make_grid(images, ncols=s.num_images_per_prompt), ' | '.join(s.prompts)
 
-  def pipeline(self) -> LatentDiffusionPipeline:
+  def sampling_pipeline(self) -> LatentDiffusionPipeline:
     """One pipeline per task, so its jitted sampling loop compiles once; call it with `params=`."""
     if self._pipeline is None:
       self._pipeline = LatentDiffusionPipeline(self.config, {'vae': self.frozen['vae']}, self.tokenizer)

@@ -1,6 +1,6 @@
 """Stage 1: the AutoencoderKL task (reconstruction + KL loss; PSNR on held-out images)."""
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ import numpy as np
 from diffusion import losses, models
 from diffusion.images import make_grid, to_uint8
 from diffusion.training.state import with_compute_dtype
+from diffusion.training.task import TASKS, Batches, resolved_copy
 
 
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -24,17 +25,27 @@ def extra_vae_terms(loss_config: ml_collections.ConfigDict) -> list[tuple[str, f
           if loss_config[f'{name}_weight'] > 0]
 
 
+@TASKS.register('vae')
 class VAETask:
-  """What the generic loop needs from stage 1: params, loss, eval metrics and a picture."""
+  """The task protocol (`diffusion.training.task.Task`) for stage 1: params, loss, eval metrics and a picture."""
 
   name = 'vae'
+  frozen_param_groups: tuple[str, ...] = ()
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.config = config
+    self.config = resolved_copy(config)
     self.workdir = workdir
-    self.vae = models.create_vae(with_compute_dtype(config.model.vae, config.train))
+    self.vae = models.create_vae(with_compute_dtype(self.config.model.vae, self.config.train))
     self.tokenizer = None
     self.frozen = {}
+    self._held_out = None
+
+  def built_on(self) -> dict[str, Any]:
+    return {}  # A VAE is trained from scratch (or from `init_from`, which the loop handles).
+
+  def calibrate(self, batches: Batches) -> str | None:
+    del batches
+    return None
 
   def init_params(self, rng: jax.Array) -> Any:
     size = self.config.data.image_size
@@ -55,20 +66,28 @@ class VAETask:
     metrics['psnr'] = jnp.mean(psnr(x, rec))
     return loss, metrics
 
-  def eval_step(self, params: Any, frozen: Any, batch: dict) -> dict:
-    del frozen
+  def eval_step(self, params: Any, frozen: Any, batch: dict, keys: jax.Array) -> dict:
+    del frozen, keys  # Reconstructions from the posterior mean: no randomness.
     mean, _ = self.vae.apply({'params': params}, batch['image'], method='encode')
     rec = self.vae.apply({'params': params}, mean, method='decode')
     return {'psnr': jnp.mean(psnr(batch['image'], rec)),
             'l1': jnp.mean(jnp.abs(jnp.clip(rec, -1, 1) - batch['image']))}
 
-  def sample_grid(self, params: Any, batch: dict) -> tuple[np.ndarray, str]:
+  def prepare_sampling(self, held_out: Callable[[], dict]) -> None:
+    """Keeps the first 8 images of the held-out batch: the grid shows the same images at every step."""
+    self._held_out = np.asarray(held_out()['image'][:8])
+
+  def sample_grid(self, params: Any, frozen: Any) -> tuple[np.ndarray, str]:
     """Originals (top row) above their reconstructions from the posterior mean (bottom row)."""
-    x = batch['image'][:8]
+    del frozen
+    x = self._held_out
     mean, _ = self.vae.apply({'params': params}, x, method='encode')
     rec = self.vae.apply({'params': params}, mean, method='decode')
     images = np.concatenate([to_uint8(x), to_uint8(rec)])
     return make_grid(images, ncols=len(x)), 'top: held-out images, bottom: reconstructions'
+
+  def sampling_pipeline(self) -> None:
+    return None  # Reconstructs; generates nothing from text.
 
   def meta(self) -> dict:
     return {'model_type': 'vae'}
