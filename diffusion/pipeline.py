@@ -12,7 +12,6 @@ latent pixel is repainted if any of the image pixels it covers is.
 """
 
 import functools
-import os
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -22,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion import models, process, samplers
-from diffusion.workdir import load_workdir_config
+from diffusion import workdir as workdir_lib
 from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import UserError
 from diffusion.images import to_uint8
@@ -84,17 +83,12 @@ class LatentDiffusionPipeline:
   @classmethod
   def from_workdir(cls, workdir: str, use_ema: bool = True, step: int | None = None) -> 'LatentDiffusionPipeline':
     """Loads config, tokenizer and (EMA) params of a stage-2 workdir; nothing else is needed."""
-    from diffusion import checkpoint  # Orbax is only needed here, not for in-memory pipelines.
-
-    config = load_workdir_config(workdir, expect='ldm')
-    tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, 'tokenizer'))
-    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-    if ckpt.latest_step() is None:
-      raise UserError(f'no checkpoint in {workdir!r}: train it first')
-    trained = ckpt.restore_params(step, 'ema_params' if use_ema else 'params')
-    vae_params = checkpoint.load_pytree(os.path.join(workdir, 'frozen', 'vae'))
+    config = workdir_lib.load_workdir_config(workdir, expect='ldm')
+    tokenizer = workdir_lib.load_tokenizer(workdir)
+    trained, step = workdir_lib.load_trained_params(workdir, 'ema_params' if use_ema else 'params', step)
+    vae_params = workdir_lib.load_frozen(workdir, 'vae')
     pipeline = cls(config, {'unet': trained['unet'], 'text': trained['text'], 'vae': vae_params}, tokenizer)
-    pipeline.step = step if step is not None else ckpt.latest_step()  # The step restored (past a damaged one).
+    pipeline.step = step  # The step restored (past a damaged latest one).
     return pipeline
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
