@@ -70,6 +70,7 @@ class Checkpointer:
                                            read_only=read_only)
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'data', 'meta'))
     self.read_only = read_only
+    self.workdir = workdir
     self._skip: set[int] = set()  # Damaged steps seen by a read-only reader.
 
   def latest_step(self) -> int | None:
@@ -106,6 +107,9 @@ class Checkpointer:
 
   def _restore_valid(self, restore_fn: Callable[[int], Any], step: int | None) -> tuple[int, Any]:
     if step is not None:
+      if step not in self.all_steps():
+        have = ', '.join(str(s) for s in sorted(self.all_steps())) or 'none'
+        raise UserError(f'no checkpoint at step {step} in {self.workdir} (have: {have})')
       return step, restore_fn(step)
     for candidate in sorted(self.all_steps(), reverse=True):
       try:

@@ -13,9 +13,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from diffusion import samplers
 from diffusion.errors import UserError
 from diffusion.images import labelled_grid, load_image, load_mask, make_grid, save_png
 from diffusion.pipeline import LatentDiffusionPipeline
+from diffusion.workdir import load_workdir_config
 
 
 def noise_plan(num_prompts: int, num_images: int, seed: int,
@@ -46,67 +48,52 @@ def _as_list(value: Any) -> list:
 
 
 def sample_to_directory(workdir: str, prompts: Sequence[str], out: str, *, num_images: int = 1, seed: int = 0,
-                        negative_prompt: str | None = None, sampler: str | None = None,
                         num_steps: int | Sequence[int] | None = None,
-                        guidance_scale: float | Sequence[float] | None = None, eta: float | None = None,
-                        batch_size: int = 64, step: int | None = None, use_ema: bool = True,
-                        init_image: str | None = None, mask: str | None = None, strength: float | None = None,
-                        guidance_rescale: float | None = None, guidance_interval: Sequence[float] | None = None,
-                        prompt_seeds: Sequence[int | None] | None = None, **options: Any) -> dict:
+                        guidance_scale: float | Sequence[float] | None = None, batch_size: int = 64,
+                        step: int | None = None, use_ema: bool = True, init_image: str | None = None,
+                        mask: str | None = None, strength: float | None = None,
+                        prompt_seeds: Sequence[int | None] | None = None, **overrides: Any) -> dict:
   """Writes OUT/0000.png ... (prompt-major), OUT/grid.png (a row per prompt) and OUT/settings.json.
 
+  `overrides` are those of `SamplingSettings.from_config` (sampler, negative_prompt, guidance_rescale,
+  guidance_interval and sampler options such as eta, karras, timestep_spacing, s_churn); None keeps the config's.
   `guidance_scale` / `num_steps` given as lists sweep every combination (see the module docstring); the returned
-  record then lists them under 'sweep'. `prompt_seeds` (one per prompt, None = `seed`): see `noise_plan`.
-  `options` are further sampler options (karras, timestep_spacing, s_churn, ...); see `LatentDiffusionPipeline`.
+  record then lists them under 'sweep'. `batch_size`: images per sampling call (all local devices together).
+  `prompt_seeds` (one per prompt, None = `seed`): see `noise_plan`.
   """
-  pipeline = LatentDiffusionPipeline.from_workdir(workdir, use_ema=use_ema, step=step)
-  step = pipeline.step  # The step actually restored: a damaged latest checkpoint is skipped with a warning.
-  size = pipeline.config.data.image_size
+  edit_strength = samplers.editing_strength(strength, init_image is not None, mask is not None)  # Checks them.
+  strength = None if init_image is None else edit_strength
+  noise = noise_plan(len(prompts), num_images, seed, prompt_seeds)
+  combos = list(itertools.product(_as_list(guidance_scale), _as_list(num_steps)))
+  size = load_workdir_config(workdir, expect='ldm').data.image_size
   image = None if init_image is None else load_image(init_image, size)
   mask_array = None if mask is None else load_mask(mask, init_image, size)
-  if init_image is not None and strength is None:
-    strength = 1.0 if mask else 0.8  # diffusers' defaults for inpainting and img2img.
-  common = dict(workdir=workdir, prompts=list(prompts), num_images=num_images, seed=seed, step=step, use_ema=use_ema,
-                negative_prompt=pipeline.config.sample.negative_prompt if negative_prompt is None else negative_prompt,
-                batch_size=batch_size, init_image=init_image, mask=mask, strength=strength,
-                noise=noise_plan(len(prompts), num_images, seed, prompt_seeds), prompt_seeds=prompt_seeds)
-  settings = dict(sampler=sampler, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, eta=eta,
-                  **options)
-  combos = list(itertools.product(_as_list(guidance_scale), _as_list(num_steps)))
-  if len(combos) == 1:
-    settings.update(guidance_scale=combos[0][0], num_steps=combos[0][1])
-    images, record = _sample_once(pipeline, image, mask_array, settings, common)
-    _write(out, images, record, num_images)
+  pipeline = LatentDiffusionPipeline.from_workdir(workdir, use_ema=use_ema, step=step)
+  settings = [pipeline.sampling_settings(guidance_scale=gs, num_steps=n, **overrides) for gs, n in combos]
+  common = dict(workdir=os.path.abspath(workdir), prompts=list(prompts), num_images_per_prompt=num_images,
+                num_images=len(prompts) * num_images, seed=seed, step=pipeline.step, use_ema=use_ema,
+                batch_size=batch_size, init_image=init_image and os.path.abspath(init_image),
+                mask=mask and os.path.abspath(mask), strength=strength,
+                noise='image i (file index) starts from fold_in(PRNGKey(seed), i)')
+  if prompt_seeds is not None and any(v is not None for v in prompt_seeds):
+    common.update(prompt_seeds=list(prompt_seeds), noise=(
+        'image j of a prompt with a seed starts from fold_in(PRNGKey(prompt seed), j); other images i (file index) '
+        'from fold_in(PRNGKey(seed), i)'))
+  expanded = [p for p in prompts for _ in range(num_images)]
+  run = lambda s: _generate(pipeline, expanded, noise, settings=s, batch_size=batch_size, init_images=image,
+                            masks=mask_array, strength=strength)
+  if len(settings) == 1:
+    record = {**common, **_settings_record(settings[0])}
+    _write(out, run(settings[0]), record, num_images)
     return record
-  return _sweep(pipeline, image, mask_array, settings, common, combos, out)
+  return _sweep(run, settings, common, noise, out)
 
 
-def _sample_once(pipeline: LatentDiffusionPipeline, image: Any, mask_array: Any, settings: dict,
-                 common: dict) -> tuple[np.ndarray, dict]:
-  """The images of one setting and the settings.json record that reproduces them."""
-  c, s = common, pipeline.config.sample
-  expanded = [p for p in c['prompts'] for _ in range(c['num_images'])]
-  images = _generate(pipeline, expanded, c['noise'], negative_prompt=c['negative_prompt'],
-                     batch_size=c['batch_size'], init_images=image, masks=mask_array, strength=c['strength'],
-                     **settings)
-  plan = pipeline.plan(strength=1.0 if c['strength'] is None else c['strength'], **settings)
-  interval, eta = settings['guidance_interval'], settings['eta']
-  record = {
-      'workdir': os.path.abspath(c['workdir']), 'step': c['step'], 'use_ema': c['use_ema'], 'prompts': c['prompts'],
-      'num_images_per_prompt': c['num_images'], 'num_images': len(expanded), 'seed': c['seed'],
-      'negative_prompt': c['negative_prompt'], 'sampler': plan.sampler, 'num_steps': plan.num_steps,
-      'guidance_scale': plan.guidance_scale, 'guidance_rescale': plan.guidance_rescale,
-      'guidance_interval': list(s.get('guidance_interval', (0.0, 1.0)) if interval is None else interval),
-      'sampler_options': dict(plan.options), 'eta': float(s.eta if eta is None else eta),
-      'batch_size': c['batch_size'], 'init_image': c['init_image'] and os.path.abspath(c['init_image']),
-      'mask': c['mask'] and os.path.abspath(c['mask']), 'strength': c['strength'],
-      'noise': 'image i (file index) starts from fold_in(PRNGKey(seed), i)',
-  }
-  if c['prompt_seeds'] is not None and any(v is not None for v in c['prompt_seeds']):
-    record['prompt_seeds'] = list(c['prompt_seeds'])
-    record['noise'] = ('image j of a prompt with a seed starts from fold_in(PRNGKey(prompt seed), j); other images '
-                       'i (file index) from fold_in(PRNGKey(seed), i)')
-  return images, record
+def _settings_record(settings: samplers.SamplingSettings) -> dict:
+  """The settings.json fields of one setting: those of `SamplingSettings.to_dict` at the top level."""
+  record = settings.to_dict()
+  options = record.pop('options')
+  return {**record, 'sampler_options': options, 'eta': options.get('eta')}
 
 
 def _write(out: str, images: np.ndarray, record: dict, num_images: int) -> None:
@@ -123,27 +110,26 @@ def setting_name(guidance_scale: float, num_steps: int) -> str:
   return f'gs{guidance_scale:g}_steps{num_steps}'
 
 
-def _sweep(pipeline: LatentDiffusionPipeline, image: Any, mask_array: Any, settings: dict, common: dict,
-           combos: Sequence[tuple], out: str) -> dict:
+def _sweep(run: Any, settings: Sequence[samplers.SamplingSettings], common: dict, noise: Sequence[tuple[int, int]],
+           out: str) -> dict:
   """Every (guidance scale, steps) combination from the same noise: subfolders, a labelled grid, settings.json."""
   columns, entries, record = [], [], {}
-  for number, (gs, steps) in enumerate(combos, 1):
-    images, record = _sample_once(pipeline, image, mask_array, {**settings, 'guidance_scale': gs,
-                                                                'num_steps': steps}, common)
-    name = setting_name(record['guidance_scale'], record['num_steps'])
+  num_images = common['num_images_per_prompt']
+  for number, setting in enumerate(settings, 1):
+    name = setting_name(setting.guidance_scale, setting.num_steps)
     if any(e['dir'] == name for e in entries):
       raise UserError(f'the sweep repeats the setting {name}: give distinct values')
-    _write(os.path.join(out, name), images, record, common['num_images'])
-    entries.append({'dir': name, 'guidance_scale': record['guidance_scale'], 'num_steps': record['num_steps']})
+    images, record = run(setting), {**common, **_settings_record(setting)}
+    _write(os.path.join(out, name), images, record, num_images)
+    entries.append({'dir': name, 'guidance_scale': setting.guidance_scale, 'num_steps': setting.num_steps})
     columns.append(images)
-    print(f'setting {number}/{len(combos)}: {name}', flush=True)
-  c = common
-  rows = [f'{p[:40]} (seed {s}, #{i})' for p, (s, i) in zip([p for p in c['prompts'] for _ in range(c['num_images'])],
-                                                            c['noise'])]
+    print(f'setting {number}/{len(settings)}: {name}', flush=True)
+  rows = [f'{p[:40]} (seed {s}, #{i})' for p, (s, i) in zip([p for p in common['prompts'] for _ in range(num_images)],
+                                                            noise)]
   labels = [f'gs {e["guidance_scale"]:g}, {e["num_steps"]} steps' for e in entries]
   labelled_grid(np.stack(columns, 1), rows, labels).save(os.path.join(out, 'grid.png'))
   summary = {k: v for k, v in record.items() if k not in ('guidance_scale', 'num_steps')}
-  summary.update(sweep=entries, num_images=len(entries) * record['num_images'],
+  summary.update(sweep=entries, num_images=len(entries) * common['num_images'],
                  grid='grid.png: a row per image (prompt-major), a column per setting')
   with open(os.path.join(out, 'settings.json'), 'w') as f:
     json.dump(summary, f, indent=2)

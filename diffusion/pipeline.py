@@ -12,7 +12,7 @@ latent pixel is repainted if any of the image pixels it covers is.
 """
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,40 +25,6 @@ from diffusion import workdir as workdir_lib
 from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import UserError
 from diffusion.images import to_uint8
-
-# Sampler options the config's sample section supplies (each passed only to samplers that take it).
-CONFIG_OPTIONS = ('eta', 'karras', 'timestep_spacing', 's_churn')
-
-
-class SamplingPlan(NamedTuple):
-  """Everything static about one sampling call (hashable: one compile per plan and batch shape)."""
-
-  sampler: str
-  num_steps: int
-  guidance_scale: float
-  guidance_rescale: float = 0.0
-  guidance_interval: tuple[float, float] | None = None  # In model-time units.
-  strength: float = 1.0
-  options: tuple[tuple[str, Any], ...] = ()
-
-
-def sampler_options(name: str, config_sample: Any, explicit: dict[str, Any]) -> dict[str, Any]:
-  """The options for sampler `name`: the config's (those it takes; '' spacing = the sampler's default), then the
-  explicit ones (not None), each of which must be an option of that sampler."""
-  accepted = samplers.sampler_info(name).options
-  options = {}
-  for key in CONFIG_OPTIONS:
-    value = config_sample.get(key) if config_sample is not None else None
-    if key in accepted and value not in (None, ''):
-      options[key] = value
-  for key, value in explicit.items():
-    if value is None:
-      continue
-    if key not in accepted:
-      raise UserError(f'sampler {name!r} has no option {key!r}; its options: {", ".join(accepted)}')
-    options[key] = value
-  return options
-
 
 class LatentDiffusionPipeline:
   """Holds the three networks, their params ({'unet', 'text', 'vae'}) and the tokenizer of one trained model."""
@@ -94,34 +60,12 @@ class LatentDiffusionPipeline:
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     return tokenizer_lib.tokenize(self.tokenizer, list(prompts), self.config.data.max_text_length)
 
-  def plan(self, sampler: str | None = None, num_steps: int | None = None, guidance_scale: float | None = None,
-           guidance_rescale: float | None = None, guidance_interval: Sequence[float] | None = None,
-           strength: float = 1.0, **options: Any) -> SamplingPlan:
-    """The sampling plan from the config's sample section, overridden by the arguments that are not None.
-
-    `options` are sampler options (eta, karras, timestep_spacing, s_churn, ...); one the sampler does not take
-    is a `UserError`, as is a sampler of the other family than the model. `guidance_interval` is a fraction of
-    the training time range, (0, 1) = everywhere.
-    """
-    s = self.config.sample
-    name = sampler or s.sampler
-    why = samplers.family_error(name, self.schedule)  # Unknown names fail here too, before compiling.
-    if why:
-      raise UserError(why)
-    num_steps = int(num_steps or s.num_steps)
-    if num_steps < 1:
-      raise UserError(f'num_steps must be >= 1, got {num_steps}')
-    lo, hi = (float(v) for v in (s.get('guidance_interval', (0.0, 1.0)) if guidance_interval is None
-                                 else guidance_interval))
-    if not 0.0 <= lo <= hi <= 1.0:
-      raise UserError(f'guidance_interval must satisfy 0 <= lo <= hi <= 1, got ({lo}, {hi})')
-    num = self.schedule.num_timesteps
-    return SamplingPlan(
-        sampler=name, num_steps=num_steps,
-        guidance_scale=float(s.guidance_scale if guidance_scale is None else guidance_scale),
-        guidance_rescale=float(s.get('guidance_rescale', 0.0) if guidance_rescale is None else guidance_rescale),
-        guidance_interval=None if (lo, hi) == (0.0, 1.0) else (lo * num, hi * num), strength=float(strength),
-        options=tuple(sorted(sampler_options(name, s, options).items())))
+  def sampling_settings(self, **overrides: Any) -> samplers.SamplingSettings:
+    """The config's sampling settings with the overrides that are not None (see `samplers.SamplingSettings`),
+    checked against this model's schedule (a flow sampler for a diffusion model is a `UserError`)."""
+    settings = samplers.SamplingSettings.from_config(self.config.sample, **overrides)
+    settings.check_schedule(self.schedule)
+    return settings
 
   def _encode_images(self, params: dict, images: jax.Array) -> jax.Array:
     mean, _ = self.vae.apply({'params': params['vae']}, images, method='encode')
@@ -133,32 +77,30 @@ class LatentDiffusionPipeline:
     f = self.vae_factor
     return masks.reshape(b, h // f, f, w // f, f, 1).max(axis=(2, 4))
 
-  @functools.partial(jax.jit, static_argnums=(0,), static_argnames=('plan',))
+  @functools.partial(jax.jit, static_argnums=(0,), static_argnames=('settings', 'strength'))
   def _generate(self, params: dict, cond_ids: jax.Array, uncond_ids: jax.Array, keys: jax.Array,
                 init_images: jax.Array | None = None, masks: jax.Array | None = None, *,
-                plan: SamplingPlan) -> jax.Array:
+                settings: samplers.SamplingSettings, strength: float) -> jax.Array:
     encode = lambda ids: self.text_encoder.apply({'params': params['text']}, ids)[0]
     cond, uncond = encode(cond_ids), encode(uncond_ids)
     model_fn = lambda x, t, ctx: self.unet.apply({'params': params['unet']}, x, t, ctx)
-    denoise_fn = samplers.cfg_denoise_fn(model_fn, cond, uncond, plan.guidance_scale, plan.guidance_rescale,
-                                         plan.guidance_interval)
+    denoise_fn = samplers.cfg_denoise_fn(model_fn, cond, uncond, settings.guidance_scale, settings.guidance_rescale,
+                                         settings.model_time_interval(self.schedule.num_timesteps))
     x_T = jax.vmap(lambda k: jax.random.normal(k, self.latent_shape))(keys)
     noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
     init_latents = None if init_images is None else self._encode_images(params, init_images)
     mask = None if masks is None else self._latent_mask(masks)
-    z0 = samplers.get_sampler(plan.sampler)(
-        denoise_fn, x_T, self.schedule, num_steps=plan.num_steps, rng=noise_keys,
-        prediction_type=self.config.diffusion.prediction_type, init_latents=init_latents, strength=plan.strength,
-        mask=mask, **dict(plan.options))
+    z0 = samplers.get_sampler(settings.sampler)(
+        denoise_fn, x_T, self.schedule, num_steps=settings.num_steps, rng=noise_keys,
+        prediction_type=self.config.diffusion.prediction_type, init_latents=init_latents, strength=strength,
+        mask=mask, **dict(settings.options))
     images = self.vae.apply({'params': params['vae']}, z0 / self.scaling_factor, method='decode')
     return jnp.clip(images, -1.0, 1.0)
 
-  def _editing_inputs(self, count: int, init_images: Any, masks: Any, strength: float | None) -> tuple:
-    """Checks and batches init images / masks (one for all or one per prompt); returns them and the strength."""
+  def _editing_inputs(self, count: int, init_images: Any, masks: Any) -> tuple:
+    """Checks and batches init images / masks (one for all or one per prompt)."""
     if init_images is None:
-      if masks is not None or strength not in (None, 1.0):
-        raise UserError('a mask or a strength < 1 needs an init image')
-      return None, None, 1.0
+      return None, None
     size = self.config.data.image_size
     images = np.asarray(init_images, np.float32)
     images = np.broadcast_to(images, (count,) + images.shape) if images.ndim == 3 else images
@@ -170,38 +112,40 @@ class LatentDiffusionPipeline:
       masks = np.broadcast_to(masks, (count,) + masks.shape) if masks.ndim == 3 else masks
       if masks.shape[1:3] != images.shape[1:3]:
         raise UserError(f'the mask is {masks.shape[2]}x{masks.shape[1]} but the image is {size}x{size}')
-    return images, masks, float((1.0 if masks is not None else 0.8) if strength is None else strength)
+    return images, masks
 
-  def generate(self, prompts: Sequence[str], *, negative_prompt: str = '', seed: int = 0,
+  def generate(self, prompts: Sequence[str], settings: samplers.SamplingSettings | None = None, *, seed: int = 0,
                indices: Sequence[int] | None = None, batch_size: int = 64, params: dict | None = None,
-               init_images: Any = None, masks: Any = None, strength: float | None = None,
-               **settings: Any) -> np.ndarray:
+               init_images: Any = None, masks: Any = None, strength: float | None = None) -> np.ndarray:
     """Returns uint8 images (N, H, W, 3), one per prompt; image n uses noise index `indices[n]` (default n).
 
-    `settings` are those of `plan` (sampler, num_steps, guidance_scale, guidance_rescale, guidance_interval and
-    sampler options such as eta, karras, timestep_spacing). `init_images` / `masks`: see the module docstring;
-    `strength` defaults to 0.8 for img2img and 1.0 for inpainting.
+    `settings`: how to sample (default: the config's, `sampling_settings()`), negative prompt included.
+    `batch_size` images are sampled per call, split over the local devices; it never changes an image.
+    `init_images` / `masks`: see the module docstring; `strength`: see `samplers.editing_strength`.
     """
-    images, masks, strength = self._editing_inputs(len(prompts), init_images, masks, strength)
-    plan = self.plan(strength=strength, **settings)
+    settings = self.sampling_settings() if settings is None else settings
+    settings.check_schedule(self.schedule)
+    strength = samplers.editing_strength(strength, init_images is not None, masks is not None)
+    images, masks = self._editing_inputs(len(prompts), init_images, masks)
+    if batch_size < 1:
+      raise UserError(f'batch_size must be >= 1, got {batch_size}')
     indices = np.arange(len(prompts)) if indices is None else np.asarray(indices)
     root = jax.random.PRNGKey(seed)
     devices = jax.local_devices()
-    per_call = batch_size * len(devices)
     params = self._replicated(params or self.params, devices)
     out = []
-    for start in range(0, len(prompts), per_call):
-      chunk = slice(start, start + per_call)
+    for start in range(0, len(prompts), batch_size):
+      chunk = slice(start, start + batch_size)
       count = len(indices[chunk])
       keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(indices[chunk]))
       inputs = {'cond_ids': self.tokenize(list(prompts[chunk])),
-                'uncond_ids': self.tokenize([negative_prompt] * count), 'keys': keys}
+                'uncond_ids': self.tokenize([settings.negative_prompt] * count), 'keys': keys}
       if images is not None:
         inputs['init_images'] = images[chunk]
       if masks is not None:
         inputs['masks'] = masks[chunk]
       inputs = _shard_batch(inputs, devices)
-      out.append(to_uint8(self._generate(params, plan=plan, **inputs))[:count])
+      out.append(to_uint8(self._generate(params, settings=settings, strength=strength, **inputs))[:count])
     return np.concatenate(out)
 
   def _replicated(self, params: dict, devices: Sequence[Any]) -> dict:

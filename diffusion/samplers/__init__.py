@@ -27,9 +27,9 @@ broadcastable to x_T) re-noises the known region to each next level with the sam
 
 from diffusion.samplers import discrete, dpm, flow, karras  # Registers the samplers.
 from diffusion.samplers.core import (FAMILIES, SAMPLERS, SPACINGS, Grid, Plan, SamplerInfo, Trajectory,
-                                     available_samplers, dpm_timesteps, family_error, get_sampler, k_timesteps,
-                                     karras_sigmas, make_timesteps, register_sampler, sampler_info, step_noise,
-                                     t_at_ve_sigma, ve_sigma_at)
+                                     available_samplers, dpm_timesteps, editing_strength, family_error, get_sampler,
+                                     k_timesteps, karras_sigmas, make_timesteps, register_sampler, sampler_info,
+                                     step_noise, t_at_ve_sigma, ve_sigma_at)
 from diffusion.samplers.guidance import cfg_denoise_fn
 from diffusion.samplers.settings import CONFIG_OPTIONS, SamplingSettings
 

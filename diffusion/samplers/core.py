@@ -268,9 +268,21 @@ def _model_fn(denoise_fn: DenoiseFn, prediction_type: str, vp_input: bool) -> Mo
   return model
 
 
-def _start_step(num_steps: int, strength: float) -> int:
+def editing_strength(strength: float | None, init: bool, mask: bool) -> float:
+  """The strength of an edit, checked: `strength` in (0, 1], by default diffusers' 0.8 for img2img and 1.0 with a
+  mask (inpainting); 1.0 without an init image, where a mask or another strength is a `UserError`."""
+  if not init:
+    if mask or strength not in (None, 1.0):
+      raise UserError('a mask or a strength needs an init image (the image to edit)')
+    return 1.0
+  strength = (1.0 if mask else 0.8) if strength is None else float(strength)
   if not 0.0 < strength <= 1.0:
     raise UserError(f'strength must be in (0, 1], got {strength}')
+  return strength
+
+
+def _start_step(num_steps: int, strength: float) -> int:
+  editing_strength(strength, True, False)
   steps = min(int(num_steps * strength), num_steps)
   if steps < 1:
     raise UserError(f'strength {strength} x num_steps {num_steps} < 1: no step would run')

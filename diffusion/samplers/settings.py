@@ -41,6 +41,8 @@ class SamplingSettings:
   options: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
+    if not isinstance(self.sampler, str):
+      raise UserError(f'the sampler must be a name, got {self.sampler!r}')
     try:
       object.__setattr__(self, 'options', tuple(sorted((str(k), _plain(v)) for k, v in dict(self.options).items())))
       object.__setattr__(self, 'guidance_interval', tuple(float(v) for v in self.guidance_interval))
@@ -83,6 +85,17 @@ class SamplingSettings:
         raise UserError(message or f'{key} {phrase}')
       raise ConfigError(f'sample.{key}', phrase)
     return cls(options=tuple(options.items()), **values)
+
+  @classmethod
+  def check_overrides(cls, **overrides: Any) -> None:
+    """Checks overrides on their own, before any config is at hand (flags, before a workdir is loaded): each value's
+    range, and the options against the sampler where one is given. A bad one is a `UserError` naming it."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    values = {'sampler': None, 'num_steps': 1, 'guidance_scale': 0.0, 'guidance_rescale': 0.0,
+              'guidance_interval': (0.0, 1.0), 'negative_prompt': ''}
+    values.update({k: overrides.pop(k) for k in _FIELDS if k in overrides})
+    for key, phrase, message in _problems(_Candidate(options=tuple(overrides.items()), **values)):
+      raise UserError(message or f'{key} {phrase}')
 
   def replace(self, **overrides: Any) -> 'SamplingSettings':
     """A copy with the overrides that are not None applied (validated again, a bad one is a `UserError`).
@@ -159,7 +172,7 @@ def _number(value: Any) -> bool:
 
 def _problems(s: Any) -> Iterator[tuple[str, str, str]]:
   """(key, phrase for `config.sample.<key>: phrase`, message for an override) of each bad value, in key order."""
-  if s.sampler not in SAMPLERS:
+  if s.sampler is not None and s.sampler not in SAMPLERS:  # None: not known yet (`check_overrides`).
     yield 'sampler', SAMPLERS.unknown(s.sampler), SAMPLERS.unknown(s.sampler)
     return
   if not (isinstance(s.num_steps, int) and not isinstance(s.num_steps, bool) and s.num_steps >= 1):
@@ -174,9 +187,9 @@ def _problems(s: Any) -> Iterator[tuple[str, str, str]]:
            f'{s.guidance_interval!r}', None)
   if not isinstance(s.negative_prompt, str):
     yield 'negative_prompt', f'must be a string, got {s.negative_prompt!r}', None
-  accepted = sampler_info(s.sampler).options
+  accepted = None if s.sampler is None else sampler_info(s.sampler).options
   for key, value in s.options:
-    if key not in accepted:
+    if accepted is not None and key not in accepted:
       yield (key, f'is {value!r} but sampler {s.sampler!r} has no option {key!r} (its options: {", ".join(accepted)})',
              f'sampler {s.sampler!r} has no option {key!r}; its options: {", ".join(accepted)}')
     elif (why := _option_problem(key, value)) is not None:
