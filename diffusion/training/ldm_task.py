@@ -171,8 +171,7 @@ class LDMTask:
     """One row per configured prompt, `sample.num_images_per_prompt` columns, from the given (EMA) params."""
     s = self.config.sample
     prompts = [p for p in s.prompts for _ in range(s.num_images_per_prompt)]
-    images = self.sampling_pipeline().generate(prompts, seed=self.config.seed, negative_prompt=s.negative_prompt,
-                                               params={**params, 'vae': frozen['vae']})
+    images = self.sampling_pipeline().generate(prompts, seed=self.config.seed, params={**params, 'vae': frozen['vae']})
     return make_grid(images, ncols=s.num_images_per_prompt), ' | '.join(s.prompts)
 
   def sampling_pipeline(self) -> LatentDiffusionPipeline:
