@@ -113,16 +113,16 @@ def load_text_encoder_config(path: str) -> ml_collections.ConfigDict:
   return _text_config(directory, files.read_state_keys(directory, files.TRANSFORMERS_WEIGHTS))
 
 
-def load_text_encoder(path: str, *, dtype: str = 'float32',
-                      param_dtype: Any = np.float32) -> tuple[models.CLIPTextTransformer, Params]:
+def load_text_encoder(path: str, *, dtype: str = 'float32', param_dtype: Any = np.float32,
+                      state: dict[str, np.ndarray] | None = None) -> tuple[models.CLIPTextTransformer, Params]:
   """(module, params) of a transformers CLIP text model (see `load_text_encoder_config` for the sources).
 
   `module.apply({'params': params}, input_ids)` -> (last_hidden_state, pooled_output);
   `output_hidden_state_index=-2` takes the penultimate layer (clip skip 1). A CLIPModel's vision tower is
-  not loaded.
+  not loaded. `state`: the directory's tensors if already read (`interop.clip` reads a CLIPModel once).
   """
   directory = files.model_directory(path, 'text_encoder', files.TRANSFORMERS_WEIGHTS)
-  state = files.read_state_dict(directory, files.TRANSFORMERS_WEIGHTS)
+  state = files.read_state_dict(directory, files.TRANSFORMERS_WEIGHTS) if state is None else state
   config = _text_config(directory, state)
   config.dtype = dtype
   module, target = _build(models.create_text_encoder, _text_target, config.to_dict(),
