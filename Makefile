@@ -21,7 +21,11 @@ $(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-runtime
 install: $(VENV)/.stamp-runtime
 install-test: $(VENV)/.stamp-test
 
-# The quickstart: VAE, then text-to-image LDM on the embedded shapes dataset, a sample grid, caption accuracy.
+# The quickstart: VAE, then text-to-image LDM on the embedded shapes dataset, a sample grid, caption accuracy; the
+# last step records the run (docs/results/demo.json: numbers, wall time from DEMO_START, commit, versions, load)
+# and regenerates the README's demo block from it. DEMO_START is taken when make reads this file (install included).
+demo: DEMO_START := $(shell date +%s)
+demo: DEMO_LOAD := $(shell cut -d' ' -f1 /proc/loadavg 2>/dev/null)
 demo: $(VENV)/.stamp-runtime
 	$(PY) train.py --config configs/vae_base.py:tiny --workdir $(DEMO_DIR)/vae
 	$(PY) train.py --config configs/ldm_base.py:tiny --workdir $(DEMO_DIR)/ldm --config.vae_workdir=$(DEMO_DIR)/vae
@@ -29,6 +33,8 @@ demo: $(VENV)/.stamp-runtime
 	  --prompt "a red circle" --prompt "a green square" --prompt "a blue triangle" \
 	  --prompt "a yellow square" --prompt "a magenta circle" --prompt "a cyan triangle"
 	$(PY) -m eval.caption_accuracy --workdir $(DEMO_DIR)/ldm --out $(DEMO_DIR)/caption_accuracy.json
+	$(PY) scripts/record_demo.py --demo_dir $(DEMO_DIR) --start_time $(DEMO_START) --end_time $$(date +%s) \
+	  --start_load "$(DEMO_LOAD)"
 
 test: $(VENV)/.stamp-test
 	$(PY) -m pytest -q

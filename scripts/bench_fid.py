@@ -3,19 +3,18 @@ r"""Feature-extraction throughput of our FID InceptionV3 against pytorch-fid's, 
   python scripts/bench_fid.py [--batch_size 50] [--batches 4] [--image_size 64]
 
 Both networks get the same random weights (pytorch-fid's architecture built offline, converted with
-eval.inception.convert_state_dict) and the same uint8 images, including the bilinear resize to 299. Prints
+diffusion.interop.inception.convert_state_dict) and the same uint8 images, including the bilinear resize to 299. Prints
 images/s of each and the time ratio ours / pytorch-fid (lower is better; 1.0 = same speed). Needs the test extra
 (torch, torchvision, pytorch-fid). Runs on the default JAX backend; PyTorch runs on CPU unless CUDA is available.
 """
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diffusion import results
 
 
 def _torch_reference(seed: int):
@@ -58,17 +57,20 @@ def main() -> None:
   parser.add_argument('--batch_size', type=int, default=50)
   parser.add_argument('--batches', type=int, default=4)
   parser.add_argument('--image_size', type=int, default=64, help='input size before the resize to 299')
+  parser.add_argument('--record', default=None, help='where the record goes (default docs/results/bench_fid.json)')
   args = parser.parse_args()
+  load_at_start = results.load_average()
 
   import jax
   import torch
 
-  from eval import inception
+  from diffusion.evaluation import inception
+  from diffusion.interop.inception import convert_state_dict
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   model, net = _torch_reference(0)
   net = net.to(device)
-  variables = inception.convert_state_dict({k: v.numpy() for k, v in model.state_dict().items()})
+  variables = convert_state_dict({k: v.numpy() for k, v in model.state_dict().items()})
   ours = inception.FeatureExtractor(variables)
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3)).astype(np.uint8)
@@ -87,6 +89,10 @@ def main() -> None:
   print(f'pytorch-fid InceptionV3: {n / t_theirs:.2f} images/s')
   print(f'ours (JAX/Flax):         {n / t_ours:.2f} images/s')
   print(f'time ratio ours/pytorch-fid: {t_ours / t_theirs:.2f}')
+  results.write_record('bench_fid', {'pytorch_fid_images_per_s': n / t_theirs, 'ours_images_per_s': n / t_ours,
+                                     'time_ratio_ours_over_pytorch_fid': t_ours / t_theirs},
+                       path=args.record, load_at_start=load_at_start, settings=vars(args),
+                       torch_device=device, torch_threads=torch.get_num_threads())
 
 
 if __name__ == '__main__':

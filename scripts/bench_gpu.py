@@ -4,45 +4,26 @@ r"""GPU benchmark of the SD-1.5-size U-Net: training step and 50-step DDIM sampl
   python scripts/bench_gpu.py --tiny           # a tiny U-Net, to check the script on a CPU
 
 Prints, per setting, step time, images/s (global and per device), the model FLOPs of the compiled step (XLA cost
-analysis), achieved TFLOP/s and MFU against the device's dense peak bf16 rate (diffusion/training/throughput.py; None
+analysis), achieved TFLOP/s and MFU against the device's dense peak bf16 rate (diffusion/throughput.py; None
 where the device is not in its table, e.g. CPU). Training runs at 256 px and 512 px (32x32 and 64x64 latents), sampling
 (50-step DDIM with classifier-free guidance) at both too; the sampling FLOPs are those of one guided U-Net evaluation
 times the number of steps (XLA's cost analysis counts a loop body once). The text encoder is left out (random 77x768
-context), as the U-Net dominates. Imports only diffusion.models / process / samplers / training.throughput (the last
-by file path), so it runs where the rest of the stack is not installed.
+context), as the U-Net dominates. Imports only diffusion.models / process / samplers / throughput / results (no
+data, checkpoint or logging stack), so it runs on a bare accelerator machine. Writes its record to
+docs/results/bench_gpu.json (--record elsewhere; a --tiny run goes to docs/results/bench_gpu_tiny.json).
 """
 
 import argparse
-import importlib.util
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from diffusion import process, samplers  # noqa: E402
-from diffusion.models.unet import UNet2DConditionModel  # noqa: E402
-
-
-def _load_throughput():
-  """diffusion/training/throughput.py by path: importing the diffusion.training package would pull in the data
-  and checkpoint stack, which this script must not need."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'diffusion', 'training',
-                      'throughput.py')
-  spec = importlib.util.spec_from_file_location('diffusion_throughput', path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # Its dataclasses look their module up there.
-  spec.loader.exec_module(module)
-  return module
-
-
-throughput = _load_throughput()
+from diffusion import process, results, samplers, throughput
+from diffusion.models.unet import UNet2DConditionModel
 
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
             down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
@@ -140,27 +121,26 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--tiny', action='store_true', help='tiny U-Net, small batches (a CPU check of the script)')
   parser.add_argument('--repeats', type=int, default=10)
-  parser.add_argument('--json', '--out', dest='out', default=None, metavar='OUT',
-                      help='also write the results as JSON here')
+  parser.add_argument('--record', '--json', '--out', dest='record', default=None, metavar='OUT',
+                      help='where the record goes (default docs/results/bench_gpu.json, --tiny: bench_gpu_tiny.json)')
   args = parser.parse_args()
+  load_at_start = results.load_average()
   device = jax.devices()[0]
   peak = throughput.peak_tflops(device.device_kind, 'bfloat16')
   arch = TINY if args.tiny else SD15
   print(f'device: {device.device_kind} (using 1 of {jax.device_count()}; jax {jax.__version__}); dense peak bf16 '
         f'{peak} TFLOP/s', flush=True)
   settings = [(32, 2), (64, 1)] if args.tiny else [(32, 32), (64, 8)]
-  results = []
+  rows = []
   for latent, batch in settings:
-    results.append(bench_train(arch, latent, batch, 2 if args.tiny else args.repeats, peak))
-    print(json.dumps(results[-1]), flush=True)
+    rows.append(bench_train(arch, latent, batch, 2 if args.tiny else args.repeats, peak))
+    print(json.dumps(rows[-1]), flush=True)
   sample_settings = [(32, 2, 4)] if args.tiny else [(32, 8, 50), (64, 8, 50)]
   for latent, batch, steps in sample_settings:
-    results.append(bench_sample(arch, latent, batch, steps, 1 if args.tiny else 3, peak))
-    print(json.dumps(results[-1]), flush=True)
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump({'device': device.device_kind, 'peak_bf16_tflops': peak, 'jax': jax.__version__, 'results': results},
-                f, indent=2)
+    rows.append(bench_sample(arch, latent, batch, steps, 1 if args.tiny else 3, peak))
+    print(json.dumps(rows[-1]), flush=True)
+  results.write_record('bench_gpu_tiny' if args.tiny else 'bench_gpu', rows, path=args.record,
+                       load_at_start=load_at_start, settings=vars(args), peak_bf16_tflops=peak)
 
 
 if __name__ == '__main__':

@@ -13,19 +13,14 @@ and the ratio cache / on the fly.
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from diffusion.errors import UserError, user_errors_exit  # pylint: disable=wrong-import-position
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from diffusion import results
+from diffusion.errors import UserError, user_errors_exit
 
 
 def _config(image_size: int, batch_size: int, num_train: int, data_dir: str, vae_workdir: str, cache: str = ''):
-  sys.path.insert(0, ROOT)
   from configs import ldm_base  # pylint: disable=import-outside-toplevel
 
   config = ldm_base.get_config('tiny')
@@ -95,16 +90,17 @@ class _Trainer:
       self.steps += n
 
 
-def _bench_size(args, image_size: int, root: str, vae_workdir: str) -> tuple[float, float]:
+def _bench_size(args, image_size: int, root: str, vae_workdir: str) -> dict:
   from diffusion import latent_cache_writer  # pylint: disable=import-outside-toplevel
 
   data_dir = os.path.join(root, 'tfds')
   cache = os.path.join(root, f'latents_{image_size}')
   start = time.perf_counter()
-  latent_cache_writer.precompute(_config(image_size, args.batch_size, args.num_train, data_dir, vae_workdir), vae_workdir,
-                          cache, batch_size=args.batch_size, log=lambda line: None)
-  print(f'{image_size} px: precomputed {args.num_train} images x 2 flips in {time.perf_counter() - start:.1f} s '
-        f'({args.num_train / (time.perf_counter() - start):.1f} images/s, compile included)', flush=True)
+  latent_cache_writer.precompute(_config(image_size, args.batch_size, args.num_train, data_dir, vae_workdir),
+                                 vae_workdir, cache, batch_size=args.batch_size, log=lambda line: None)
+  precompute_s = time.perf_counter() - start
+  print(f'{image_size} px: precomputed {args.num_train} images x 2 flips in {precompute_s:.1f} s '
+        f'({args.num_train / precompute_s:.1f} images/s, compile included)', flush=True)
   trainers = {}
   for name, cache_dir in (('on the fly', ''), ('cache', cache)):
     config = _config(image_size, args.batch_size, args.num_train, data_dir, vae_workdir, cache_dir)
@@ -117,7 +113,10 @@ def _bench_size(args, image_size: int, root: str, vae_workdir: str) -> tuple[flo
   print(f'{image_size} px, batch {args.batch_size}: on the fly {rates["on the fly"]:.2f} steps/s, cache '
         f'{rates["cache"]:.2f} steps/s, ratio cache / on the fly = {rates["cache"] / rates["on the fly"]:.2f}',
         flush=True)
-  return rates['on the fly'], rates['cache']
+  return {'image_size': image_size, 'latent_side': image_size // 4, 'batch_size': args.batch_size,
+          'precompute_s': precompute_s, 'on_the_fly_steps_per_s': rates['on the fly'],
+          'cache_steps_per_s': rates['cache'], 'ratio_cache_over_on_the_fly': rates['cache'] / rates['on the fly'],
+          'timed_steps_each': trainers['cache'].steps}
 
 
 @user_errors_exit
@@ -130,6 +129,8 @@ def main() -> None:
   parser.add_argument('--num_train', type=int, default=512, help='training images (shapes dataset)')
   parser.add_argument('--vae_workdir', default='', help='a trained tiny VAE (default: train one for one step)')
   parser.add_argument('--root', default='', help='scratch directory (default: a temporary one)')
+  parser.add_argument('--record', default=None,
+                      help='where the record goes (default docs/results/bench_latent_cache.json)')
   args = parser.parse_args()
   sizes = [int(s) for s in args.image_sizes.split(',') if s]
   if not sizes or any(s <= 0 or s % 8 for s in sizes):
@@ -137,11 +138,13 @@ def main() -> None:
   if min(args.steps, args.chunk, args.batch_size, args.num_train) < 1:
     raise UserError('--steps, --chunk, --batch_size and --num_train must be >= 1')
   root = args.root or tempfile.mkdtemp(prefix='bench_latent_cache_')
-  print(f'load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; scratch {root}', flush=True)
+  load_at_start = results.load_average()
+  print(f'load average at start: {load_at_start} on {os.cpu_count()} cores; scratch {root}', flush=True)
   vae_workdir = args.vae_workdir or _train_vae(root, os.path.join(root, 'tfds'))
-  for size in sizes:
-    _bench_size(args, size, root, vae_workdir)
-  print(f'load average at end: {os.getloadavg()[0]:.1f}', flush=True)
+  rows = [_bench_size(args, size, root, vae_workdir) for size in sizes]
+  print(f'load average at end: {results.load_average()}', flush=True)
+  results.write_record('bench_latent_cache', rows, path=args.record, load_at_start=load_at_start,
+                       settings={k: v for k, v in vars(args).items() if k not in ('root', 'record')})
 
 
 if __name__ == '__main__':

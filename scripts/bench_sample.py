@@ -15,18 +15,14 @@ excluded; the table gives the median of `--repeats` runs, in ms per sampler step
 
 import argparse
 import os
-import sys
-from typing import Any, Callable
+from typing import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_train as common  # scripts/ is on sys.path when this runs as `python scripts/bench_sample.py`.
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import bench_train as common  # noqa: E402
-from diffusion import process, samplers  # noqa: E402
+from diffusion import process, results, samplers, throughput
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -112,8 +108,8 @@ def main() -> None:
   if args.batch < 1 or args.latent % 8 or args.repeats < 1 or args.steps < 1:
     parser.error('need --batch >= 1, --latent a multiple of 8, --repeats >= 1 and --steps >= 1')
   arch = common.PRESETS[args.preset]
-  env = common.environment(args.threads)
-  print(' '.join(f'{k}={v}' for k, v in env.items()), flush=True)
+  load_at_start = results.load_average()
+  print(f'device {throughput.local_device_kind()}, {os.cpu_count()} cores, load average {load_at_start}', flush=True)
   models = common.Models(arch, args.latent, args.skip)
   x, _, cond, _ = common.inputs(args.batch, args.latent, args.context_length, arch['cross_attention_dim'])
   uncond = common.inputs(args.batch, args.latent, args.context_length, arch['cross_attention_dim'], seed=1)[2]
@@ -129,20 +125,18 @@ def main() -> None:
         side, np.asarray(jax.block_until_ready(generate(x, cond, uncond))))
   times = common.time_runs(runs, max(args.warmup, 1), args.repeats)  # The first JAX call compiles.
   rows = [common.summarize(side, times[side], args.batch, None,
-                           {'ms_per_sampler_step': 1e3 * float(np.median(times[side])) / args.steps})
+                           {'ms_per_sampler_step': 1e3 * float(np.median(times[side])) / args.steps,
+                            'times_s': times[side]})
           for side in runs]
   agreement = {s: float(np.abs(v - finals['ours']).max()) for s, v in finals.items()
                if s != 'ours' and 'ours' in finals}
-  env['load_avg_1m_at_end'] = round(os.getloadavg()[0], 2)
   common.print_table(f'{args.steps}-step DDIM, CFG {args.guidance_scale}, {args.preset} U-Net, {args.batch} images '
                      f'(U-Net batch {2 * args.batch}), {args.latent}x{args.latent} latents, float32; load avg '
-                     f'{env["load_avg_1m_at_start"]} -> {env["load_avg_1m_at_end"]}', rows, 'sampler step',
+                     f'{load_at_start} -> {results.load_average()}', rows, 'sampler step',
                      per=args.steps)
   print(f'max |final latents - ours| (same noise and weights): {agreement}')
-  common.write_json(args.json, {'benchmark': 'ddim_cfg_sampling', 'command': ' '.join(sys.argv), 'env': env,
-                                'args': vars(args), 'num_params': models.num_params,
-                                'max_abs_diff_vs_ours': agreement, 'results': rows})
-
+  results.write_record('bench_sample', rows, path=args.record, load_at_start=load_at_start, settings=vars(args),
+                       num_params=models.num_params, max_abs_diff_vs_ours=agreement)
 
 if __name__ == '__main__':
   main()

@@ -13,23 +13,18 @@ are jitted with the params and optimizer state donated. Warm-up steps are exclud
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from diffusion import throughput  # noqa: E402
+from diffusion import results, throughput
 
 SIDES = ('ours', 'flax', 'torch')
 LABELS = {'ours': 'ours (JAX)', 'flax': 'diffusers-Flax', 'torch': 'diffusers PyTorch'}
@@ -59,19 +54,8 @@ def add_common_flags(parser: argparse.ArgumentParser, batch: int) -> None:
                       help='untimed runs per side (sampling: at least 1, as it compiles)')
   parser.add_argument('--threads', type=int, default=os.cpu_count(), help='torch.set_num_threads')
   parser.add_argument('--skip', action='append', default=[], choices=SIDES, help='leave a side out (repeatable)')
-  parser.add_argument('--json', default=None, metavar='OUT', help='also write the results as JSON here')
-
-
-def environment(threads: int) -> dict[str, Any]:
-  """Machine and library versions, printed and stored with the results."""
-  import diffusers
-  import flax
-  import torch
-
-  return {'machine': f'{platform.machine()} {os.cpu_count()} cores ({platform.processor() or platform.system()})',
-          'device': throughput.local_device_kind(), 'load_avg_1m_at_start': round(os.getloadavg()[0], 2),
-          'torch_threads': threads, 'jax': jax.__version__, 'flax': flax.__version__, 'optax': optax.__version__,
-          'diffusers': diffusers.__version__, 'torch': torch.__version__, 'python': platform.python_version()}
+  parser.add_argument('--record', '--json', dest='record', default=None, metavar='OUT',
+                      help='where the record goes (default docs/results/<benchmark>.json)')
 
 
 class Models:
@@ -219,13 +203,6 @@ def print_table(title: str, rows: list[dict], unit: str, per: int = 1) -> None:
           f'{r["images_per_s"]:.3g} | {ratio} |')
 
 
-def write_json(path: str | None, payload: dict) -> None:
-  if path:
-    with open(path, 'w') as f:
-      json.dump(payload, f, indent=2)
-    print(f'wrote {path}')
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_common_flags(parser, batch=4)
@@ -233,8 +210,8 @@ def main() -> None:
   if args.batch < 1 or args.latent % 8 or args.repeats < 1:
     parser.error('need --batch >= 1, --latent a multiple of 8 and --repeats >= 1')
   arch = PRESETS[args.preset]
-  env = environment(args.threads)
-  print(' '.join(f'{k}={v}' for k, v in env.items()), flush=True)
+  load_at_start = results.load_average()
+  print(f'device {throughput.local_device_kind()}, {os.cpu_count()} cores, load average {load_at_start}', flush=True)
   models = Models(arch, args.latent, args.skip)
   batch = inputs(args.batch, args.latent, args.context_length, arch['cross_attention_dim'])
   agreement = check_agreement(models, *batch[:3], args.skip)
@@ -251,16 +228,15 @@ def main() -> None:
       runs[side], flops[side], compile_s = jax_train_step(apply, params, batch)
       extra[side] = {'compile_s': compile_s}
   times = time_runs(runs, args.warmup, args.repeats)
-  rows = [summarize(side, times[side], args.batch, flops[side], extra[side]) for side in runs]
-  env['load_avg_1m_at_end'] = round(os.getloadavg()[0], 2)
+  rows = [summarize(side, times[side], args.batch, flops[side], {**extra[side], 'times_s': times[side]})
+          for side in runs]
   print_table(f'train step (fwd+bwd+AdamW, float32), {args.preset} U-Net, batch {args.batch}, '
-              f'{args.latent}x{args.latent} latents; load avg {env["load_avg_1m_at_start"]} -> '
-              f'{env["load_avg_1m_at_end"]}', rows, 'step')
+              f'{args.latent}x{args.latent} latents; load avg {load_at_start} -> {results.load_average()}', rows,
+              'step')
   flops_line = ', '.join(f'{r["label"]} {r["gflops_per_run"]:.1f}' for r in rows if 'gflops_per_run' in r)
   print(f'XLA FLOPs per step (GFLOP): {flops_line}')
-  write_json(args.json, {'benchmark': 'train_step', 'command': ' '.join(sys.argv), 'env': env, 'args': vars(args),
-                         'num_params': models.num_params, 'max_abs_diff_vs_ours': agreement, 'results': rows})
-
+  results.write_record('bench_train', rows, path=args.record, load_at_start=load_at_start, settings=vars(args),
+                       num_params=models.num_params, max_abs_diff_vs_ours=agreement)
 
 if __name__ == '__main__':
   main()

@@ -7,17 +7,17 @@ The U-Net is SD 1.5's (859.5M parameters, float32 params, compute in --dtype) on
 text embeddings; the step is grad of mean(output^2) w.r.t. the params. Without --run the numbers come from XLA's
 compiled memory analysis (arguments + outputs + temporaries; nothing is allocated, works on CPU). With --run
 each setting runs in its own process and reports the device allocator's peak (`peak_bytes_in_use`, GPU/TPU).
-Uses only diffusion.models (no ml_collections, orbax or data dependencies), so it runs on a bare JAX install.
+Uses only diffusion.models and diffusion.results (no ml_collections, orbax or data dependencies), so it runs on a
+bare JAX install. Writes a record to docs/results/unet_memory_<compiled|measured>_<backend>.json (or --record).
 """
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diffusion import results
 
 # SD 1.5's unet/config.json in our field names (diffusion.interop.configs.unet_from_diffusers gives the same).
 SD15_UNET = dict(
@@ -91,15 +91,28 @@ def main() -> None:
   parser.add_argument('--remat', choices=SETTINGS, default=None, help='one setting, in this process')
   parser.add_argument('--run', action='store_true', help='run the step and read the allocator peak')
   parser.add_argument('--settings', default=','.join(SETTINGS), help='comma-separated remat settings to measure')
+  parser.add_argument('--record', default=None, help='where the record goes (default: docs/results/'
+                      'unet_memory_<compiled|measured>_<backend>.json)')
   args = parser.parse_args()
   if args.remat is not None:
     print(json.dumps(measure(args.remat, args.batch, args.dtype, args.run)), flush=True)
     return
+  import jax  # pylint: disable=import-outside-toplevel
+
+  load_at_start = results.load_average()
+  rows = []
   for remat in args.settings.split(','):  # One process per setting: an allocator's peak cannot be reset.
     command = [sys.executable, __file__, '--remat', remat, '--batch', str(args.batch), '--dtype', args.dtype]
     result = subprocess.run(command + (['--run'] if args.run else []), capture_output=True, text=True)
     lines = result.stdout.strip().splitlines()
-    print(lines[-1] if result.returncode == 0 and lines else f'{remat}: failed\n{result.stderr[-2000:]}', flush=True)
+    if result.returncode != 0 or not lines:
+      print(f'{remat}: failed\n{result.stderr[-2000:]}', flush=True)
+      continue
+    rows.append(json.loads(lines[-1]))
+    print(lines[-1], flush=True)
+  name = f'unet_memory_{"measured" if args.run else "compiled"}_{jax.default_backend()}'
+  results.write_record(name, rows, path=args.record, load_at_start=load_at_start,
+                       settings={k: v for k, v in vars(args).items() if k not in ('remat', 'record')})
 
 
 if __name__ == '__main__':

@@ -1,0 +1,95 @@
+r"""The last step of `make demo`: writes docs/results/demo.json from the demo run's outputs, then the README block.
+
+  python scripts/record_demo.py --demo_dir workdirs/demo --start_time 1764620000 [--end_time 1764621800] \
+      [--start_load 1.5]
+
+Reads `<demo_dir>/caption_accuracy.json`, the last `eval/psnr` of `<demo_dir>/vae/metrics.jsonl` and the last
+`eval/val_loss` of `<demo_dir>/ldm/metrics.jsonl`; copies `<demo_dir>/samples/grid.png` (and its prompts, from
+`samples/settings.json`) to docs/images/demo_grid.png; the wall time is end - start (Unix seconds, taken by the
+Makefile target; end defaults to now). Then runs scripts/make_docs.py, so the README shows what the record holds,
+and prints the caption-accuracy line again as the last line.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import make_docs  # scripts/ is on sys.path when this runs as `python scripts/record_demo.py`.
+
+from diffusion import results
+from diffusion.errors import UserError, user_errors_exit
+
+
+def last_value(metrics_path: str, key: str) -> float | None:
+  """The last logged value of `key` in a metrics.jsonl (None if never logged or no file)."""
+  if not os.path.exists(metrics_path):
+    return None
+  value = None
+  with open(metrics_path) as f:
+    for line in f:
+      if line.strip():
+        value = json.loads(line).get(key, value)
+  return value
+
+
+def grid_prompts(samples_dir: str) -> list[str]:
+  """The prompts of the sample grid's rows, from sample.py's settings.json (empty if it has none)."""
+  path = os.path.join(samples_dir, 'settings.json')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    settings = json.load(f)
+  prompts = settings.get('prompts') or settings.get('prompt') or []
+  return list(prompts)
+
+
+def demo_results(demo_dir: str, root: str, wall_time_s: float) -> dict:
+  """The numbers of one demo run, with the grid copied into the docs and its hash recorded."""
+  accuracy_path = os.path.join(demo_dir, 'caption_accuracy.json')
+  if not os.path.exists(accuracy_path):
+    raise UserError(f'{accuracy_path} does not exist: run the demo (make demo) first')
+  with open(accuracy_path) as f:
+    accuracy = json.load(f)
+  out = {'caption_accuracy': accuracy, 'wall_time_s': wall_time_s,
+         'vae_psnr': last_value(os.path.join(demo_dir, 'vae', 'metrics.jsonl'), 'eval/psnr'),
+         'ldm_val_loss': last_value(os.path.join(demo_dir, 'ldm', 'metrics.jsonl'), 'eval/val_loss')}
+  grid = os.path.join(demo_dir, 'samples', 'grid.png')
+  if os.path.exists(grid):
+    target = os.path.join(root, make_docs.DEMO_GRID)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.copyfile(grid, target)
+    with open(target, 'rb') as f:
+      out['grid_sha256'] = hashlib.sha256(f.read()).hexdigest()
+    out['grid_prompts'] = grid_prompts(os.path.dirname(grid))
+  return out
+
+
+@user_errors_exit
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--demo_dir', default=os.path.join('workdirs', 'demo'))
+  parser.add_argument('--start_time', type=float, required=True, help='Unix time the demo started')
+  parser.add_argument('--end_time', type=float, default=None, help='Unix time the demo ended (default: now)')
+  parser.add_argument('--start_load', default='', help='1-minute load average when the demo started')
+  parser.add_argument('--command', default='make demo', help='the command the record names')
+  parser.add_argument('--root', default=make_docs.ROOT, help='repository root whose docs are updated')
+  args = parser.parse_args()
+  end = time.time() if args.end_time is None else args.end_time
+  if end < args.start_time:
+    raise UserError(f'--end_time {end} is before --start_time {args.start_time}')
+  numbers = demo_results(args.demo_dir, args.root, end - args.start_time)
+  results.write_record('demo', numbers, path=os.path.join(args.root, 'docs', 'results', 'demo.json'),
+                       command=args.command, settings={'demo_dir': args.demo_dir},
+                       load_at_start=float(args.start_load) if args.start_load else None)
+  if make_docs.main(['--root', args.root]) != 0:
+    raise UserError('the docs could not be regenerated from the records')
+  acc = numbers['caption_accuracy']
+  print(f'caption_accuracy guided={acc["guided"]:.3f} unguided={acc["unguided"]:.3f} '
+        f'unconditional={acc["unconditional"]:.3f}', flush=True)
+
+
+if __name__ == '__main__':
+  main()
