@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import gaussian_oracle as oracle  # pylint: disable=g-import-not-at-top
+import torch_oracle as oracle  # pylint: disable=g-import-not-at-top
 
 from diffusion import process
 from diffusion import samplers

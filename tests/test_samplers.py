@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-import gaussian_oracle as oracle  # pylint: disable=g-import-not-at-top
+from diffusion import gaussian_oracle as oracle  # pylint: disable=g-import-not-at-top
 
 from diffusion import process
 from diffusion import samplers
