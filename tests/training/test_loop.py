@@ -13,7 +13,7 @@ import pytest
 
 from support import LDM, ROOT, VAE, cli_overrides, load_config
 from diffusion import checkpoint
-from diffusion.workdir import load_workdir_config
+from diffusion.workdir import load_built_on, load_workdir_config
 from diffusion.training import train_and_evaluate
 
 
@@ -45,6 +45,8 @@ def test_ldm_stage_is_self_contained(ldm_workdir, vae_workdir):
   for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(vae_ema)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert any('eval/val_loss' in r for r in read_metrics(ldm_workdir))
+  built_on = load_built_on(ldm_workdir)  # What the run is built on: the VAE workdir and the hash of its params.
+  assert built_on == {'vae_workdir': {'path': vae_workdir, 'params_sha256': checkpoint.params_hash(vae_ema)}}
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, data_dir, vae_workdir):
