@@ -30,8 +30,9 @@ from diffusion.prompts import read_prompts_file
 from eval import fid
 
 
-def iter_pairs(files: Sequence[str], captions: Sequence[str], batch_size: int,
-               skipped: list[str]) -> Iterator[tuple[list[np.ndarray], list[str]]]:
+def iter_pairs(
+  files: Sequence[str], captions: Sequence[str], batch_size: int, skipped: list[str]
+) -> Iterator[tuple[list[np.ndarray], list[str]]]:
   """Batches of (readable images, their captions); unreadable files are appended to `skipped`."""
   images, texts = [], []
   for path, caption in zip(files, captions):
@@ -48,16 +49,19 @@ def iter_pairs(files: Sequence[str], captions: Sequence[str], batch_size: int,
     yield images, texts
 
 
-def score_folder(images_dir: str, captions_file: str, scorer: CLIPScorer, batch_size: int = 50,
-                 log=cli.stderr) -> tuple[float, np.ndarray, list[str]]:
+def score_folder(
+  images_dir: str, captions_file: str, scorer: CLIPScorer, batch_size: int = 50, log=cli.stderr
+) -> tuple[float, np.ndarray, list[str]]:
   """(CLIP score, per-pair scores, skipped files) of a folder of images paired with a captions file."""
   files = fid.list_images(images_dir)
   captions, _ = read_prompts_file(captions_file)
   if not files:
     raise UserError(f'no images in {images_dir!r} (extensions: {", ".join(fid.IMAGE_EXTENSIONS)})')
   if len(files) != len(captions):
-    raise UserError(f'{len(files)} image files in {images_dir!r} but {len(captions)} captions in '
-                    f'{captions_file!r}: they are paired in order, so the counts must match')
+    raise UserError(
+      f'{len(files)} image files in {images_dir!r} but {len(captions)} captions in '
+      f'{captions_file!r}: they are paired in order, so the counts must match'
+    )
   skipped: list[str] = []
   scores, start, done = [], time.time(), 0
   for images, texts in iter_pairs(files, captions, batch_size, skipped):
@@ -76,14 +80,18 @@ def _define_flags() -> dict:
   """The command-line flags (defined by `main`, so importing this module defines none)."""
   f = flags
   defined = dict(
-      images=f.DEFINE_string('images', None, 'Folder of images, paired with the captions in name order.'),
-      captions=f.DEFINE_string('captions', None, 'Text file, one caption per non-blank line.'),
-      clip_model=f.DEFINE_string('clip_model', None, f'The CLIP model: {MODEL_DIR_HELP}.'),
-      batch_size=f.DEFINE_integer('batch_size', 50, 'Pairs per batch (global: over all devices).'),
-      resize_backend=f.DEFINE_enum('resize_backend', 'pil', list(clip_preprocessing.RESIZE_BACKENDS),
-                                   "Image resizing: transformers' PIL backend (pil, the original CLIP) or its "
-                                   "torchvision backend (torchvision, torchmetrics' CLIPScore on transformers 5)."),
-      per_pair=f.DEFINE_string('per_pair', None, 'Optional output file: one `image<TAB>score` line per pair.'),
+    images=f.DEFINE_string('images', None, 'Folder of images, paired with the captions in name order.'),
+    captions=f.DEFINE_string('captions', None, 'Text file, one caption per non-blank line.'),
+    clip_model=f.DEFINE_string('clip_model', None, f'The CLIP model: {MODEL_DIR_HELP}.'),
+    batch_size=f.DEFINE_integer('batch_size', 50, 'Pairs per batch (global: over all devices).'),
+    resize_backend=f.DEFINE_enum(
+      'resize_backend',
+      'pil',
+      list(clip_preprocessing.RESIZE_BACKENDS),
+      "Image resizing: transformers' PIL backend (pil, the original CLIP) or its "
+      "torchvision backend (torchvision, torchmetrics' CLIPScore on transformers 5).",
+    ),
+    per_pair=f.DEFINE_string('per_pair', None, 'Optional output file: one `image<TAB>score` line per pair.'),
   )
   f.DEFINE_alias('model', 'clip_model')  # The documented spelling of the first versions.
   f.DEFINE_alias('batch-size', 'batch_size')

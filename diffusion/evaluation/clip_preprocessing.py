@@ -67,8 +67,10 @@ class ImageProcessing:
   def __post_init__(self):
     check_resize_backend(self.resize_backend)
     if self.resize_backend == 'torchvision' and self.do_resize and self.resample not in _FILTERS:
-      raise UserError(f'resample={self.resample!r} is not supported with resize_backend torchvision (supported: '
-                      f'{BILINEAR} bilinear, {BICUBIC} bicubic)')
+      raise UserError(
+        f'resample={self.resample!r} is not supported with resize_backend torchvision (supported: '
+        f'{BILINEAR} bilinear, {BICUBIC} bicubic)'
+      )
 
   @classmethod
   def from_directory(cls, directory: str, resize_backend: str = 'pil') -> 'ImageProcessing':
@@ -114,8 +116,11 @@ class ImageProcessing:
     torchvision = self.resize_backend == 'torchvision'
     if self.do_resize:
       height, width = self._resized(*image.shape[:2])
-      image = torchvision_resize(image, height, width, self.resample) if torchvision else \
-          _pil_resize(image, height, width, self.resample)
+      image = (
+        torchvision_resize(image, height, width, self.resample)
+        if torchvision
+        else _pil_resize(image, height, width, self.resample)
+      )
     if self.do_center_crop:
       image = center_crop(image, *self.crop_size, round_up_padding=not torchvision)
     return self._torchvision_values(image) if torchvision else self._pil_values(image)
@@ -148,10 +153,10 @@ def center_crop(image: np.ndarray, crop_height: int, crop_width: int, round_up_p
     rounding = math.ceil if round_up_padding else math.floor
     top, left = rounding((new_height - height) / 2), rounding((new_width - width) / 2)
     padded = np.zeros((new_height, new_width, image.shape[2]), image.dtype)
-    padded[top:top + height, left:left + width] = image
+    padded[top : top + height, left : left + width] = image
     image = padded
   top, left = (new_height - crop_height) // 2, (new_width - crop_width) // 2
-  return image[top:top + crop_height, left:left + crop_width]
+  return image[top : top + crop_height, left : left + crop_width]
 
 
 def _pil_resize(image: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
@@ -174,8 +179,10 @@ def _triangle(x: np.ndarray) -> np.ndarray:
 
 
 # PIL resampling id -> (filter support at scale 1, filter).
-_FILTERS: dict[int, tuple[float, Callable[[np.ndarray], np.ndarray]]] = {BILINEAR: (1.0, _triangle),
-                                                                         BICUBIC: (2.0, _keys_cubic)}
+_FILTERS: dict[int, tuple[float, Callable[[np.ndarray], np.ndarray]]] = {
+  BILINEAR: (1.0, _triangle),
+  BICUBIC: (2.0, _keys_cubic),
+}
 
 
 def _fixed_point_taps(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -222,8 +229,10 @@ def torchvision_resize(image: np.ndarray, height: int, width: int, resample: int
   """A uint8 (H, W, C) image resized as `torchvision.transforms.v2.functional.resize(..., antialias=True)` does on
   the CPU (bilinear: where PyTorch has its native uint8 kernel, i.e. x86 with AVX2 and ARM; bicubic: everywhere)."""
   if resample not in _FILTERS:
-    raise UserError(f'resample={resample!r} is not supported by the torchvision resize (supported: {BILINEAR} '
-                    f'bilinear, {BICUBIC} bicubic)')
+    raise UserError(
+      f'resample={resample!r} is not supported by the torchvision resize (supported: {BILINEAR} '
+      f'bilinear, {BICUBIC} bicubic)'
+    )
   return _resample_axis(_resample_axis(np.asarray(image, np.uint8), 1, width, resample), 0, height, resample)
 
 

@@ -30,9 +30,11 @@ from diffusion.evaluation.base import METRICS, EvalContext, sum_across_processes
 from diffusion.evaluation.clip_preprocessing import ImageProcessing, check_resize_backend
 from diffusion.interop.clip import load_clip
 
-MODEL_DIR_HELP = ('a transformers CLIPModel directory (config.json, model.safetensors or pytorch_model.bin, the '
-                  'tokenizer files, optionally preprocessor_config.json), e.g. from CLIPModel.save_pretrained and '
-                  'CLIPTokenizer.save_pretrained')
+MODEL_DIR_HELP = (
+  'a transformers CLIPModel directory (config.json, model.safetensors or pytorch_model.bin, the '
+  'tokenizer files, optionally preprocessor_config.json), e.g. from CLIPModel.save_pretrained and '
+  'CLIPTokenizer.save_pretrained'
+)
 DEFINITION = 'max(mean over pairs of 100 * cos(image, caption), 0), as torchmetrics CLIPScore'
 
 
@@ -56,8 +58,10 @@ class CLIPScorer:
     self.processing = ImageProcessing.from_directory(self.model_dir, check_resize_backend(resize_backend))
     size = self.processing.output_size(1000, 1000)
     if size != (self.vision.image_size,) * 2:
-      raise UserError(f'{model_dir}: the image processor makes {size} images but the vision model takes '
-                      f'{self.vision.image_size}x{self.vision.image_size}')
+      raise UserError(
+        f'{model_dir}: the image processor makes {size} images but the vision model takes '
+        f'{self.vision.image_size}x{self.vision.image_size}'
+      )
     try:
       self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir)
     except (OSError, ValueError, TypeError) as e:
@@ -68,8 +72,9 @@ class CLIPScorer:
     devices = list(devices) if devices is not None else jax.local_devices()
     self.mesh = parallel.create_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}), devices)
     self.num_devices = self.mesh.devices.size
-    self.params = jax.device_put({'vision': towers.vision_params, 'text': towers.text_params},
-                                 parallel.replicated(self.mesh))
+    self.params = jax.device_put(
+      {'vision': towers.vision_params, 'text': towers.text_params}, parallel.replicated(self.mesh)
+    )
     self._image_fn = functools.partial(_image_features, self.vision)
     self._text_fn = functools.partial(_text_features, self.text)
 
@@ -83,8 +88,9 @@ class CLIPScorer:
 
   def tokenize(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask), (N, max_length) int32: padded to the model's length, truncated."""
-    out = self.tokenizer(list(captions), padding='max_length', max_length=self.max_length, truncation=True,
-                         return_tensors='np')
+    out = self.tokenizer(
+      list(captions), padding='max_length', max_length=self.max_length, truncation=True, return_tensors='np'
+    )
     return out['input_ids'].astype(np.int32), out['attention_mask'].astype(np.int32)
 
   def _run(self, fn, *arrays: np.ndarray) -> np.ndarray:
@@ -154,8 +160,9 @@ class CLIPScoreMetric:
   def __init__(self, context: EvalContext):
     model_dir = context.options.get('clip_model')
     if not model_dir:
-      raise UserError(f'metric clip needs a CLIP model directory: pass --clip_model DIR ({MODEL_DIR_HELP}); no '
-                      'weights are downloaded')
+      raise UserError(
+        f'metric clip needs a CLIP model directory: pass --clip_model DIR ({MODEL_DIR_HELP}); no weights are downloaded'
+      )
     backend = check_resize_backend(context.options.get('resize_backend') or 'pil', 'metric clip: resize_backend')
     self.scorer = CLIPScorer(model_dir, resize_backend=backend)
     self.reset()
@@ -175,5 +182,9 @@ class CLIPScoreMetric:
     return {'clip_score': score_from_sums(sums['total'], sums['count'])}
 
   def describe(self) -> dict[str, Any]:
-    return {'metric': 'clip_score', 'clip_model': self.scorer.model_dir, 'resize_backend': self.scorer.resize_backend,
-            'definition': DEFINITION}
+    return {
+      'metric': 'clip_score',
+      'clip_model': self.scorer.model_dir,
+      'resize_backend': self.scorer.resize_backend,
+      'definition': DEFINITION,
+    }

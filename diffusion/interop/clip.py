@@ -28,13 +28,17 @@ Params = Any
 
 # transformers' vision state dict; the text tower, logit scale and buffers of a full CLIPModel are not ours.
 CLIP_VISION = naming.Layout(
-    'transformers CLIPVisionModel', prefix='vision_model.', unprefixed=('visual_projection',),
-    ignore=(r'position_ids$', r'^text_model\.', r'^text_projection\.', r'^logit_scale$'))
+  'transformers CLIPVisionModel',
+  prefix='vision_model.',
+  unprefixed=('visual_projection',),
+  ignore=(r'position_ids$', r'^text_model\.', r'^text_projection\.', r'^logit_scale$'),
+)
 _CLASS_EMBEDDING = 'vision_model.embeddings.class_embedding'  # A bare parameter: no leaf rule in `naming`.
 
 
 class CLIPTowers(NamedTuple):
   """Both towers of a CLIPModel: modules and their parameters."""
+
   vision: CLIPVisionTransformer
   vision_params: Params
   text: CLIPTextTransformer
@@ -61,14 +65,22 @@ def vision_fields(config: dict[str, Any], source: str) -> dict[str, Any]:
     raise UserError(f'{source}: hidden_act={vision.hidden_act!r} is not a supported activation') from None
   if vision.num_channels != 3:
     raise UserError(f'{source}: num_channels={vision.num_channels}; only RGB (3) is supported')
-  return {'hidden_size': vision.hidden_size, 'intermediate_size': vision.intermediate_size,
-          'num_hidden_layers': vision.num_hidden_layers, 'num_attention_heads': vision.num_attention_heads,
-          'image_size': vision.image_size, 'patch_size': vision.patch_size, 'hidden_act': vision.hidden_act,
-          'layer_norm_eps': float(vision.layer_norm_eps), 'projection_dim': int(projection_dim)}
+  return {
+    'hidden_size': vision.hidden_size,
+    'intermediate_size': vision.intermediate_size,
+    'num_hidden_layers': vision.num_hidden_layers,
+    'num_attention_heads': vision.num_attention_heads,
+    'image_size': vision.image_size,
+    'patch_size': vision.patch_size,
+    'hidden_act': vision.hidden_act,
+    'layer_norm_eps': float(vision.layer_norm_eps),
+    'projection_dim': int(projection_dim),
+  }
 
 
-def load_vision_encoder(directory: str, *, state: dict[str, np.ndarray] | None = None
-                        ) -> tuple[CLIPVisionTransformer, Params]:
+def load_vision_encoder(
+  directory: str, *, state: dict[str, np.ndarray] | None = None
+) -> tuple[CLIPVisionTransformer, Params]:
   """(module, params) of the vision tower of a transformers CLIPModel (or CLIPVisionModel) directory.
 
   `state`: the directory's tensors if already read (`load_clip` reads a CLIPModel once for both towers). Without
@@ -104,6 +116,8 @@ def load_clip(directory: str) -> CLIPTowers:
   vision, vision_params = load_vision_encoder(directory, state=state)
   text, text_params = load_text_encoder(directory, state=state)
   if vision.projection_dim is None or text.projection_dim is None:
-    raise UserError(f'{directory}: not a full CLIPModel: it lacks text_projection or visual_projection (save the '
-                    'whole CLIPModel, not one tower)')
+    raise UserError(
+      f'{directory}: not a full CLIPModel: it lacks text_projection or visual_projection (save the '
+      'whole CLIPModel, not one tower)'
+    )
   return CLIPTowers(vision, vision_params, text, text_params)

@@ -16,6 +16,7 @@ from diffusion.models.text import CLIPEncoder
 
 class CLIPVisionEmbeddings(nn.Module):
   """Patch convolution (no bias) + a learned class token, then learned absolute position embeddings."""
+
   hidden_size: int
   image_size: int
   patch_size: int
@@ -23,20 +24,28 @@ class CLIPVisionEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, pixel_values: Array) -> Array:
     b = pixel_values.shape[0]
-    patches = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size), strides=self.patch_size,
-                      padding='VALID', use_bias=False, name='patch_embedding')(pixel_values)
+    patches = nn.Conv(
+      self.hidden_size,
+      (self.patch_size, self.patch_size),
+      strides=self.patch_size,
+      padding='VALID',
+      use_bias=False,
+      name='patch_embedding',
+    )(pixel_values)
     patches = patches.reshape(b, -1, self.hidden_size)
-    cls = self.param('class_embedding', nn.initializers.normal(self.hidden_size ** -0.5), (self.hidden_size,))
+    cls = self.param('class_embedding', nn.initializers.normal(self.hidden_size**-0.5), (self.hidden_size,))
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.hidden_size)), patches], axis=1)
     num_positions = (self.image_size // self.patch_size) ** 2 + 1
-    positions = nn.Embed(num_positions, self.hidden_size, embedding_init=nn.initializers.normal(0.02),
-                         name='position_embedding')(jnp.arange(num_positions)[None])
+    positions = nn.Embed(
+      num_positions, self.hidden_size, embedding_init=nn.initializers.normal(0.02), name='position_embedding'
+    )(jnp.arange(num_positions)[None])
     return x + positions
 
 
 class CLIPVisionTransformer(nn.Module):
   """pixel_values (B, H, W, 3), H = W = image_size -> image embeddings (B, projection_dim) (or pooled (B, hidden)
   without a projection): pre-LN, encoder, post-LN on the class token, visual_projection."""
+
   hidden_size: int = 768
   intermediate_size: int = 3072
   num_hidden_layers: int = 12
@@ -53,8 +62,15 @@ class CLIPVisionTransformer(nn.Module):
       raise ValueError(f'expected {self.image_size}x{self.image_size} pixel values, got {pixel_values.shape}')
     x = CLIPVisionEmbeddings(self.hidden_size, self.image_size, self.patch_size, name='embeddings')(pixel_values)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, name='pre_layrnorm')(x)
-    x = CLIPEncoder(self.num_hidden_layers, self.hidden_size, self.intermediate_size, self.num_attention_heads,
-                    self.hidden_act, self.layer_norm_eps, name='encoder')(x, None)[-1]
+    x = CLIPEncoder(
+      self.num_hidden_layers,
+      self.hidden_size,
+      self.intermediate_size,
+      self.num_attention_heads,
+      self.hidden_act,
+      self.layer_norm_eps,
+      name='encoder',
+    )(x, None)[-1]
     pooled = nn.LayerNorm(epsilon=self.layer_norm_eps, name='post_layernorm')(x[:, 0])
     if self.projection_dim is not None:
       pooled = nn.Dense(self.projection_dim, use_bias=False, name='visual_projection')(pooled)

@@ -45,8 +45,13 @@ def _write_tokenizer(directory: str) -> transformers.CLIPTokenizer:
   vocab = write_clip_bpe(directory, merges)
   tokenizer = transformers.CLIPTokenizer.from_pretrained(directory)
   ids = tokenizer(['a red circle'])['input_ids'][0]
-  assert ids == [len(vocab) - 2, vocab.index('a</w>'), vocab.index('red</w>'), vocab.index('circle</w>'),
-                 len(vocab) - 1], ids  # Real BPE ids (not one id for every token).
+  assert ids == [
+    len(vocab) - 2,
+    vocab.index('a</w>'),
+    vocab.index('red</w>'),
+    vocab.index('circle</w>'),
+    len(vocab) - 1,
+  ], ids  # Real BPE ids (not one id for every token).
   return tokenizer
 
 
@@ -57,12 +62,29 @@ def clip_dir(tmp_path_factory) -> str:
   tokenizer = _write_tokenizer(directory)
   vocab = len(tokenizer)
   config = transformers.CLIPConfig(
-      text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, max_position_embeddings=77, hidden_act='quick_gelu',
-                       eos_token_id=vocab - 1, bos_token_id=vocab - 2, pad_token_id=vocab - 1),
-      vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
-                         image_size=IMAGE_SIZE, patch_size=8, hidden_act='gelu'),
-      projection_dim=16)
+    text_config=dict(
+      vocab_size=vocab,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      max_position_embeddings=77,
+      hidden_act='quick_gelu',
+      eos_token_id=vocab - 1,
+      bos_token_id=vocab - 2,
+      pad_token_id=vocab - 1,
+    ),
+    vision_config=dict(
+      hidden_size=48,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=3,
+      image_size=IMAGE_SIZE,
+      patch_size=8,
+      hidden_act='gelu',
+    ),
+    projection_dim=16,
+  )
   torch.manual_seed(0)
   model = transformers.CLIPModel(config)
   gen = torch.Generator().manual_seed(1)
@@ -72,8 +94,9 @@ def clip_dir(tmp_path_factory) -> str:
         param.add_(0.1 * torch.randn(param.shape, generator=gen))
   model.eval().save_pretrained(directory)
   tokenizer.save_pretrained(directory)
-  CLIPImageProcessorPil(size={'shortest_edge': IMAGE_SIZE},
-                        crop_size={'height': IMAGE_SIZE, 'width': IMAGE_SIZE}).save_pretrained(directory)
+  CLIPImageProcessorPil(
+    size={'shortest_edge': IMAGE_SIZE}, crop_size={'height': IMAGE_SIZE, 'width': IMAGE_SIZE}
+  ).save_pretrained(directory)
   return directory
 
 
@@ -101,8 +124,9 @@ def _images(seed: int = 0, sizes=SIZES) -> list[np.ndarray]:
   out = []
   for h, w in sizes:
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    base = np.stack([np.sin(6 * xx + c * rng.uniform(0, 6)) * np.cos(4 * yy * rng.uniform(0.5, 2)) for c in range(3)],
-                    -1)
+    base = np.stack(
+      [np.sin(6 * xx + c * rng.uniform(0, 6)) * np.cos(4 * yy * rng.uniform(0.5, 2)) for c in range(3)], -1
+    )
     out.append(np.clip(127.5 * (base + 1) + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
   return out
 
@@ -127,22 +151,34 @@ def test_preprocessing_matches_clip_image_processor(clip_dir, scorers, backend):
   # A crop larger than the resize pads with zeros, centred (the backends put an odd pixel on opposite sides).
   padded = clip_preprocessing.ImageProcessing(size=16, crop_size=(21, 25), resize_backend=backend)
   want = reference(size={'shortest_edge': 16}, crop_size={'height': 21, 'width': 25})(
-      images=images[:2], return_tensors='np')['pixel_values']
+    images=images[:2], return_tensors='np'
+  )['pixel_values']
   assert np.abs(_nchw(padded, images[:2]) - want).max() <= 1e-6
 
 
 def test_torchvision_resize_is_torchvision_bit_for_bit():
   rng = np.random.default_rng(7)
-  modes = {clip_preprocessing.BICUBIC: tvF.InterpolationMode.BICUBIC,
-           clip_preprocessing.BILINEAR: tvF.InterpolationMode.BILINEAR}
-  cases = [((40, 57), (32, 45)), ((300, 200), (48, 32)), ((17, 90), (32, 169)), ((64, 64), (64, 21)),
-           ((5, 3), (224, 150)), ((333, 100), (100, 333))]
+  modes = {
+    clip_preprocessing.BICUBIC: tvF.InterpolationMode.BICUBIC,
+    clip_preprocessing.BILINEAR: tvF.InterpolationMode.BILINEAR,
+  }
+  cases = [
+    ((40, 57), (32, 45)),
+    ((300, 200), (48, 32)),
+    ((17, 90), (32, 169)),
+    ((64, 64), (64, 21)),
+    ((5, 3), (224, 150)),
+    ((333, 100), (100, 333)),
+  ]
   for (h, w), (oh, ow) in cases:
     image = _images(int(rng.integers(1000)), [(h, w)])[0]
     image[:2] = rng.integers(0, 256, (2, w, 3))  # Hard edges: clamping at 0 and 255 happens.
     for resample, mode in modes.items():
-      want = tvF.resize(torch.from_numpy(image).permute(2, 0, 1).contiguous(), [oh, ow], interpolation=mode,
-                        antialias=True).permute(1, 2, 0).numpy()
+      want = (
+        tvF.resize(torch.from_numpy(image).permute(2, 0, 1).contiguous(), [oh, ow], interpolation=mode, antialias=True)
+        .permute(1, 2, 0)
+        .numpy()
+      )
       got = clip_preprocessing.torchvision_resize(image, oh, ow, resample)
       assert got.dtype == np.uint8 and np.array_equal(got, want), ((h, w), (oh, ow), resample)
   with pytest.raises(UserError, match='resample=1 is not supported'):
@@ -168,7 +204,8 @@ def test_embeddings_match_transformers(scorers, reference):
   pixels = scorer.pixel_values(images)
   with torch.no_grad():
     image_ref = reference.get_image_features(
-        pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())).pooler_output.numpy()
+      pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
+    ).pooler_output.numpy()
     tokens = transformers.AutoTokenizer.from_pretrained(scorer.model_dir)(CAPTIONS, padding=True, return_tensors='pt')
     text_ref = reference.get_text_features(**tokens).pooler_output.numpy()
   image_emb, text_emb = scorer.image_embeddings(images), scorer.text_embeddings(CAPTIONS)
@@ -212,16 +249,19 @@ def _torchmetrics_score(model, clip_dir, images, captions, backend='pil') -> flo
   metric = CLIPScore(model_name_or_path=lambda: (_Features(model), processor))
   half = len(images) // 2
   for lo, hi in ((0, half), (half, len(images))):  # Two updates: the running sum and count.
-    metric.update([torch.from_numpy(np.ascontiguousarray(i.transpose(2, 0, 1))) for i in images[lo:hi]],
-                  list(captions[lo:hi]))
+    metric.update(
+      [torch.from_numpy(np.ascontiguousarray(i.transpose(2, 0, 1))) for i in images[lo:hi]], list(captions[lo:hi])
+    )
   return float(metric.compute())
 
 
 def _matched_pairs(scorer, images, worst=False):
   """Each image with its best (worst) caption: positive scores, so the clamp at 0 hides nothing (or negative).
   A random CLIP's text embeddings share a direction, so one caption may be best for several images."""
-  matrix = clip_lib.pair_scores(np.repeat(scorer.image_embeddings(images), len(CAPTIONS), 0),
-                                np.tile(scorer.text_embeddings(CAPTIONS), (len(images), 1)))
+  matrix = clip_lib.pair_scores(
+    np.repeat(scorer.image_embeddings(images), len(CAPTIONS), 0),
+    np.tile(scorer.text_embeddings(CAPTIONS), (len(images), 1)),
+  )
   matrix = matrix.reshape(len(images), len(CAPTIONS))
   return [CAPTIONS[j] for j in (matrix.argmin(1) if worst else matrix.argmax(1))]
 
@@ -238,8 +278,9 @@ def test_clip_score_matches_torchmetrics(clip_dir, scorers, reference, backend):
   # changes.
   assert abs(clip_lib.clip_score(other.scores(images, captions)) - theirs) > 1e-3  # 3.2e-3 here.
   for wrong in (dict(image_mean=(0.5,) * 3, image_std=(0.5,) * 3), dict(resample=Image.BILINEAR)):
-    processing = clip_preprocessing.ImageProcessing(size=IMAGE_SIZE, crop_size=(IMAGE_SIZE, IMAGE_SIZE),
-                                                    resize_backend=backend, **wrong)
+    processing = clip_preprocessing.ImageProcessing(
+      size=IMAGE_SIZE, crop_size=(IMAGE_SIZE, IMAGE_SIZE), resize_backend=backend, **wrong
+    )
     pixels = np.stack([processing(i) for i in images])
     per_pair = clip_lib.pair_scores(scorer.image_embeddings_from_pixels(pixels), scorer.text_embeddings(captions))
     assert abs(clip_lib.clip_score(per_pair) - theirs) > 0.05, wrong
@@ -274,8 +315,9 @@ def test_metric_for_the_evaluation_job(clip_dir, scorers):
   with pytest.raises(UserError, match='does not exist.*CLIPModel directory'):
     METRICS.get('clip')(EvalContext('unused', None, None, 'none', options={'clip_model': clip_dir + '_missing'}))
   with pytest.raises(UserError, match="resize_backend='bilinear'.*pil, torchvision"):
-    METRICS.get('clip')(EvalContext('unused', None, None, 'none',
-                                    options={'clip_model': clip_dir, 'resize_backend': 'bilinear'}))
+    METRICS.get('clip')(
+      EvalContext('unused', None, None, 'none', options={'clip_model': clip_dir, 'resize_backend': 'bilinear'})
+    )
 
 
 def _folder(tmp_path, images, broken=()):
@@ -304,10 +346,28 @@ def _cli_score(stdout: str) -> float:
 def test_cli_scores_a_folder_and_skips_unreadable_images(tmp_path, clip_dir, scorers):
   images = _images(5, SIZES[:5])
   folder, captions = _folder(tmp_path, images, broken={2}), _captions(tmp_path, CAPTIONS[:5])
-  result = subprocess.run([sys.executable, '-m', 'eval.clip_score', '--images', folder, '--captions', captions,
-                           '--model', clip_dir, '--batch_size', '2', '--resize_backend=torchvision',
-                           '--per_pair', str(tmp_path / 'pairs.tsv')],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'eval.clip_score',
+      '--images',
+      folder,
+      '--captions',
+      captions,
+      '--model',
+      clip_dir,
+      '--batch_size',
+      '2',
+      '--resize_backend=torchvision',
+      '--per_pair',
+      str(tmp_path / 'pairs.tsv'),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   kept = [0, 1, 3, 4]  # Image 2 is unreadable: it and its caption are dropped.
   per_pair = scorers('torchvision').scores([images[i] for i in kept], [CAPTIONS[i] for i in kept])
@@ -366,8 +426,9 @@ def test_cli_user_errors(tmp_path, capsys, clip_dir, main):
   assert 'resize_backend' in line and 'pil' in line and 'torchvision' in line
   assert '--batch_size must be >= 1' in _main_error(capsys, main, *ok, '--model', clip_dir, '--batch_size', '0')
   assert 'unexpected argument' in _main_error(capsys, main, *ok, '--model', clip_dir, 'stray')
-  assert 'is not a folder' in _main_error(capsys, main, '--images', captions, '--captions', captions, '--model',
-                                          clip_dir)
+  assert 'is not a folder' in _main_error(
+    capsys, main, '--images', captions, '--captions', captions, '--model', clip_dir
+  )
 
 
 @pytest.mark.slow
