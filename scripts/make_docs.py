@@ -30,6 +30,10 @@ def _g(value: float, digits: int = 3) -> str:
   return f'{value:.{digits}g}'
 
 
+def _n(count: int, noun: str) -> str:
+  return f'{count} {noun}' + ('' if count == 1 else 's')
+
+
 def read_record(root: str, name: str) -> dict | None:
   path = os.path.join(root, 'docs', 'results', f'{name}.json')
   if not os.path.exists(path):
@@ -47,8 +51,8 @@ def provenance(record: dict, link: str, href: str) -> str:
   start = 'n/a' if load.get('start') is None else load['start']
   return (f'Record [`{link}`]({href}) '
           f'({record["created_utc"][:10]}): `{record["command"]}` at commit `{git["commit"][:10]}`{dirty}; '
-          f'{machine["device_count"]}x {machine["device_kind"]} ({machine["jax_backend"]}), {machine["cpu_count"]} CPU '
-          f'cores, 1-minute load average {start} at the start and {load["end"]} at the end; {versions}.')
+          f'JAX on {_n(machine["device_count"], machine["device_kind"] + " device")} ({machine["jax_backend"]} backend), '
+          f'{machine["cpu_count"]} CPU cores, 1-minute load average {start} at the start and {load["end"]} at the end; {versions}.')
 
 
 def render_side_table(record: dict, unit: str, per: int) -> list[str]:
@@ -66,8 +70,8 @@ def render_side_table(record: dict, unit: str, per: int) -> list[str]:
 def render_bench_train(record: dict) -> list[str]:
   s = record['settings']
   head = (f'Training step (fwd+bwd+AdamW, float32), {s["preset"]} U-Net ({record["num_params"] / 1e6:.2f}M params), '
-          f'batch {s["batch"]}, {s["latent"]}x{s["latent"]}x4 latents; median of {s["repeats"]} rounds after '
-          f'{s["warmup"]} warm-up rounds, torch with {s["threads"]} threads.')
+          f'batch {s["batch"]}, {s["latent"]}x{s["latent"]}x4 latents; median of {_n(s["repeats"], "round")} after '
+          f'{_n(s["warmup"], "warm-up round")}, torch with {_n(s["threads"], "thread")}.')
   flops = ', '.join(f'{r["label"]} {r["gflops_per_run"]:.1f}' for r in record['results'] if 'gflops_per_run' in r)
   diffs = ', '.join(f'{k} {v:.1e}' for k, v in record['max_abs_diff_vs_ours'].items())
   return [head, ''] + render_side_table(record, 'step', 1) + [
@@ -78,7 +82,7 @@ def render_bench_sample(record: dict) -> list[str]:
   s = record['settings']
   head = (f'{s["steps"]}-step DDIM with classifier-free guidance (scale {_g(s["guidance_scale"])}), {s["preset"]} '
           f'U-Net, {s["batch"]} image(s) per run (U-Net batch {2 * s["batch"]}), {s["latent"]}x{s["latent"]}x4 '
-          f'latents, float32; median of {s["repeats"]} rounds after {max(s["warmup"], 1)} warm-up round(s).')
+          f'latents, float32; median of {_n(s["repeats"], "round")} after {_n(max(s["warmup"], 1), "warm-up round")}.')
   diffs = ', '.join(f'{k} {v:.1e}' for k, v in record['max_abs_diff_vs_ours'].items())
   return [head, ''] + render_side_table(record, 'sampler step', s['steps']) + [
       '', f'Largest difference of the final latents from ours: {diffs}.']
