@@ -39,17 +39,18 @@ def test_help_lists_the_samplers():
 @pytest.mark.parametrize('args,needles', [
     (['--sampler', 'magic'], ['magic', 'ddim', 'flow_euler']),
     (['--num_steps', '0'], ['--num_steps']),
-    (['--strength', '1.5', '--init_image', 'IMG'], ['--strength', '(0, 1]']),
-    (['--strength', '0', '--init_image', 'IMG'], ['--strength']),
-    (['--mask', 'MASK'], ['--init_image']),
-    (['--init_image', 'IMG', '--mask', 'SMALL'], ['--mask is 16x16', '32x32']),
-    (['--sampler', 'ddim', '--karras'], ['--karras', 'ddim']),
-    (['--guidance_interval', '0.9,0.1'], ['--guidance_interval']),
+    (['--strength', '1.5', '--init_image', 'IMG'], ['strength', '(0, 1]']),
+    (['--strength', '0', '--init_image', 'IMG'], ['strength']),
+    (['--mask', 'MASK'], ['init image']),
+    (['--sampler', 'ddim', '--karras'], ["sampler 'ddim' has no option 'karras'", 'eta']),
+    (['--guidance_interval', '0.9,0.1'], ['guidance_interval', '0 <= lo <= hi <= 1']),
+    (['--guidance_interval', '0.1'], ['--guidance_interval', '2 comma-separated values']),
+    (['--guidance_rescale', '2'], ['guidance_rescale', '[0, 1]']),
     (['--guidance_scale', '1,x'], ['--guidance_scale', 'comma list']),
     (['--num_steps', '10,0'], ['--num_steps', '>= 1']),
     (['--prompts_file', 'PROMPTS'], ['prompts.txt:2', 'integer seed']),
-], ids=['unknown-sampler', 'steps', 'strength-high', 'strength-zero', 'mask-without-image', 'mask-size',
-        'karras-ddim', 'interval', 'guidance-list', 'steps-list', 'prompt-seed'])
+], ids=['unknown-sampler', 'steps', 'strength-high', 'strength-zero', 'mask-without-image', 'karras-ddim',
+        'interval', 'interval-count', 'rescale', 'guidance-list', 'steps-list', 'prompt-seed'])
 def test_user_errors_before_loading_anything(tmp_path, args, needles):
   files = {'IMG': _png(tmp_path / 'img.png', (32, 32)), 'MASK': _png(tmp_path / 'mask.png', (32, 32)),
            'SMALL': _png(tmp_path / 'small.png', (16, 16))}
@@ -59,6 +60,19 @@ def test_user_errors_before_loading_anything(tmp_path, args, needles):
   result = run_cli('sample.py', '--workdir', str(tmp_path / 'nope'), '--prompt', 'a red circle', '--out',
                    str(tmp_path / 'out'), *args)
   _assert_user_error(result, *needles)
+
+
+def test_errors_that_need_the_workdir(tmp_path, ldm_workdir):
+  """A mask of another size than the init image, a missing --step, more steps than the model was trained with."""
+  base = ['--workdir', ldm_workdir, '--prompt', 'a red circle', '--out', str(tmp_path / 'out')]
+  image, small = _png(tmp_path / 'img.png', (32, 32)), _png(tmp_path / 'small.png', (16, 16))
+  _assert_user_error(run_cli('sample.py', *base, '--init_image', image, '--mask', small), 'mask', 'is 16x16',
+                     '32x32')
+  steps = sorted(int(d) for d in os.listdir(os.path.join(ldm_workdir, 'checkpoints')) if d.isdigit())
+  _assert_user_error(run_cli('sample.py', *base, '--step', '987654'),
+                     f'no checkpoint at step 987654 in {ldm_workdir} (have: {", ".join(map(str, steps))})')
+  _assert_user_error(run_cli('sample.py', *base, '--num_steps', '5000'), 'num_steps must be in [1, ')
+  assert not (tmp_path / 'out').exists()
 
 
 def test_sampler_of_the_other_family_is_a_user_error(tmp_path, ldm_workdir):

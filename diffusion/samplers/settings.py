@@ -48,9 +48,8 @@ class SamplingSettings:
       object.__setattr__(self, 'guidance_interval', tuple(float(v) for v in self.guidance_interval))
     except (TypeError, ValueError) as e:
       raise UserError(f'bad sampling settings: {e}') from None
-    problem = next(_problems(self), None)
-    if problem is not None:
-      raise UserError(problem[2])
+    for key, phrase, message in _problems(self):
+      raise UserError(message or f'{key} {phrase}')
     for name, kind in (('num_steps', int), ('guidance_scale', float), ('guidance_rescale', float)):
       object.__setattr__(self, name, kind(getattr(self, name)))
 
