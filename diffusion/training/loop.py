@@ -1,4 +1,10 @@
-"""The one training loop for both stages: `train_and_evaluate(config, workdir)`.
+"""The one training loop for every task: `train_and_evaluate(config, workdir)`.
+
+The loop knows tasks only through the protocol in `diffusion.training.task` (`TASKS.get(config.model_type)`): it
+never asks which task it runs. It writes the task's resolved config to `config.json`, records what the run is built
+on (`workdir.record_built_on`: the task's frozen sources, `config.init_from`, `config.base_workdir`), and builds the
+eval loader and the task's sampling setup once per run. Later in-training evaluators can use
+`task.sampling_pipeline()` at their own interval in `_Run`, the same way for every task.
 
 Resumes from the latest checkpoint in `workdir` (train state and data-iterator position), so rerunning the same
 command after an interruption continues the same run; rerunning a finished run says so and returns. SIGTERM saves a
