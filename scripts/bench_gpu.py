@@ -25,7 +25,8 @@ import optax
 from diffusion import process, results, samplers, throughput
 from diffusion.models.unet import UNet2DConditionModel
 
-SD15 = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+SD15 = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
             down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
             up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3, mid_block_type='UNetMidBlock2DCrossAttn',
             attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32)

@@ -49,17 +49,18 @@ def provenance(record: dict, link: str, href: str) -> str:
   dirty = ' plus uncommitted changes' if git.get('dirty') else ''
   versions = ', '.join(f'{k} {packages[k]}' for k in ('jax', 'flax', 'torch', 'diffusers') if k in packages)
   start = 'n/a' if load.get('start') is None else load['start']
-  return (f'Record [`{link}`]({href}) '
-          f'({record["created_utc"][:10]}): `{record["command"]}` at commit `{git["commit"][:10]}`{dirty}; '
-          f'JAX on {_n(machine["device_count"], machine["device_kind"] + " device")} ({machine["jax_backend"]} backend), '
-          f'{machine["cpu_count"]} CPU cores, 1-minute load average {start} at the start and {load["end"]} at the end; {versions}.')
+  devices = _n(machine['device_count'], machine['device_kind'] + ' device')
+  return (f'Record [`{link}`]({href}) ({record["created_utc"][:10]}): `{record["command"]}` at commit '
+          f'`{git["commit"][:10]}`{dirty}; JAX on {devices} ({machine["jax_backend"]} backend), {machine["cpu_count"]} '
+          f'CPU cores, 1-minute load average {start} at the start and {load["end"]} at the end; {versions}.')
 
 
 def render_side_table(record: dict, unit: str, per: int) -> list[str]:
   """Table of a side-by-side benchmark (bench_train / bench_sample): median time, spread, images/s, ratio."""
   rows = sorted(record['results'], key=lambda r: SIDE_ORDER.index(r['side']))
   ours = next((r for r in rows if r['side'] == 'ours'), None)
-  lines = [f'| implementation | ms/{unit} (median) | run min-max (s) | images/s | time / ours |', '|---|---|---|---|---|']
+  lines = [f'| implementation | ms/{unit} (median) | run min-max (s) | images/s | time / ours |',
+           '|---|---|---|---|---|']
   for r in rows:
     ratio = f'{r["median_s"] / ours["median_s"]:.2f}' if ours and r is not ours else '-'
     lines.append(f'| {r["label"]} | {1e3 * r["median_s"] / per:.1f} | {_g(r["min_s"])}-{_g(r["max_s"])} | '
@@ -102,7 +103,8 @@ def render_bench_latent_cache(record: dict) -> list[str]:
   s = record['settings']
   lines = [f'Global batch {s["batch_size"]}, {s["num_train"]} training images, {s["steps"]} timed steps per way in '
            f'chunks of {s["chunk"]}.', '',
-           '| image size | latents | on the fly | from the cache | ratio cache / on the fly | precompute (both flips) |',
+           '| image size | latents | on the fly | from the cache | ratio cache / on the fly '
+           '| precompute (both flips) |',
            '|---|---|---|---|---|---|']
   for r in record['results']:
     lines.append(f'| {r["image_size"]} px | {r["latent_side"]}x{r["latent_side"]}x4 | '
@@ -165,7 +167,8 @@ RENDERERS: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     'bench_train': (render_bench_train, '`python scripts/bench_train.py --repeats 3 --warmup 1`'),
     'bench_sample': (render_bench_sample, '`python scripts/bench_sample.py --batch 1 --repeats 3 --warmup 1`'),
     'bench_fid': (render_bench_fid, '`python scripts/bench_fid.py --batch_size 25 --batches 3`'),
-    'bench_latent_cache': (render_bench_latent_cache, '`python scripts/bench_latent_cache.py --steps 10 --chunk 5`'),
+    'bench_latent_cache': (render_bench_latent_cache,
+                           '`python scripts/bench_latent_cache.py --image_sizes 32,64 --steps 10 --chunk 5`'),
     'bench_gpu': (render_bench_gpu, '`python scripts/bench_gpu.py` on a GPU or TPU'),
     'unet_memory_measured_gpu': (
         render_unet_memory,
