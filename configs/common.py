@@ -6,6 +6,8 @@ Every field here is part of the stable config surface: tools outside the reposit
 
 import ml_collections
 
+from diffusion import parallel
+
 
 def get_data_config(image_size: int = 32) -> ml_collections.ConfigDict:
   """Input pipeline settings (see diffusion/data/pipeline.py)."""
@@ -66,8 +68,7 @@ def get_mesh_config() -> ml_collections.ConfigDict:
   mesh.dcn_data = 1
   mesh.dcn_fsdp = 1
   # Logical axis -> mesh axis (None: replicated); see diffusion/parallel.py for the logical axes of each param.
-  mesh.rules = (('embed', 'fsdp'), ('conv_out', 'fsdp'), ('conv_in', 'fsdp'), ('heads', 'tensor'),
-                ('mlp', 'tensor'), ('vocab', 'tensor'), ('norm', 'fsdp'), ('bias', 'fsdp'))
+  mesh.rules = parallel.DEFAULT_RULES
   mesh.min_shard_size = 2**14  # Params with fewer elements stay replicated.
   return mesh
 

@@ -1,4 +1,4 @@
-"""Training losses: the diffusion loss (with pluggable per-timestep weightings) and the VAE loss.
+"""Training losses: the diffusion loss (with registered per-timestep weightings) and the VAE loss.
 
 Both are pure functions of arrays, so train steps can jit, shard and differentiate them freely. The
 diffusion loss returns one value per example; the caller averages (and may mask) it.
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from diffusion import process
 from diffusion.errors import ConfigError
+from diffusion.registry import Registry
 
 Array = jax.Array
 DiffusionLossFn = Callable[[Array, Array, Array, Array, process.NoiseSchedule], Array]
@@ -22,23 +23,16 @@ DiffusionLossFn = Callable[[Array, Array, Array, Array, process.NoiseSchedule], 
 # A weighting factory: (diffusion_config, prediction_type) -> ((alpha, sigma) (B,) -> weight (B,)).
 WeightFn = Callable[[Array, Array], Array]
 WeightingFactory = Callable[[Mapping[str, Any], str], WeightFn]
-_WEIGHTINGS: dict[str, WeightingFactory] = {}
+WEIGHTINGS: Registry[WeightingFactory] = Registry('loss weighting')
 
 
 def register_loss_weighting(name: str) -> Callable[[WeightingFactory], WeightingFactory]:
   """Registers a per-timestep loss weighting under `name` (raises on a duplicate)."""
-
-  def decorator(factory: WeightingFactory) -> WeightingFactory:
-    if name in _WEIGHTINGS:
-      raise ValueError(f'loss weighting {name!r} is already registered')
-    _WEIGHTINGS[name] = factory
-    return factory
-
-  return decorator
+  return WEIGHTINGS.register(name)
 
 
 def available_loss_weightings() -> list[str]:
-  return sorted(_WEIGHTINGS)
+  return WEIGHTINGS.names()
 
 
 def _on_x0_error(prediction_type: str, scaled_x0_weight: WeightFn, at_zero: float = 1.0) -> WeightFn:
@@ -107,10 +101,9 @@ def get_diffusion_loss_fn(diffusion_config: Mapping[str, Any]) -> DiffusionLossF
   prediction_type = diffusion_config.get('prediction_type', 'eps')
   process.get_prediction_type(prediction_type)  # Fails early on an unknown type.
   name = diffusion_config.get('loss_weighting', 'uniform')
-  if name not in _WEIGHTINGS:
-    raise ConfigError('diffusion.loss_weighting',
-                      f'unknown loss weighting {name!r}; known: {", ".join(available_loss_weightings())}')
-  weight_fn = _WEIGHTINGS[name](diffusion_config, prediction_type)
+  if name not in WEIGHTINGS:
+    raise ConfigError('diffusion.loss_weighting', WEIGHTINGS.unknown(name))
+  weight_fn = WEIGHTINGS.get(name)(diffusion_config, prediction_type)
 
   def loss_fn(output: Array, x0: Array, noise: Array, t: Array, schedule: process.NoiseSchedule) -> Array:
     target = process.training_target(prediction_type, x0, noise, t, schedule)
@@ -149,27 +142,6 @@ def sample_noise(rng: Array, shape: Sequence[int], offset_noise: float = 0.0,
 # ----------------------------------------------------------------------------------------------------------
 # VAE loss.
 
-# An extra VAE loss term: (x, reconstruction, **kwargs) -> scalar or per-example (B,) value.
-VaeLossTerm = Callable[..., Array]
-_VAE_TERMS: dict[str, VaeLossTerm] = {}
-
-
-def register_vae_loss_term(name: str) -> Callable[[VaeLossTerm], VaeLossTerm]:
-  """Registers an extra VAE loss term (perceptual, adversarial, ...) under `name`."""
-
-  def decorator(fn: VaeLossTerm) -> VaeLossTerm:
-    if name in _VAE_TERMS or name in ('rec_loss', 'kl', 'loss'):
-      raise ValueError(f'VAE loss term {name!r} is already registered or reserved')
-    _VAE_TERMS[name] = fn
-    return fn
-
-  return decorator
-
-
-def available_vae_loss_terms() -> list[str]:
-  return sorted(_VAE_TERMS)
-
-
 _RECONSTRUCTION = {'l1': jnp.abs, 'l2': jnp.square}
 
 
@@ -178,31 +150,42 @@ def _per_example_sum(x: Array) -> Array:
 
 
 def vae_loss(x: Array, reconstruction: Array, mean: Array, logvar: Array, *, kl_weight: float,
-             rec_loss: str = 'l1', extra_terms: Sequence[tuple[str, float]] = (),
-             term_kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Array, dict[str, Array]]:
-  """The LDM autoencoder loss: reconstruction + kl_weight * KL(q(z|x) || N(0, I)) + extra terms.
+             rec_loss: str = 'l1') -> tuple[Array, dict[str, Array]]:
+  """The LDM autoencoder loss: reconstruction + kl_weight * KL(q(z|x) || N(0, I)).
 
   As in LDM, the reconstruction error and the KL are summed over each example's pixels / latent dims and
-  averaged over the batch, so LDM's kl_weight (1e-6) means the same here. `extra_terms` are (name, weight)
-  pairs of registered terms, called as term(x, reconstruction, **term_kwargs.get(name, {})), their mean
-  over the batch added with that weight. Metrics: 'rec_loss' (mean per pixel, as LDM logs it), 'kl'
-  (per example), one entry per extra term (unweighted), and 'loss'.
+  averaged over the batch, so LDM's kl_weight (1e-6) means the same here. Metrics: 'rec_loss' (mean per pixel,
+  as LDM logs it), 'kl' (per example) and 'loss'.
   """
   if rec_loss not in _RECONSTRUCTION:
-    raise ConfigError('vae.rec_loss', f'unknown reconstruction loss {rec_loss!r}; known: l1, l2')
+    raise ConfigError('loss.rec_loss', f'unknown reconstruction loss {rec_loss!r}; known: {", ".join(_RECONSTRUCTION)}')
   x = x.astype(jnp.float32)
   error = _RECONSTRUCTION[rec_loss](x - reconstruction.astype(jnp.float32))
   mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
   kl = 0.5 * _per_example_sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
   metrics = {'rec_loss': jnp.mean(error), 'kl': jnp.mean(kl)}
   loss = jnp.mean(_per_example_sum(error)) + kl_weight * metrics['kl']
-  term_kwargs = term_kwargs or {}
-  for name, weight in extra_terms:
-    if name not in _VAE_TERMS:
-      raise ConfigError('vae.extra_terms',
-                        f'unknown VAE loss term {name!r}; known: {", ".join(available_vae_loss_terms()) or "none"}')
-    value = jnp.mean(_VAE_TERMS[name](x, reconstruction, **term_kwargs.get(name, {})))
-    metrics[name] = value
-    loss = loss + weight * value
   metrics['loss'] = loss
   return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config checks.
+
+NOT_IMPLEMENTED_TERMS = ('perceptual_weight', 'adversarial_weight')  # Stable config keys, no implementation yet.
+
+
+def validate_config(config: Mapping[str, Any]) -> None:
+  """Checks the loss keys: `config.loss` for stage 1 (vae), `diffusion.loss_weighting` and its parameters for
+  stage 2 (ldm). Raises `ConfigError` naming the key."""
+  if config['model_type'] == 'vae':
+    loss = config['loss']
+    if loss['rec_loss'] not in _RECONSTRUCTION:
+      raise ConfigError('loss.rec_loss', f'unknown {loss["rec_loss"]!r}; known: {", ".join(_RECONSTRUCTION)}')
+    if not loss['kl_weight'] >= 0:
+      raise ConfigError('loss.kl_weight', f'must be >= 0, got {loss["kl_weight"]!r}')
+    for key in NOT_IMPLEMENTED_TERMS:
+      if loss.get(key, 0.0) != 0:
+        raise ConfigError(f'loss.{key}', 'not implemented yet')
+  if config['model_type'] == 'ldm':
+    get_diffusion_loss_fn(config['diffusion'])  # Checks the weighting, min_snr_gamma and edm_sigma_data.

@@ -51,6 +51,30 @@ PARAM_LOGICAL_AXES = (
 )
 
 
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.mesh` (degrees, DCN degrees, rules, min_shard_size) and `config.distributed`, before any device
+  is touched; the product against the device count is checked by `mesh_shape`. Raises `ConfigError` naming the key."""
+  mesh = config.mesh
+  for axis in MESH_AXES:
+    value = mesh[axis]
+    if not (value == -1 or value >= 1):
+      raise ConfigError(f'mesh.{axis}', f'must be >= 1 or -1 (the rest), got {value!r}')
+  for axis in BATCH_AXES:
+    dcn = mesh.get(f'dcn_{axis}', 1)
+    if not (isinstance(dcn, int) and dcn >= 1):
+      raise ConfigError(f'mesh.dcn_{axis}', f'must be an integer >= 1, got {dcn!r}')
+    if not (mesh[axis] == -1 or mesh[axis] % dcn == 0):
+      raise ConfigError(f'mesh.dcn_{axis}', f'{dcn} slices do not divide mesh.{axis}={mesh[axis]}')
+  for rule in mesh.get('rules', ()):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ConfigError('mesh.rules', f'each rule is (logical axis, mesh axis in {MESH_AXES} or None), got {rule!r}')
+  _rules(mesh.get('rules', ()))  # Unknown mesh axes.
+  if not mesh.get('min_shard_size', 0) >= 0:
+    raise ConfigError('mesh.min_shard_size', 'must be >= 0')
+  if 'distributed' in config and config.distributed.initialize not in ('auto', 'yes', 'no'):
+    raise ConfigError('distributed.initialize', f'unknown {config.distributed.initialize!r}; known: auto, yes, no')
+
+
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """Resolves the -1 entry of `config.mesh` and checks the product against the device count."""
   degrees = [int(mesh_config[axis]) for axis in MESH_AXES]

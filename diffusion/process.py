@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion.errors import ConfigError
+from diffusion.registry import Registry
 
 Array = jax.Array
 KINDS = ('discrete', 'edm', 'flow')
@@ -68,25 +69,20 @@ class NoiseSchedule:
 # Schedules.
 
 BetaFn = Callable[[int, float, float], np.ndarray]
-_SCHEDULES: dict[str, BetaFn] = {}
-_CONTINUOUS = ('edm', 'flow')  # Schedules that are not beta tables.
+# name -> beta table function; the continuous schedules (not beta tables) are registered as None.
+SCHEDULES: Registry[BetaFn | None] = Registry('schedule')
+for _name in ('edm', 'flow'):
+  SCHEDULES.add(_name, None)
 FLOW_T_SAMPLINGS = ('uniform', 'logit_normal')
 
 
 def register_schedule(name: str) -> Callable[[BetaFn], BetaFn]:
   """Registers `fn(num_train_timesteps, beta_start, beta_end) -> float64 betas` under `name`."""
-
-  def decorator(fn: BetaFn) -> BetaFn:
-    if name in _SCHEDULES or name in _CONTINUOUS:
-      raise ValueError(f'schedule {name!r} is already registered')
-    _SCHEDULES[name] = fn
-    return fn
-
-  return decorator
+  return SCHEDULES.register(name)
 
 
 def available_schedules() -> list[str]:
-  return sorted([*_SCHEDULES, *_CONTINUOUS])
+  return SCHEDULES.names()
 
 
 @register_schedule('linear')
@@ -168,13 +164,13 @@ def get_noise_schedule(diffusion_config: Mapping[str, Any]) -> NoiseSchedule:
   `rescale_zero_terminal_snr`, and the `edm_*` / `flow_*` keys of those kinds)."""
   c = diffusion_config
   name = c.get('schedule', 'scaled_linear')
-  if name not in available_schedules():
-    raise ConfigError('diffusion.schedule', f'unknown schedule {name!r}; known: {", ".join(available_schedules())}')
+  if name not in SCHEDULES:
+    raise ConfigError('diffusion.schedule', SCHEDULES.unknown(name))
   num_timesteps = int(c.get('num_train_timesteps', 1000))
   if num_timesteps < 2:
     raise ConfigError('diffusion.num_train_timesteps', f'must be >= 2, got {num_timesteps}')
-  if name in _SCHEDULES:
-    betas = _SCHEDULES[name](num_timesteps, float(c.get('beta_start', 0.00085)), float(c.get('beta_end', 0.012)))
+  if SCHEDULES.get(name) is not None:
+    betas = SCHEDULES.get(name)(num_timesteps, float(c.get('beta_start', 0.00085)), float(c.get('beta_end', 0.012)))
     if c.get('rescale_zero_terminal_snr', False):
       betas = rescale_zero_terminal_snr(betas)
     return schedule_from_betas(betas, kind='discrete', name=name)
@@ -312,25 +308,22 @@ class PredictionType(NamedTuple):
   x0_error_scale: Callable[[Array, Array], Array]
 
 
-_PREDICTION_TYPES: dict[str, PredictionType] = {}
+PREDICTION_TYPES: Registry[PredictionType] = Registry('prediction type')
 
 
 def register_prediction_type(name: str, prediction_type: PredictionType) -> None:
-  if name in _PREDICTION_TYPES:
-    raise ValueError(f'prediction type {name!r} is already registered')
-  _PREDICTION_TYPES[name] = prediction_type
+  PREDICTION_TYPES.add(name, prediction_type)
 
 
 def available_prediction_types() -> list[str]:
-  return sorted(_PREDICTION_TYPES)
+  return PREDICTION_TYPES.names()
 
 
 def get_prediction_type(name: str) -> PredictionType:
   """The registered prediction type `name`; a `ConfigError` naming the known ones otherwise."""
-  if name not in _PREDICTION_TYPES:
-    raise ConfigError('diffusion.prediction_type',
-                      f'unknown prediction type {name!r}; known: {", ".join(available_prediction_types())}')
-  return _PREDICTION_TYPES[name]
+  if name not in PREDICTION_TYPES:
+    raise ConfigError('diffusion.prediction_type', PREDICTION_TYPES.unknown(name))
+  return PREDICTION_TYPES.get(name)
 
 
 def _v_to_x0_eps(out: Array, x: Array, a: Array, s: Array) -> tuple[Array, Array]:
@@ -405,3 +398,21 @@ def check_family(schedule_name: str, prediction_type: str) -> str | None:
   if schedule_name == 'flow' and prediction_type == 'eps':
     return "prediction_type 'eps' cannot recover x0 at t = T on the 'flow' schedule: use 'flow', 'v' or 'x0'"
   return None
+
+
+def validate_config(diffusion_config: Mapping[str, Any]) -> NoiseSchedule:
+  """Checks `config.diffusion` (schedule, prediction type and their pairing, ranges); returns the schedule.
+  Raises `ConfigError` naming the key."""
+  d = diffusion_config
+  get_prediction_type(d['prediction_type'])
+  schedule = get_noise_schedule(d)  # Checks the schedule name, num_train_timesteps and the edm_* / flow_* keys.
+  why = check_family(d['schedule'], d['prediction_type'])
+  if why:
+    raise ConfigError('diffusion.prediction_type', why)
+  if not 0.0 <= d['caption_dropout'] < 1.0:
+    raise ConfigError('diffusion.caption_dropout', f'must be in [0, 1), got {d["caption_dropout"]!r}')
+  if not 0 < d['beta_start'] < d['beta_end'] < 1:
+    raise ConfigError('diffusion.beta_end', 'need 0 < beta_start < beta_end < 1')
+  if not d.get('offset_noise', 0.0) >= 0:
+    raise ConfigError('diffusion.offset_noise', 'must be >= 0')
+  return schedule

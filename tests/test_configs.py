@@ -7,7 +7,7 @@ import pytest
 
 from diffusion.config import config_from_json, config_to_json, validate_config
 from diffusion.errors import ConfigError
-from support import ROOT, load_config_file
+from support import LDM, ROOT, VAE, load_config, load_config_file
 
 CONFIG_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
                       if not f.endswith(('__init__.py', 'common.py')))
@@ -126,3 +126,39 @@ def test_batch_not_divisible_by_data_parallelism_in_a_subprocess():
   result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert result.stdout.strip() == '16'
   assert 'train.batch_size: 12 is not divisible by the data parallelism 8' in result.stderr
+
+
+def test_each_section_is_checked_by_its_owner():
+  """config.validate_config dispatches: an error from each component still names its key."""
+  from diffusion import losses, models, parallel, process
+  from diffusion.data import validation as data_validation
+
+  vae = load_config('vae_base', VAE, '/nonexistent')
+  vae.loss.adversarial_weight = 0.5
+  with pytest.raises(ConfigError) as info:
+    validate_config(vae)
+  assert str(info.value) == 'config.loss.adversarial_weight: not implemented yet'
+  ldm = load_config('ldm_base', LDM, '/nonexistent')
+  cases = [(models.validate_config, 'model.unet.down_block_types', 'model.unet.down_block_types', ('Nope',) * 2),
+           (parallel.validate_config, 'mesh.rules', 'mesh.rules', (('embed', 'pipeline'),)),
+           (data_validation.validate_config, 'data.worker_count', 'data.worker_count', -1),
+           (lambda c: process.validate_config(c.diffusion), 'diffusion.caption_dropout', 'diffusion.caption_dropout',
+            1.0),
+           (losses.validate_config, 'diffusion.loss_weighting', 'diffusion.loss_weighting', 'huber')]
+  for check, key, expected, value in cases:
+    config = load_config('ldm_base', LDM, '/nonexistent', **{key: value})
+    for fn in (check, validate_config):
+      with pytest.raises(ConfigError) as info:
+        fn(config)
+      assert info.value.key == expected, (key, fn)
+  validate_config(ldm)
+
+
+def test_constants_have_one_definition():
+  from configs import common
+  from diffusion import models, parallel
+  from diffusion.models import unet
+
+  assert common.get_mesh_config().rules == parallel.DEFAULT_RULES
+  assert models.vae_downsample_factor(load_config('ldm_base', LDM, '/nonexistent').model.vae) == 4
+  assert unet.DOWN_BLOCK_TYPES == ('CrossAttnDownBlock2D', 'DownBlock2D')

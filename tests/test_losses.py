@@ -254,27 +254,20 @@ def test_vae_kl_matches_monte_carlo():
   np.testing.assert_allclose(metrics['kl'], jnp.mean(log_q - log_p), atol=0.01)
 
 
-@losses.register_vae_loss_term('test_mean_shift')
-def _mean_shift_term(x, reconstruction, *, scale=1.0):
-  return scale * jnp.abs(jnp.mean(x - reconstruction, axis=(1, 2, 3)))
-
-
-def test_vae_extra_terms_are_pluggable():
-  x = jnp.ones((2, 4, 4, 3))
-  rec = jnp.zeros((2, 4, 4, 3))
+def test_vae_loss_errors_and_not_implemented_terms():
+  x, rec = jnp.ones((2, 4, 4, 3)), jnp.zeros((2, 4, 4, 3))
   mean, logvar = _posterior(4)
-  base, _ = losses.vae_loss(x, rec, mean, logvar, kl_weight=0.1)
-  loss, metrics = losses.vae_loss(x, rec, mean, logvar, kl_weight=0.1, extra_terms=[('test_mean_shift', 0.5)],
-                                  term_kwargs={'test_mean_shift': {'scale': 3.0}})
-  np.testing.assert_allclose(metrics['test_mean_shift'], 3.0)
-  np.testing.assert_allclose(loss, base + 0.5 * 3.0, rtol=1e-6)
-  assert 'test_mean_shift' in losses.available_vae_loss_terms()
-  with pytest.raises(ConfigError, match='no_such_term'):
-    losses.vae_loss(x, rec, mean, logvar, kl_weight=0.1, extra_terms=[('no_such_term', 1.0)])
-  with pytest.raises(ConfigError, match='l1, l2'):
+  with pytest.raises(ConfigError, match='loss.rec_loss.*l1, l2'):
     losses.vae_loss(x, rec, mean, logvar, kl_weight=0.1, rec_loss='huber')
-  with pytest.raises(ValueError, match='already registered or reserved'):
-    losses.register_vae_loss_term('kl')(_mean_shift_term)
+  config = {'model_type': 'vae', 'loss': {'rec_loss': 'l1', 'kl_weight': 1e-6, 'perceptual_weight': 0.0,
+                                          'adversarial_weight': 0.0}}
+  losses.validate_config(config)
+  for key in ('perceptual_weight', 'adversarial_weight'):
+    with pytest.raises(ConfigError) as info:
+      losses.validate_config({**config, 'loss': {**config['loss'], key: 0.1}})
+    assert str(info.value).endswith(f'loss.{key}: not implemented yet') and info.value.key == f'loss.{key}'
+  with pytest.raises(ConfigError, match='loss.kl_weight'):
+    losses.validate_config({**config, 'loss': {**config['loss'], 'kl_weight': -1.0}})
 
 
 def test_vae_loss_gradients_flow_to_the_posterior():

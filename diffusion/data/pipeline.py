@@ -30,9 +30,10 @@ from diffusion.data import folder as folder_lib
 from diffusion.data import tfds_shapes
 from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import UserError
+from diffusion.registry import Registry
 
 SourceFactory = Callable[[ml_collections.ConfigDict, str], Any]
-_SOURCES: dict[str, SourceFactory] = {}
+SOURCES: Registry[SourceFactory] = Registry("data source")
 # Reader threads per process: enough to overlap file reads and image decoding, few enough that
 # small in-memory records do not lose to GIL contention (grain's default is 16).
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=128)
@@ -40,17 +41,12 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=128)
 
 def register_source(name: str) -> Callable[[SourceFactory], SourceFactory]:
   """Decorator: makes `factory(data_config, split) -> data source` available as data.name."""
-  def decorator(factory: SourceFactory) -> SourceFactory:
-    if name in _SOURCES:
-      raise ValueError(f"data source {name!r} is already registered; known: {sorted(_SOURCES)}")
-    _SOURCES[name] = factory
-    return factory
-  return decorator
+  return SOURCES.register(name)
 
 
 def known_sources() -> list[str]:
   """Registered source names (any other name is looked up as a TFDS dataset)."""
-  return sorted(_SOURCES)
+  return SOURCES.names()
 
 
 @register_source("shapes")
@@ -103,7 +99,7 @@ def _skip_image_decoding(info: Any, image_key: str) -> dict | None:
 
 def create_data_source(data_config: ml_collections.ConfigDict, split: str):
   """The grain random-access source (records are dicts holding an image and a caption)."""
-  factory = _SOURCES.get(data_config.name, _tfds_source)
+  factory = SOURCES.get(data_config.name) if data_config.name in SOURCES else _tfds_source
   return factory(data_config, split)
 
 

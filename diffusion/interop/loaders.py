@@ -22,13 +22,13 @@ def _shaped_target(module: Any, *args: Any) -> Params:
 
 
 def _unet_target(module: models.UNet2DConditionModel) -> Params:
-  side = 2 ** (len(module.block_out_channels) - 1)
+  side = models.unet_downsample_factor(module)
   return _shaped_target(module, jnp.zeros((1, side, side, module.in_channels)), jnp.zeros((1,)),
                         jnp.zeros((1, 1, module.cross_attention_dim)))
 
 
 def _vae_target(module: models.AutoencoderKL) -> Params:
-  side = 2 ** (len(module.block_out_channels) - 1)
+  side = models.vae_downsample_factor(module)
   return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, side, side, module.in_channels)),
                                             sample_posterior=False))['params']
 

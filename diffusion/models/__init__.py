@@ -14,29 +14,22 @@ import jax.numpy as jnp
 
 from diffusion.models.text import CLIPTextTransformer
 from diffusion.models.unet import UNet2DConditionModel
+from diffusion.models.validation import unet_downsample_factor, vae_downsample_factor, validate_config
 from diffusion.models.vae import AutoencoderKL
+from diffusion.registry import Registry
 
 Factory = Callable[[Any], nn.Module]
-MODELS: dict[str, Factory] = {}
+MODELS: Registry[Factory] = Registry('model')
 
 
 def register_model(name: str) -> Callable[[Factory], Factory]:
   """Decorator adding `factory(config) -> nn.Module` to MODELS under `name` (duplicates are errors)."""
-
-  def wrap(factory: Factory) -> Factory:
-    if name in MODELS:
-      raise ValueError(f'Model {name!r} is already registered; known: {sorted(MODELS)}.')
-    MODELS[name] = factory
-    return factory
-
-  return wrap
+  return MODELS.register(name)
 
 
 def get_model_factory(name: str) -> Factory:
-  """The factory registered under `name`; unknown names are errors listing the known ones."""
-  if name not in MODELS:
-    raise KeyError(f'Unknown model {name!r}; known: {sorted(MODELS)}.')
-  return MODELS[name]
+  """The factory registered under `name`; unknown names are a `UserError` listing the known ones."""
+  return MODELS.get(name)
 
 
 def _tuple(value: Any) -> Any:
@@ -96,16 +89,6 @@ def create_text_encoder(text_config: Any) -> CLIPTextTransformer:
   return get_model_factory(f'text/{text_config.type}')(text_config)
 
 
-def vae_downsample_factor(vae_config: Any) -> int:
-  """Image pixels per latent pixel along each side: 2 ** (number of levels - 1)."""
-  return 2 ** (len(vae_config.block_out_channels) - 1)
-
-
-def unet_downsample_factor(unet_config: Any) -> int:
-  """The factor the U-Net input sides must be divisible by: 2 ** (number of levels - 1)."""
-  return 2 ** (len(unet_config.block_out_channels) - 1)
-
-
 def count_params(params: Any) -> int:
   """Total number of scalars in a parameter pytree."""
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
@@ -113,4 +96,4 @@ def count_params(params: Any) -> int:
 
 __all__ = ['AutoencoderKL', 'CLIPTextTransformer', 'MODELS', 'UNet2DConditionModel',
            'count_params', 'create_text_encoder', 'create_unet', 'create_vae', 'get_model_factory',
-           'register_model', 'unet_downsample_factor', 'vae_downsample_factor']
+           'register_model', 'unet_downsample_factor', 'vae_downsample_factor', 'validate_config']

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from diffusion.models.layers import (Array, Downsample2D, Dtype, ResnetBlock2D, TimestepEmbedding,
                                      Transformer2DModel, Upsample2D, conv, get_activation,
                                      get_timestep_embedding, group_norm)
+from diffusion.models.sizes import downsample_factor
 
 DOWN_BLOCK_TYPES = ('CrossAttnDownBlock2D', 'DownBlock2D')
 UP_BLOCK_TYPES = ('CrossAttnUpBlock2D', 'UpBlock2D')
@@ -183,7 +184,7 @@ class UNet2DConditionModel(nn.Module):
     """sample (B, H, W, in_channels), timesteps (B,) or scalar, encoder_hidden_states (B, L, D),
     encoder_attention_mask optional (B, L) (True / 1 = keep) -> (B, H, W, out_channels)."""
     levels = self._level_settings()
-    factor = 2 ** (len(levels) - 1)
+    factor = downsample_factor(levels)
     if sample.shape[1] % factor or sample.shape[2] % factor:
       raise ValueError(f'U-Net input {sample.shape[1:3]} is not divisible by its factor {factor}.')
     if encoder_hidden_states.shape[-1] != self.cross_attention_dim:

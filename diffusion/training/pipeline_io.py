@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffusion import checkpoint
+from diffusion import checkpoint, models
 from diffusion.config import config_to_json, validate_config
 from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import UserError
@@ -68,7 +68,7 @@ def _workdir_config(base: ml_collections.ConfigDict, unet: Any, vae: Any, text: 
                                                  'tokenizer': os.path.join(source, 'tokenizer')})
   for key, value in diffusion.items():
     config.diffusion[key] = value
-  config.data.image_size = unet.sample_size * 2 ** (len(vae.block_out_channels) - 1)
+  config.data.image_size = unet.sample_size * models.vae_downsample_factor(vae)
   config.data.max_text_length = max_text_length
   validate_config(config)
   return config

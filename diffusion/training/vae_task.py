@@ -19,12 +19,6 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
   return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
 
 
-def extra_vae_terms(loss_config: ml_collections.ConfigDict) -> list[tuple[str, float]]:
-  """The pluggable terms switched on by `loss.<name>_weight > 0` (e.g. perceptual, adversarial)."""
-  return [(name, float(loss_config[f'{name}_weight'])) for name in ('perceptual', 'adversarial')
-          if loss_config[f'{name}_weight'] > 0]
-
-
 @TASKS.register('vae')
 class VAETask:
   """The task protocol (`diffusion.training.task.Task`) for stage 1: params, loss, eval metrics and a picture."""
@@ -60,8 +54,7 @@ class VAETask:
     noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(keys)  # Per-example draws.
     rec = f32(self.vae.apply({'params': params}, mean + jnp.exp(0.5 * logvar) * noise, method='decode'))
     loss_cfg = self.config.loss
-    loss, metrics = losses.vae_loss(x, rec, mean, logvar, kl_weight=loss_cfg.kl_weight, rec_loss=loss_cfg.rec_loss,
-                                    extra_terms=extra_vae_terms(loss_cfg))
+    loss, metrics = losses.vae_loss(x, rec, mean, logvar, kl_weight=loss_cfg.kl_weight, rec_loss=loss_cfg.rec_loss)
     metrics = {k: v for k, v in metrics.items() if k != 'loss'}
     metrics['psnr'] = jnp.mean(psnr(x, rec))
     return loss, metrics

@@ -112,7 +112,7 @@ class _MemorySource:
 
 @pytest.fixture
 def memory_config(make_config, monkeypatch):
-  monkeypatch.setitem(pipeline._SOURCES, "memory", lambda cfg, split: _MemorySource())
+  monkeypatch.setitem(pipeline.SOURCES._entries, "memory", lambda cfg, split: _MemorySource())
   return make_config(name="memory", image_key="img", caption_key="meta/captions",
                      random_crop=True, random_flip=True)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from diffusion import models
+from diffusion.errors import UserError
 from diffusion.models import text
 from support import random_params
 
@@ -114,7 +115,7 @@ def test_projection_and_bfloat16():
 def test_errors_and_registry():
   with pytest.raises(ValueError, match='vocab_size'):
     models.create_text_encoder(text_config(vocab_size=-1))
-  with pytest.raises(KeyError, match='text/transformer'):
+  with pytest.raises(UserError, match='text/transformer'):
     models.create_text_encoder(text_config(type='nope'))
   with pytest.raises(ValueError, match='already registered'):
     models.register_model('unet')(models.create_unet)

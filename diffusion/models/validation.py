@@ -1,0 +1,107 @@
+"""Checks of `config.model` (vae / unet / text) and the sizes the networks must agree on, before anything compiles.
+
+Each error is a `ConfigError` naming the key and what would fix it: image size vs the VAE factor and the U-Net
+levels, heads vs channels, text width vs cross-attention width, U-Net input channels vs the VAE latents.
+"""
+
+from typing import Any
+
+import ml_collections
+
+from diffusion.errors import ConfigError
+from diffusion.models.sizes import downsample_factor
+from diffusion.models.unet import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES
+
+MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(key, message)
+
+
+def vae_downsample_factor(vae_config: Any) -> int:
+  """Image pixels per latent pixel along each side (`vae_config`: config.model.vae or the module)."""
+  return downsample_factor(vae_config.block_out_channels)
+
+
+def unet_downsample_factor(unet_config: Any) -> int:
+  """The factor the U-Net input sides must be divisible by (`unet_config`: config.model.unet or the module)."""
+  return downsample_factor(unet_config.block_out_channels)
+
+
+def _per_level(value: Any, levels: int, key: str) -> tuple:
+  if isinstance(value, (list, tuple)):
+    _check(len(value) == levels, key, f'has {len(value)} entries but the U-Net has {levels} levels')
+    return tuple(value)
+  return (value,) * levels
+
+
+def _channels(section: Any, key: str) -> tuple:
+  channels = tuple(section.block_out_channels)
+  _check(len(channels) >= 1, f'{key}.block_out_channels', 'needs at least one level')
+  for c in channels:
+    _check(isinstance(c, int) and c > 0 and c % section.norm_num_groups == 0, f'{key}.block_out_channels',
+           f'every entry must be a positive multiple of {key}.norm_num_groups={section.norm_num_groups}, '
+           f'got {channels}')
+  return channels
+
+
+def _validate_vae(config: ml_collections.ConfigDict) -> None:
+  vae = config.model.vae
+  _channels(vae, 'model.vae')
+  _check(vae.layers_per_block >= 1, 'model.vae.layers_per_block', 'must be >= 1')
+  _check(vae.latent_channels >= 1, 'model.vae.latent_channels', 'must be >= 1')
+  factor, size = vae_downsample_factor(vae), config.data.image_size
+  _check(size % factor == 0, 'data.image_size', f'{size} is not divisible by the VAE downsampling factor {factor} '
+         '(one halving per level of model.vae.block_out_channels after the first)')
+
+
+def _validate_unet(config: ml_collections.ConfigDict) -> None:
+  unet = config.model.unet
+  channels = _channels(unet, 'model.unet')
+  levels = len(channels)
+  for key, known in (('down_block_types', DOWN_BLOCK_TYPES), ('up_block_types', UP_BLOCK_TYPES)):
+    _check(len(unet[key]) == levels, f'model.unet.{key}',
+           f'has {len(unet[key])} entries, model.unet.block_out_channels has {levels}')
+    for t in unet[key]:
+      _check(t in known, f'model.unet.{key}', f'unknown block {t!r}; known: {known}')
+  heads_key = 'model.unet.num_attention_heads' if unet.num_attention_heads else 'model.unet.attention_head_dim'
+  heads = _per_level(unet.num_attention_heads or unet.attention_head_dim, levels, heads_key)
+  for c, h in zip(channels, heads):
+    _check(h >= 1 and c % h == 0, heads_key, f'{h} heads do not divide {c} channels (model.unet.block_out_channels)')
+  for key in ('layers_per_block', 'transformer_layers_per_block'):
+    for n in _per_level(unet[key], levels, f'model.unet.{key}'):
+      _check(isinstance(n, int) and n >= 1, f'model.unet.{key}', f'entries must be integers >= 1, got {unet[key]!r}')
+
+
+def _validate_agreement(config: ml_collections.ConfigDict) -> None:
+  """The sizes the VAE, U-Net and text encoder of a stage-2 model must agree on."""
+  vae, unet, text = config.model.vae, config.model.unet, config.model.text
+  _check(unet.in_channels == vae.latent_channels, 'model.unet.in_channels',
+         f'is {unet.in_channels} but the VAE has model.vae.latent_channels={vae.latent_channels}')
+  vae_factor = vae_downsample_factor(vae)
+  latent, unet_factor = config.data.image_size // vae_factor, unet_downsample_factor(unet)
+  _check(latent % unet_factor == 0, 'data.image_size',
+         f'gives {latent}x{latent} latents (VAE factor {vae_factor}), not divisible by the U-Net factor {unet_factor}')
+  _check(unet.sample_size == latent, 'model.unet.sample_size',
+         f'is {unet.sample_size} but data.image_size / VAE factor = {latent}')
+  text_width = text.projection_dim or text.hidden_size
+  _check(unet.cross_attention_dim == text_width, 'model.unet.cross_attention_dim',
+         f'is {unet.cross_attention_dim} but the text encoder outputs {text_width} (model.text.hidden_size)')
+  _check(text.hidden_size % text.num_attention_heads == 0, 'model.text.num_attention_heads',
+         f'{text.num_attention_heads} heads do not divide model.text.hidden_size={text.hidden_size}')
+  _check(config.data.max_text_length <= text.max_position_embeddings, 'data.max_text_length',
+         f'{config.data.max_text_length} exceeds model.text.max_position_embeddings={text.max_position_embeddings}')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.model`: the VAE always, the U-Net, the text encoder and their size agreements for stage 2."""
+  for name in ('vae', 'unet', 'text'):
+    if name in config.model and 'dtype' in config.model[name]:
+      value = config.model[name].dtype
+      _check(value in MODEL_DTYPES, f'model.{name}.dtype', f'unknown {value!r}; known: {", ".join(MODEL_DTYPES)}')
+  _validate_vae(config)
+  if config.model_type == 'ldm':
+    _validate_unet(config)
+    _validate_agreement(config)
