@@ -180,8 +180,8 @@ SHARDED_SETTINGS = SamplingSettings('euler_a', num_steps=3, guidance_scale=3.0, 
 
 
 def test_images_do_not_depend_on_the_device_count(pipeline, tmp_path):
-  """5 images on 4 devices (global batches of 4 split over the devices, the last one padded) equal those on 1 device, up to
-  float rounding."""
+  """5 images on 4 devices (global batches of 4 split over the devices, the last one padded) equal those on 1
+  device, up to float rounding."""
   import subprocess  # pylint: disable=g-import-not-at-top
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
   out = tmp_path / 'sharded.npy'

@@ -21,8 +21,12 @@ is the b-th of a batch of keys passed as `rng`, or fold_in(rng, b) for a single 
 depends on the batch it was drawn in.
 
 img2img: `init_latents` (clean latents) with `strength` in (0, 1) starts int(num_steps * strength) steps before the
-end, from the init latents noised to that level with x_T as the noise (strength 1: from pure noise). Inpainting: `mask` (1 = generate, 0 = keep;
-broadcastable to x_T) re-noises the known region to each next level with the same noise (x0 itself at the end).
+end, from the init latents noised to that level with x_T as the noise (strength 1: from pure noise); its range and
+default are `editing_strength`'s. Inpainting: `mask` (1 = generate, 0 = keep; broadcastable to x_T) re-noises the
+known region to each next level with the same noise (x0 itself at the end).
+
+`SamplingSettings` (settings.py) is the validated description of a sampling call (sampler, steps, guidance, the
+sampler's options) that the pipeline, sample.py, the eval tools and config validation share.
 """
 
 from diffusion.samplers import discrete, dpm, flow, karras  # Registers the samplers.

@@ -64,8 +64,9 @@ class SamplingSettings:
     s = sample_config
     values = {'sampler': s['sampler'], 'num_steps': s['num_steps'], 'guidance_scale': s['guidance_scale'],
               'guidance_rescale': s.get('guidance_rescale', 0.0),
-              'guidance_interval': s.get('guidance_interval', (0.0, 1.0)), 'negative_prompt': s.get('negative_prompt', '')}
-    given = {k for k in overrides}  # Keys whose value came from an override.
+              'guidance_interval': s.get('guidance_interval', (0.0, 1.0)),
+              'negative_prompt': s.get('negative_prompt', '')}
+    given = set(overrides)  # Keys whose value came from an override.
     values.update({k: overrides.pop(k) for k in _FIELDS if k in overrides})
     options = {}
     if values['sampler'] in SAMPLERS:
