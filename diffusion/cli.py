@@ -41,11 +41,12 @@ def parse_flags(
   argument is a command, checked against the known ones, and the result is `[command, *its arguments]`. Missing
   arguments and missing `required` flags are reported together; a stray argument is usually a typo (a missing `=`).
   `--help` prints `doc` (default: the `__main__` module's docstring) and the flags, then exits 0. A config file that
-  fails to load is reported here rather than when its value is first read.
+  fails to load is reported here rather than when its value is first read. Each call starts from the flags' defaults.
   """
   if any(arg in HELP_FLAGS for arg in _before_separator(argv[1:])):
     print(help_text(sys.modules['__main__'].__doc__ if doc is None else doc), flush=True)
     raise SystemExit(0)
+  flags.FLAGS.unparse_flags()  # From the defaults: a second call in one process keeps nothing of the first.
   try:
     rest = flags.FLAGS(list(argv))
   except flags.Error as e:

@@ -32,6 +32,15 @@ def test_positional_arguments_are_counted(define):
     cli.parse_flags(['tool', 'stray'], None)
 
 
+def test_each_parse_starts_from_the_defaults(define):
+  define.DEFINE_string('cli_workdir', None, 'w')
+  define.DEFINE_multi_string('cli_lora', [], 'Adapters.')
+  cli.parse_flags(['tool', '--cli_workdir=W', '--cli_lora=a'], None)
+  assert (define.FLAGS.cli_workdir, define.FLAGS.cli_lora) == ('W', ['a'])
+  cli.parse_flags(['tool', '--cli_lora=b'], None)
+  assert (define.FLAGS.cli_workdir, define.FLAGS.cli_lora) == (None, ['b'])
+
+
 def test_a_last_name_with_dots_takes_the_rest(define):
   assert cli.parse_flags(['soak'], None, positional=('OVERRIDE...',)) == []
   assert cli.parse_flags(['soak', '--', '--config.a=1', 'x'], None, positional=('OVERRIDE...',)) == [
@@ -47,7 +56,6 @@ def test_commands_are_checked_and_take_their_own_arguments(define):
   commands = {'import': ('source',), 'export': ('directory',)}
   argv = ['convert.py', 'export', '--cli_workdir', 'W', 'OUT']
   assert cli.parse_flags(argv, None, commands=commands, required=('cli_workdir',)) == ['export', 'OUT']
-  define.FLAGS.unparse_flags()
   with pytest.raises(UserError, match="unknown command 'upgrade'; known: export, import"):
     cli.parse_flags(['convert.py', 'upgrade', 'x'], None, commands=commands)
   with pytest.raises(UserError, match=r'required: source, --cli_workdir \(see --help\)'):
@@ -68,10 +76,8 @@ def test_an_old_spelling_with_a_hyphen_sets_the_flag(define):
   cli.parse_flags(['fid', '--cli-batch-size=8', '--cli-save-stats', '--cli_lora=a', '--cli-lora-dir', 'b'], None)
   assert define.FLAGS.cli_batch_size == 8 and define.FLAGS.cli_save_stats
   assert define.FLAGS.cli_lora == ['a', 'b']  # One value per use, whichever spelling.
-  define.FLAGS.unparse_flags()
   cli.parse_flags(['fid', '--cli_batch_size', '9', '--nocli-save-stats'], None)
   assert define.FLAGS.cli_batch_size == 9 and not define.FLAGS.cli_save_stats
-  define.FLAGS.unparse_flags()
   with pytest.raises(UserError, match='--cli_batch_size=x'):
     cli.parse_flags(['fid', '--cli-batch-size=x'], None)
 
