@@ -16,15 +16,20 @@ from ml_collections import config_flags
 from diffusion import cli
 from diffusion.errors import user_errors_exit
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally with a preset: FILE[:preset].',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples; `{wandb_run_id}` is '
-                                'replaced by $WANDB_RUN_ID (set by `wandb agent`), one workdir per sweep run.')
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Config file, optionally with a preset: FILE[:preset].', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  'workdir',
+  None,
+  'Directory for checkpoints, logs and samples; `{wandb_run_id}` is '
+  'replaced by $WANDB_RUN_ID (set by `wandb agent`), one workdir per sweep run.',
+)
 
 
 @user_errors_exit
 def main(argv: list[str]) -> None:
-  cli.parse_flags(argv)
+  cli.parse_flags(argv, doc=__doc__)
   cli.require(_CONFIG.value is not None, '--config is required, e.g. --config configs/ldm_base.py:tiny')
   cli.require(bool(_WORKDIR.value), '--workdir is required')
   workdir = _WORKDIR.value

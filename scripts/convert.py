@@ -10,55 +10,44 @@ params of a workdir's latest (or given) checkpoint as a pipeline directory that 
 `StableDiffusionPipeline`, `UNet2DConditionModel` and `AutoencoderKL` `.from_pretrained` load.
 """
 
-import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from diffusion.errors import UserError, user_errors_exit  # pylint: disable=wrong-import-position
+from diffusion import cli
+from diffusion.errors import UserError, user_errors_exit
 
-
-class _Parser(argparse.ArgumentParser):
-  """argparse whose usage errors are `UserError`s (one `error: ...` line, exit 2)."""
-
-  def error(self, message: str):
-    raise UserError(f'{message} (see --help)')
-
-
-def _parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog='convert.py', description=__doc__.split('\n\n')[0].strip())
-  commands = parser.add_subparsers(dest='command', required=True, parser_class=_Parser)
-  to_workdir = commands.add_parser('import', help='a diffusers pipeline directory (or hub id) -> a workdir')
-  to_workdir.add_argument('source', help='pipeline directory with unet/ vae/ text_encoder/ tokenizer/ scheduler/')
-  to_workdir.add_argument('--workdir', required=True, help='the workdir to create')
-  to_pipeline = commands.add_parser('export', help='a workdir -> a diffusers pipeline directory')
-  to_pipeline.add_argument('directory', help='the (new or empty) output directory')
-  to_pipeline.add_argument('--workdir', required=True, help='a stage-2 (ldm) workdir')
-  to_pipeline.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
-  to_pipeline.add_argument('--raw_params', action='store_true', help='export the raw params, not the EMA params')
-  return parser
+# command -> its positional arguments: `import SOURCE`, `export DIRECTORY`.
+COMMANDS = {'import': ('source',), 'export': ('directory',)}
+_WORKDIR = flags.DEFINE_string('workdir', None, 'import: the workdir to create; export: a stage-2 (ldm) workdir.')
+_STEP = flags.DEFINE_integer('step', None, 'export: checkpoint step (default: the latest).')
+_RAW = flags.DEFINE_bool('raw_params', False, 'export: the raw params, not the EMA params.')
 
 
 @user_errors_exit
 def main(argv: list[str]) -> None:
-  args = _parser().parse_args(argv[1:])
+  command, path = cli.parse_flags(argv, config_flag=None, commands=COMMANDS, required=('workdir',), doc=__doc__)
+  cli.require(command == 'export' or (_STEP.value is None and not _RAW.value), '--step and --raw_params are for export')
   from configs import ldm_base  # After argument checks: a usage error should not wait for JAX.
   from diffusion.training import pipeline_io
 
-  if args.command == 'import':
-    config = pipeline_io.import_pipeline(args.source, args.workdir, ldm_base.get_config('base'))
+  if command == 'import':
+    config = pipeline_io.import_pipeline(path, _WORKDIR.value, ldm_base.get_config('base'))
     unet = config.model.unet
-    print(f'imported {args.source} into {args.workdir}: U-Net {tuple(unet.block_out_channels)}, '
-          f'{config.data.image_size} px, prediction {config.diffusion.prediction_type}, '
-          f'latent scale {config.model.vae.scaling_factor:g}', flush=True)
+    print(
+      f'imported {path} into {_WORKDIR.value}: U-Net {tuple(unet.block_out_channels)}, '
+      f'{config.data.image_size} px, prediction {config.diffusion.prediction_type}, '
+      f'latent scale {config.model.vae.scaling_factor:g}',
+      flush=True,
+    )
   else:
-    if not os.path.isdir(args.workdir):
-      raise UserError(f'workdir {args.workdir!r} does not exist')
-    warnings = pipeline_io.export_pipeline(args.workdir, args.directory, step=args.step, use_ema=not args.raw_params)
+    if not os.path.isdir(_WORKDIR.value):
+      raise UserError(f'workdir {_WORKDIR.value!r} does not exist')
+    warnings = pipeline_io.export_pipeline(_WORKDIR.value, path, step=_STEP.value, use_ema=not _RAW.value)
     for warning in warnings:
       print(f'warning: {warning}', file=sys.stderr, flush=True)
-    print(f'exported {args.workdir} to {args.directory}', flush=True)
+    print(f'exported {_WORKDIR.value} to {path}', flush=True)
 
 
 if __name__ == '__main__':

@@ -19,20 +19,24 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diffusion import cli
+from diffusion.errors import user_errors_exit
 
-from diffusion import cli  # pylint: disable=wrong-import-position
-from diffusion.errors import user_errors_exit  # pylint: disable=wrong-import-position
-
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                               'ldm_base.py:tiny')
-_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Stage-2 config file with preset, FILE[:preset].',
-                                          lock_config=True)
+_DEFAULT_CONFIG = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'ldm_base.py:tiny'
+)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', _DEFAULT_CONFIG, 'Stage-2 config file with preset, FILE[:preset].', lock_config=True
+)
 _VAE_WORKDIR = flags.DEFINE_string('vae_workdir', None, 'Trained VAE workdir (its EMA params encode the images).')
 _OUT = flags.DEFINE_string('out', None, 'Cache directory; the split goes into OUT/<split>/.')
 _SPLIT = flags.DEFINE_string('split', None, 'Dataset split (default: config.data.train_split).')
-_FLIPS = flags.DEFINE_enum('flips', 'auto', ['auto', 'both', 'none'],
-                           'Also store the flipped image\'s posterior: auto = when config.data.random_flip.')
+_FLIPS = flags.DEFINE_enum(
+  'flips',
+  'auto',
+  ['auto', 'both', 'none'],
+  "Also store the flipped image's posterior: auto = when config.data.random_flip.",
+)
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per encoder call.')
 _PROCESS_INDEX = flags.DEFINE_integer('process_index', None, 'This process (default: jax.process_index()).')
 _PROCESS_COUNT = flags.DEFINE_integer('process_count', None, 'Processes (default: jax.process_count()).')
@@ -40,7 +44,7 @@ _PROCESS_COUNT = flags.DEFINE_integer('process_count', None, 'Processes (default
 
 @user_errors_exit
 def main(argv: list[str]) -> None:
-  cli.parse_flags(argv)
+  cli.parse_flags(argv, doc=__doc__)
   cli.require(bool(_VAE_WORKDIR.value), '--vae_workdir is required (a trained VAE workdir)')
   cli.require(os.path.isdir(_VAE_WORKDIR.value), f'--vae_workdir {_VAE_WORKDIR.value!r} does not exist')
   cli.require(bool(_OUT.value), '--out is required (the cache directory)')
@@ -48,20 +52,34 @@ def main(argv: list[str]) -> None:
   given = (_PROCESS_INDEX.value is not None, _PROCESS_COUNT.value is not None)
   cli.require(given[0] == given[1], '--process_index and --process_count go together')
   if all(given):
-    cli.require(0 <= _PROCESS_INDEX.value < _PROCESS_COUNT.value,
-                f'--process_index must be in [0, --process_count), got {_PROCESS_INDEX.value}')
+    cli.require(
+      0 <= _PROCESS_INDEX.value < _PROCESS_COUNT.value,
+      f'--process_index must be in [0, --process_count), got {_PROCESS_INDEX.value}',
+    )
   config = _CONFIG.value
-  cli.require(config.get('model_type') == 'ldm', '--config must be a stage-2 (ldm) config, e.g. configs/ldm_base.py:tiny')
+  cli.require(
+    config.get('model_type') == 'ldm', '--config must be a stage-2 (ldm) config, e.g. configs/ldm_base.py:tiny'
+  )
   from diffusion import latent_cache_writer  # After argument checks: a usage error should not wait for JAX.
 
   with config.unlocked():
-    meta = latent_cache_writer.precompute(config, _VAE_WORKDIR.value, _OUT.value, split=_SPLIT.value, flips=_FLIPS.value,
-                                   batch_size=_BATCH.value, process_index=_PROCESS_INDEX.value,
-                                   process_count=_PROCESS_COUNT.value,
-                                   log=lambda line: print(line, flush=True))
-  print(f'latent cache {latent_cache_writer.split_dir(_OUT.value, meta["dataset"]["split"])}: '
-        f'{meta["dataset"]["num_records"]} records, latents {tuple(meta["latent_shape"])}, '
-        f'variants {", ".join(meta["variants"])}', flush=True)
+    meta = latent_cache_writer.precompute(
+      config,
+      _VAE_WORKDIR.value,
+      _OUT.value,
+      split=_SPLIT.value,
+      flips=_FLIPS.value,
+      batch_size=_BATCH.value,
+      process_index=_PROCESS_INDEX.value,
+      process_count=_PROCESS_COUNT.value,
+      log=lambda line: print(line, flush=True),
+    )
+  print(
+    f'latent cache {latent_cache_writer.split_dir(_OUT.value, meta["dataset"]["split"])}: '
+    f'{meta["dataset"]["num_records"]} records, latents {tuple(meta["latent_shape"])}, '
+    f'variants {", ".join(meta["variants"])}',
+    flush=True,
+  )
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 r"""Long-run soak: train with a SIGTERM every few minutes and a restart, then compare with an uninterrupted run.
 
   python scripts/soak.py --workdir /tmp/soak --minutes 30 --interrupt_every 4
+  python scripts/soak.py --workdir /tmp/soak --concurrent -- --config.optim.lr=1e-3   # overrides for both runs
 
 Trains the quickstart VAE (configs/vae_base.py:tiny, the cheapest real run) twice for the same number of steps:
 once interrupted by SIGTERM after every `--interrupt_every` minutes of training and restarted with the same
@@ -13,7 +14,6 @@ steps/min first. Each restart re-imports the code from this checkout: run it fro
 takes as long as you ask it to.
 """
 
-import argparse
 import json
 import os
 import signal
@@ -21,14 +21,36 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+
+from diffusion import cli
+from diffusion.errors import user_errors_exit
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Holds interrupted/ and straight/ (the two runs) and their logs.')
+_MINUTES = flags.DEFINE_float('minutes', 30, 'Length of the run, sized by --steps_per_minute.')
+_INTERRUPT_EVERY = flags.DEFINE_float('interrupt_every', 4, 'Minutes of training (after start-up) between SIGTERMs.')
+_STEPS_PER_MINUTE = flags.DEFINE_integer('steps_per_minute', 200, 'Sizes the run to --minutes.')
+_CONCURRENT = flags.DEFINE_bool('concurrent', False, 'Run the uninterrupted run at the same time.')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def command(workdir: str, steps: int, extra: list[str]) -> list[str]:
   """The training command both runs use; every step is logged so the loss curves compare 1:1."""
-  return [sys.executable, os.path.join(ROOT, 'train.py'), '--config', 'configs/vae_base.py:tiny', '--workdir', workdir,
-          f'--config.train.num_steps={steps}', '--config.train.checkpoint_every=200', '--config.train.sample_every=0',
-          '--config.train.eval_every=0', '--config.train.log_every=1', '--config.wandb.mode=disabled', *extra]
+  return [
+    sys.executable,
+    os.path.join(ROOT, 'train.py'),
+    '--config',
+    'configs/vae_base.py:tiny',
+    '--workdir',
+    workdir,
+    f'--config.train.num_steps={steps}',
+    '--config.train.checkpoint_every=200',
+    '--config.train.sample_every=0',
+    '--config.train.eval_every=0',
+    '--config.train.log_every=1',
+    '--config.wandb.mode=disabled',
+    *extra,
+  ]
 
 
 def losses(workdir: str) -> dict[int, float]:
@@ -72,15 +94,18 @@ def run_interrupted(workdir: str, steps: int, every_min: float, extra: list[str]
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait()
         restarts += 1
-        print(f'soak: SIGTERM #{restarts} at {(time.time() - start) / 60:.1f} min (exit {rc}, last logged step '
-              f'{_last_step(workdir)}/{steps}), restarting', flush=True)
+        print(
+          f'soak: SIGTERM #{restarts} at {(time.time() - start) / 60:.1f} min (exit {rc}, last logged step '
+          f'{_last_step(workdir)}/{steps}), restarting',
+          flush=True,
+        )
 
 
 def compare(interrupted: str, straight: str, steps: int) -> dict:
   """Step count, loss curve and final params of the two runs: equal, and the largest difference."""
-  sys.path.insert(0, ROOT)
-  import jax
+  import jax  # Here, not at the top: the runs themselves are subprocesses and this one needs no JAX until now.
   import numpy as np
+
   from diffusion import checkpoint
 
   a = checkpoint.Checkpointer(interrupted, read_only=True)
@@ -91,8 +116,9 @@ def compare(interrupted: str, straight: str, steps: int) -> dict:
     la = jax.tree.leaves(a.restore_params(item=item))
     lb = jax.tree.leaves(b.restore_params(item=item))
     diffs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(la, lb)]
-    out[f'bit_identical_{item}'] = len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
-                                                                for x, y in zip(la, lb))
+    out[f'bit_identical_{item}'] = len(la) == len(lb) and all(
+      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
+    )
     out[f'max_abs_diff_{item}'] = max(diffs, default=0.0)
   ca, cb = losses(interrupted), losses(straight)
   common = sorted(set(ca) & set(cb))
@@ -102,41 +128,39 @@ def compare(interrupted: str, straight: str, steps: int) -> dict:
   return out
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--minutes', type=float, default=30)
-  parser.add_argument('--interrupt_every', type=float, default=4,
-                      help='minutes of training (after start-up) between SIGTERMs')
-  parser.add_argument('--steps_per_minute', type=int, default=200, help='sizes the run to --minutes')
-  parser.add_argument('--concurrent', action='store_true', help='run the uninterrupted run at the same time')
-  parser.add_argument('extra', nargs='*', help='more --config.* overrides for both runs')
-  args = parser.parse_args()
-  steps = int(args.minutes * args.steps_per_minute)
-  workdir = os.path.abspath(args.workdir)
+@user_errors_exit
+def main(argv: list[str]) -> None:
+  extra = cli.parse_flags(argv, config_flag=None, positional=('OVERRIDE...',), required=('workdir',), doc=__doc__)
+  cli.require(_MINUTES.value > 0 and _INTERRUPT_EVERY.value > 0, '--minutes and --interrupt_every must be > 0')
+  cli.require(_STEPS_PER_MINUTE.value >= 1, f'--steps_per_minute must be >= 1, got {_STEPS_PER_MINUTE.value}')
+  steps = int(_MINUTES.value * _STEPS_PER_MINUTE.value)
+  workdir = os.path.abspath(_WORKDIR.value)
   interrupted, straight = os.path.join(workdir, 'interrupted'), os.path.join(workdir, 'straight')
   os.makedirs(workdir, exist_ok=True)
-  print(f'soak: {steps} steps, SIGTERM every {args.interrupt_every} min, code from {ROOT}', flush=True)
+  print(f'soak: {steps} steps, SIGTERM every {_INTERRUPT_EVERY.value} min, code from {ROOT}', flush=True)
   start = time.time()
   with open(os.path.join(workdir, 'straight.log'), 'w') as log:
     straight_run = None
-    if args.concurrent:  # Wall time max(a, b) instead of a + b; on CPU the results do not depend on the load.
-      straight_run = subprocess.Popen(command(straight, steps, args.extra), cwd=ROOT, stdout=log,
-                                      stderr=subprocess.STDOUT)
-    restarts = run_interrupted(interrupted, steps, args.interrupt_every, args.extra)
+    if _CONCURRENT.value:  # Wall time max(a, b) instead of a + b; on CPU the results do not depend on the load.
+      straight_run = subprocess.Popen(command(straight, steps, extra), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    restarts = run_interrupted(interrupted, steps, _INTERRUPT_EVERY.value, extra)
     t_interrupted = time.time() - start
     print(f'soak: interrupted run done after {restarts} SIGTERMs in {t_interrupted / 60:.1f} min', flush=True)
     if straight_run is None:
-      straight_run = subprocess.Popen(command(straight, steps, args.extra), cwd=ROOT, stdout=log,
-                                      stderr=subprocess.STDOUT)
+      straight_run = subprocess.Popen(command(straight, steps, extra), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     if straight_run.wait() != 0:
       raise SystemExit('soak: the uninterrupted run failed; see straight.log')
-  result = {'steps': steps, 'sigterms': restarts, 'minutes_interrupted_run': round(t_interrupted / 60, 1),
-            'minutes_total': round((time.time() - start) / 60, 1), **compare(interrupted, straight, steps)}
+  result = {
+    'steps': steps,
+    'sigterms': restarts,
+    'minutes_interrupted_run': round(t_interrupted / 60, 1),
+    'minutes_total': round((time.time() - start) / 60, 1),
+    **compare(interrupted, straight, steps),
+  }
   print(json.dumps(result, indent=2), flush=True)
   ok = result['same_final_step'] and result['same_loss_curve'] and result['bit_identical_params']
   sys.exit(0 if ok and result['bit_identical_ema_params'] else 1)
 
 
 if __name__ == '__main__':
-  main()
+  main(sys.argv)

@@ -23,8 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(script: str):
-  """Imports an entry-point file as a module (not as __main__, so it does not run)."""
-  sys.path.insert(0, ROOT)
+  """Imports an entry-point file as a module (not as __main__, so it does not run); the packages it imports are
+  installed (`pip install -e .`)."""
   name = 'cli_' + script.replace('/', '_').replace('.py', '')
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
   module = importlib.util.module_from_spec(spec)
@@ -82,8 +82,14 @@ class CliWorker:
   def __init__(self, script: str, timeout: float = 300):
     env = {**os.environ, 'WANDB_MODE': 'disabled', 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}
     self.script, self.timeout = script, timeout
-    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), script], cwd=ROOT, env=env, text=True,
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    self.proc = subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), script],
+      cwd=ROOT,
+      env=env,
+      text=True,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+    )
     assert self._read() == 'ready', f'{script} worker did not start'
 
   def _read(self) -> str:

@@ -1,4 +1,4 @@
-"""The error paths of all four CLIs in one table: each bad invocation is exit code 2 with one `error: ...` line that
+"""The error paths of the CLIs in one table: each bad invocation is exit code 2 with one `error: ...` line that
 names the problem and no traceback; a damaged latest checkpoint met by sample.py is a warning and a fallback.
 
 The CLIs run in-process in one worker per CLI (tests/cli_worker.py), on the session's tiny trained workdirs.
@@ -15,6 +15,7 @@ from cli_worker import WorkerPool, assert_user_error
 MISSING = '{tmp}/does/not/exist'
 
 # (id, script, argv with {vae} / {ldm} / {tmp} placeholders, words the error line must contain)
+# fmt: off
 CASES = [
     ('train-missing-config', 'train.py', ['--config', '{tmp}/nope.py:tiny', '--workdir', '{tmp}/w'], ['No such file']),
     ('train-missing-vae-workdir', 'train.py', ['--config', 'configs/ldm_base.py:tiny', '--workdir', '{tmp}/w',
@@ -48,8 +49,32 @@ CASES = [
     ('convert-missing-workdir', 'scripts/convert.py', ['export', '{tmp}/out', '--workdir', MISSING],
      ['does not exist']),
     ('convert-vae-workdir', 'scripts/convert.py', ['export', '{tmp}/out', '--workdir', '{vae}'], ["'vae'", "'ldm'"]),
-    ('convert-unknown-command', 'scripts/convert.py', ['upgrade'], ['invalid choice']),
+    ('convert-unknown-command', 'scripts/convert.py', ['upgrade'], ['unknown command', "'upgrade'", 'export, import']),
+    ('convert-no-command', 'scripts/convert.py', [], ['required', 'command (export|import)', '--workdir']),
+    ('convert-no-source', 'scripts/convert.py', ['import', '--workdir', '{tmp}/new'], ['required: source']),
+    ('convert-no-directory', 'scripts/convert.py', ['export', '--workdir', '{ldm}'], ['required: directory']),
+    ('convert-no-workdir', 'scripts/convert.py', ['import', '{ldm}'], ['required: --workdir']),
+    ('convert-extra-argument', 'scripts/convert.py', ['export', '{tmp}/out', 'more', '--workdir', '{ldm}'],
+     ['unexpected argument', "'more'"]),
+    ('convert-step-on-import', 'scripts/convert.py', ['import', MISSING, '--workdir', '{tmp}/new', '--step', '3'],
+     ['--step', 'export']),
+    ('convert-argparse-abbreviation', 'scripts/convert.py', ['export', '{tmp}/out', '--work', '{ldm}'],
+     ['Unknown command line flag', 'work']),
+    ('train-stray-argument', 'train.py', ['--config', 'configs/ldm_base.py:tiny', '--workdir', '{tmp}/w', 'lr=3'],
+     ['unexpected argument', "'lr=3'"]),
+    ('precompute-no-vae-workdir', 'scripts/precompute_latents.py', ['--out', '{tmp}/c'], ['--vae_workdir']),
+    ('precompute-missing-vae-workdir', 'scripts/precompute_latents.py', ['--vae_workdir', MISSING, '--out', '{tmp}/c'],
+     ['--vae_workdir', 'does not exist']),
+    ('precompute-no-out', 'scripts/precompute_latents.py', ['--vae_workdir', '{vae}'], ['--out']),
+    ('precompute-vae-config', 'scripts/precompute_latents.py', ['--vae_workdir', '{vae}', '--out', '{tmp}/c',
+                                                                '--config', 'configs/vae_base.py:tiny'], ['stage-2']),
+    ('precompute-process-index', 'scripts/precompute_latents.py', ['--vae_workdir', '{vae}', '--out', '{tmp}/c',
+                                                                   '--process_index', '2', '--process_count', '2'],
+     ['--process_index', '[0, --process_count)']),
+    ('precompute-stray-argument', 'scripts/precompute_latents.py', ['{vae}', '--out', '{tmp}/c'],
+     ['unexpected argument']),
 ]
+# fmt: on
 
 
 @pytest.fixture(scope='module')
@@ -83,8 +108,18 @@ def test_sample_falls_back_past_a_damaged_checkpoint(workers, tmp_path, ldm_work
           f.truncate(os.path.getsize(path) // 2)
         damaged += 1
   assert damaged
-  result = workers('sample.py').run('--workdir', workdir, '--prompt', 'a red circle', '--num_steps', '1',
-                                    '--sampler', 'ddim', '--out', str(tmp_path / 'o'))
+  result = workers('sample.py').run(
+    '--workdir',
+    workdir,
+    '--prompt',
+    'a red circle',
+    '--num_steps',
+    '1',
+    '--sampler',
+    'ddim',
+    '--out',
+    str(tmp_path / 'o'),
+  )
   assert result['code'] == 0, result['stderr'][-3000:]
   warnings = [l for l in result['stderr'].splitlines() if l.startswith('warning: checkpoint')]
   assert len(warnings) == 1 and 'damaged' in warnings[0] and f'/{steps[-1]}' in warnings[0], result['stderr'][-2000:]

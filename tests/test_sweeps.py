@@ -49,8 +49,9 @@ def test_sweep_grid_runs(path, every, tmp_path, data_dir, vae_workdir):
   assert len(commands) >= 2
   if not every:
     commands = [commands[0], commands[-1]]
-  test_overrides = cli_overrides({**LDM, 'data.data_dir': data_dir, 'vae_workdir': vae_workdir,
-                                  'train.sample_every': 0, 'wandb.mode': 'offline'})
+  test_overrides = cli_overrides(
+    {**LDM, 'data.data_dir': data_dir, 'vae_workdir': vae_workdir, 'train.sample_every': 0, 'wandb.mode': 'offline'}
+  )
   for i, (params, argv) in enumerate(commands):
     env = {**os.environ, 'WANDB_RUN_ID': f'sweeptest{i}', 'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path)}
     cwd_workdirs = os.path.join(str(tmp_path), 'runs')

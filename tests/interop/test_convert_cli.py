@@ -134,7 +134,7 @@ def test_user_errors_are_one_line(sd_pipeline_dir, imported, tmp_path):
   assert 'does not exist' in _one_error_line(convert('import', str(tmp_path / 'nope'), '--workdir',
                                                      str(tmp_path / 'w')))
   assert 'already holds a run' in _one_error_line(convert('import', sd_pipeline_dir, '--workdir', imported))
-  assert 'invalid choice' in _one_error_line(convert('bogus'))
+  assert 'unknown command' in _one_error_line(convert('bogus'))
   assert '--workdir' in _one_error_line(convert('import', sd_pipeline_dir))
   assert 'does not exist' in _one_error_line(convert('export', '--workdir', str(tmp_path / 'none'),
                                                      str(tmp_path / 'o')))
