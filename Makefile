@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEMO_DIR ?= workdirs/demo
 
-.PHONY: demo test test-slow install install-test clean
+.PHONY: demo lint test test-slow install install-test clean
 
 # A stamp per extra: the venv is reused while pyproject.toml is unchanged.
 $(VENV)/.stamp-runtime: pyproject.toml
@@ -36,7 +36,15 @@ demo: $(VENV)/.stamp-runtime
 	$(PY) scripts/record_demo.py --demo_dir $(DEMO_DIR) --start_time $(DEMO_START) --end_time $$(date +%s) \
 	  --start_load "$(DEMO_LOAD)"
 
-test: $(VENV)/.stamp-test
+# The same checks as .pre-commit-config.yaml: the layers contracts, ruff's lint rules and its formatting.
+lint: $(VENV)/.stamp-test
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# CI runs `make test`. Every failing command fails the target, pytest's exit code 5 (no tests collected) included:
+# nothing here ignores an exit code.
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: $(VENV)/.stamp-test
