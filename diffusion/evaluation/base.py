@@ -2,8 +2,9 @@
 
 A metric is built once per job from an `EvalContext` (where it may compute and cache reference data), then, per
 checkpoint, `reset()`, `update(images, prompts)` over the batches of generated uint8 images this process made,
-and `result()` -> scalars combined over all processes. `describe()` says what the numbers mean (weights, reference
-data), for the JSON record.
+and `result()` -> scalars combined over all processes (every process calls it: it is a collective). `describe()`
+says what the numbers mean (weights, reference data), for the JSON record. Metrics keep sums of their own
+process's samples and combine them once with `sum_across_processes`; caches are written by process 0 only.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ class EvalContext:
 
   workdir: str
   config: ml_collections.ConfigDict
-  reference_images: Callable[[int], Iterator[np.ndarray]]  # batch_size -> uint8 batches of the reference split.
+  # batch_size -> uint8 batches of THIS process's share of the reference split (disjoint across processes).
+  reference_images: Callable[[int], Iterator[np.ndarray]] | None
   reference_name: str  # Identifies the reference data in cache file names, e.g. 'shapes-train-1000'.
-  batch_size: int = 50
+  batch_size: int = 50  # Images per batch on this process.
   inception_weights: str | None = None
   seed: int = 0
   options: dict[str, Any] = dataclasses.field(default_factory=dict)  # Metric-specific settings (e.g. a model dir).
+  calibration_images: Callable[[int], np.ndarray] | None = None  # n -> the first n reference images (all processes).
+  prompts: Sequence[str] = ()  # The prompts of all the evaluator's samples (sample i has prompts[i]).
 
   @property
   def cache_dir(self) -> str:
@@ -37,6 +41,9 @@ class EvalContext:
 
 
 class Metric(Protocol):
+  """A metric factory (usually the class) may set `needs_reference = True` to get the reference split's images in
+  its context (`reference_images`, `calibration_images`, `reference_name`); otherwise they are None / ''."""
+
   name: str
 
   def reset(self) -> None: ...
@@ -50,6 +57,28 @@ class Metric(Protocol):
 
 MetricFactory = Callable[[EvalContext], Metric]
 METRICS: Registry[MetricFactory] = Registry('metric')
+
+
+def is_lead() -> bool:
+  """Whether this is process 0, the one that writes files and logs."""
+  import jax
+
+  return jax.process_index() == 0
+
+
+def on_every_process(flag: bool) -> bool:
+  """Whether `flag` holds on every process (a collective): e.g. a cache file every process can read, so that all
+  processes take the same branch around the collectives that follow."""
+  return bool(sum_across_processes(np.asarray(0.0 if flag else 1.0)) == 0)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+  """Writes `path` through a temporary file, so a killed job never leaves a half-written file behind."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.{os.getpid()}.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+  os.replace(tmp, path)
 
 
 def sum_across_processes(tree: Any) -> Any:

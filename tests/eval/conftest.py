@@ -122,7 +122,7 @@ def tref() -> types.ModuleType:
 @pytest.fixture(scope='session')
 def inception_299():
   """(torch model, Flax variables) calibrated on the parity images resized to 299."""
-  from eval import inception
+  from diffusion.interop import inception
 
   model = build_fid_inception(0)
   x = torch.cat([torch_preprocess(v) for v in parity_images().values()])
@@ -133,7 +133,7 @@ def inception_299():
 @pytest.fixture(scope='session')
 def inception_75():
   """(torch model, Flax variables) calibrated on both FID image sets at 75 px (no resize)."""
-  from eval import inception
+  from diffusion.interop import inception
 
   model = build_fid_inception(1)
   a, b = fid_image_sets(32)

@@ -9,27 +9,27 @@ import pytest
 from pytorch_fid import fid_score
 
 from diffusion.errors import UserError
-from eval import fid
+from diffusion.evaluation import fid
 
-def test_running_stats_equal_numpy_in_any_batching():
+def test_feature_sums_equal_numpy_in_any_batching_and_split():
   rng = np.random.default_rng(0)
-  features = rng.normal(3.0, 0.5, (301, 64)) @ rng.normal(size=(64, 64)) + 1e4  # Large offset: cancellation test.
-  one = fid.RunningStats(64)
-  one.update(features.astype(np.float32).astype(np.float64))
-  chunked = fid.RunningStats(64)
+  features = rng.normal(3.0, 0.5, (301, 64)) @ rng.normal(size=(64, 64)) * 0.1 + 2.0  # pool3-like offset and scale.
+  one = fid.FeatureSums(64)
+  one.update(features)
+  chunked = fid.FeatureSums(64)
   for chunk in np.array_split(features, [1, 7, 50, 51, 200]):
     chunked.update(chunk)
   np.testing.assert_allclose(chunked.mu, features.mean(0), rtol=1e-13)
-  np.testing.assert_allclose(chunked.sigma, np.cov(features, rowvar=False), rtol=1e-9, atol=1e-9)
-  merged = fid.RunningStats(64)
-  left, right = fid.RunningStats(64), fid.RunningStats(64)
+  np.testing.assert_allclose(chunked.sigma, np.cov(features, rowvar=False), rtol=1e-9, atol=1e-11)
+  left, right = fid.FeatureSums(64), fid.FeatureSums(64)  # Two processes' shares, added.
   left.update(features[:120])
   right.update(features[120:])
-  merged.merge(left)
-  merged.merge(right)
-  np.testing.assert_allclose(merged.sigma, chunked.sigma, rtol=1e-10, atol=1e-10)
+  left.merge(right)
+  np.testing.assert_allclose(left.sigma, one.sigma, rtol=1e-12, atol=1e-13)
+  combined = one.combined()  # One process: the same sums.
+  assert combined.count == 301 and np.array_equal(combined.outer, one.outer)
   with pytest.raises(UserError, match='at least 2 images'):
-    _ = fid.RunningStats(4).sigma
+    _ = fid.FeatureSums(4).sigma
 
 
 def _random_stats(rng, d, n):
@@ -97,7 +97,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tref):
 
 _SHARDED = r'''
 import numpy as np, jax
-from eval import fid, inception
+from diffusion.evaluation import fid, inception
 from tests.eval.conftest import fid_image_sets
 assert jax.device_count() == 2
 a, b = fid_image_sets(8, size=75)
@@ -109,11 +109,11 @@ assert two.num_local_devices == 2
 f2 = two(a[:3])
 f1 = np.concatenate([one(a[:2]), one(np.concatenate([a[2:3], np.zeros_like(a[:1])]))[:1]])
 stats = fid.accumulate([a[:4], a[4:]], two, 4)
-reference = fid.RunningStats(2048)
+reference = fid.FeatureSums(2048)
 for i in range(0, 8, 2):
   reference.update(one(a[i:i + 2]))
 print('RESULT', f2.shape, float(np.abs(f1 - f2).max()), float(np.abs(stats.sigma - reference.sigma).max()),
-      stats.count)
+      int(stats.count))
 '''
 
 

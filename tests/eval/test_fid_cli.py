@@ -11,7 +11,7 @@ import torch
 from pytorch_fid import fid_score
 from pytorch_fid import inception as pf_inception
 
-from eval import fid
+from diffusion.evaluation import fid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

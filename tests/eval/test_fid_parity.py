@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pytorch_fid import fid_score
 
-from eval import fid, inception
+from diffusion.evaluation import fid, inception
 
 NUM_IMAGES = 200  # Per set; pool3 is 2048-d, so the covariances are singular, as in most small evaluations.
 

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from diffusion.errors import UserError
-from eval import inception
+from diffusion.evaluation import inception
+from diffusion.interop import inception as inception_weights
+from diffusion.models import inception as inception_net
 
 TOL = 1e-4  # float32 pool3 max-abs, uint8 images in, resize included.
 LAYERS = ('Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'Conv2d_3b_1x1', 'Conv2d_4a_3x3', 'Mixed_5b', 'Mixed_5c',
@@ -35,7 +37,7 @@ def reference(inception_299, tref):
 @pytest.mark.parametrize('size', [17, 32, 64, 299, 300, 320, 512])
 def test_resize_and_normalisation_match_pytorch_fid(size, tref):
   images = np.random.default_rng(size).integers(0, 256, (2, size, size + 3, 3)).astype(np.uint8)
-  ours = np.asarray(inception.preprocess(jnp.asarray(images)))
+  ours = np.asarray(inception_net.preprocess(jnp.asarray(images)))
   theirs = tref.torch_preprocess(images).permute(0, 2, 3, 1).numpy()
   assert ours.shape == (2, 299, 299, 3)
   np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=0)  # Same taps; float32 rounding of the sums only.
@@ -84,9 +86,9 @@ def test_every_layer_matches_in_float64(inception_299, tref):
   for h in hooks:
     h.remove()
   with jax.enable_x64():
-    variables = inception.convert_state_dict(tref.state_dict_numpy(model64), dtype=np.float64)
-    x = inception.preprocess(jnp.asarray(images), dtype=jnp.float64)
-    out, state = inception.InceptionV3(dtype=jnp.float64).apply(
+    variables = inception_weights.convert_state_dict(tref.state_dict_numpy(model64), dtype=np.float64)
+    x = inception_net.preprocess(jnp.asarray(images), dtype=jnp.float64)
+    out, state = inception_net.InceptionV3(dtype=jnp.float64).apply(
         variables, x, capture_intermediates=lambda mdl, method: method == '__call__' and mdl.name in LAYERS,
         mutable=['intermediates'])
     out = jax.tree.map(np.asarray, out)
@@ -96,7 +98,7 @@ def test_every_layer_matches_in_float64(inception_299, tref):
     theirs = captured[name].transpose(0, 2, 3, 1)
     assert layers[name].shape == theirs.shape, name
     np.testing.assert_allclose(layers[name], theirs, rtol=0, atol=1e-10 * np.abs(theirs).max(), err_msg=name)
-  for i, name in enumerate(inception.BLOCKS):
+  for i, name in enumerate(inception_net.BLOCKS):
     theirs = blocks[i].numpy().transpose(0, 2, 3, 1)
     theirs = theirs[:, 0, 0] if name == 'pool3' else theirs
     np.testing.assert_allclose(out[name], theirs, rtol=0, atol=1e-10 * np.abs(theirs).max(), err_msg=name)
@@ -106,17 +108,17 @@ def test_converter_is_strict_and_maps_every_tensor(inception_299, reference, tre
   model, _ = inception_299
   state = tref.state_dict_numpy(model)
   with pytest.raises(UserError, match='1 missing.*Mixed_6b.branch1x1.bn'):
-    inception.convert_state_dict({k: v for k, v in state.items() if k != 'Mixed_6b.branch1x1.bn.running_var'})
+    inception_weights.convert_state_dict({k: v for k, v in state.items() if k != 'Mixed_6b.branch1x1.bn.running_var'})
   with pytest.raises(UserError, match='1 unexpected.*AuxLogits'):
-    inception.convert_state_dict({**state, 'AuxLogits.fc.weight': np.zeros((1008, 768), np.float32)})
+    inception_weights.convert_state_dict({**state, 'AuxLogits.fc.weight': np.zeros((1008, 768), np.float32)})
   with pytest.raises(UserError, match='Conv2d_1a_3x3.conv.weight has shape'):
-    inception.convert_state_dict({**state, 'Conv2d_1a_3x3.conv.weight': np.zeros((32, 3, 5, 5), np.float32)})
+    inception_weights.convert_state_dict({**state, 'Conv2d_1a_3x3.conv.weight': np.zeros((32, 3, 5, 5), np.float32)})
   # Swapping one BatchNorm's scale and bias changes the features: the mapping of each tensor matters.
   ref, extractor = reference
   swapped = dict(state)
   key = 'Mixed_7b.branch_pool.bn.'
   swapped[key + 'weight'], swapped[key + 'bias'] = state[key + 'bias'], state[key + 'weight']
-  other = inception.FeatureExtractor(inception.convert_state_dict(swapped))
+  other = inception.FeatureExtractor(inception_weights.convert_state_dict(swapped))
   assert np.abs(other(tref.parity_images()['up32']) - ref['up32']).max() > 100 * TOL
 
 
@@ -124,13 +126,13 @@ def test_pth_reader_without_torch_equals_torch_load(inception_299, tmp_path):
   model, _ = inception_299
   path = str(tmp_path / 'weights.pth')
   torch.save(model.state_dict(), path)
-  ours = inception._read_pth_without_torch(path)
+  ours = inception_weights._read_pth_without_torch(path)
   theirs = torch.load(path, map_location='cpu', weights_only=True)
   assert set(ours) == set(theirs)
   for key, value in theirs.items():
     assert ours[key].dtype == value.numpy().dtype and np.array_equal(ours[key], value.numpy()), key
   with pytest.raises(UserError, match='not a PyTorch zip'):
-    inception._read_pth_without_torch(str(_write(tmp_path / 'junk.pth', b'junk')))
+    inception_weights._read_pth_without_torch(str(_write(tmp_path / 'junk.pth', b'junk')))
 
 
 def _write(path, data: bytes):
@@ -140,27 +142,27 @@ def _write(path, data: bytes):
 
 def test_missing_or_corrupt_weight_file_says_where_and_which_hash(tmp_path, monkeypatch):
   monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
-  expected = str(tmp_path / 'torch' / 'hub' / 'checkpoints' / inception.FID_WEIGHTS_FILE)
-  assert inception.default_weights_path() == expected
+  expected = str(tmp_path / 'torch' / 'hub' / 'checkpoints' / inception_weights.FID_WEIGHTS_FILE)
+  assert inception_weights.default_weights_path() == expected
   with pytest.raises(UserError) as error:
-    inception.resolve_weights_path()
-  for needle in (expected, inception.FID_WEIGHTS_URL, 'sha256 starts with 6726825d', '--weights'):
+    inception_weights.resolve_weights_path()
+  for needle in (expected, inception_weights.FID_WEIGHTS_URL, 'sha256 starts with 6726825d', '--inception_weights'):
     assert needle in str(error.value)
   with pytest.raises(UserError, match='does not exist'):
-    inception.resolve_weights_path(str(tmp_path / 'nope.pth'))
-  corrupt = _write(tmp_path / inception.FID_WEIGHTS_FILE, b'not the weights')
+    inception_weights.resolve_weights_path(str(tmp_path / 'nope.pth'))
+  corrupt = _write(tmp_path / inception_weights.FID_WEIGHTS_FILE, b'not the weights')
   with pytest.raises(UserError, match='corrupt or not the expected file.*expected 6726825d'):
-    inception.resolve_weights_path(str(corrupt))
+    inception_weights.resolve_weights_path(str(corrupt))
   prefix = hashlib.sha256(b'x').hexdigest()[:8]
   good = _write(tmp_path / f'pt_inception-2015-12-05-{prefix}.pth', b'x')
-  assert inception.resolve_weights_path(str(good)) == str(good)
+  assert inception_weights.resolve_weights_path(str(good)) == str(good)
 
 
 def test_load_variables_from_a_weight_file(inception_299, tmp_path):
   model, variables = inception_299
   path = str(tmp_path / 'random_fid_inception.pth')
   torch.save(model.state_dict(), path)
-  loaded = inception.load_variables(path)
+  loaded = inception_weights.load_variables(path)
   assert jax.tree.structure(loaded) == jax.tree.structure(variables)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)))
 
@@ -173,7 +175,7 @@ def test_random_calibrated_weights_give_input_dependent_features(tref):
   features = inception.FeatureExtractor(variables, resize_to=None)(images)
   assert features.std(0).mean() > 0.1
   # Calibrated: the first layer's stored statistics are its batch statistics on these images.
-  x = inception.preprocess(jnp.asarray(images), None)
+  x = inception_net.preprocess(jnp.asarray(images), None)
   conv = jax.lax.conv_general_dilated(x, variables['params']['Conv2d_1a_3x3']['conv']['kernel'], (2, 2), 'VALID',
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   stats = variables['batch_stats']['Conv2d_1a_3x3']['bn']
