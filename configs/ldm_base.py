@@ -141,7 +141,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = common.get_mesh_config()
   config.distributed = common.get_distributed_config()
   config.wandb = common.get_wandb_config('ldm-jax')
-  # Evaluators of generated samples (diffusion/evaluation), run during training and by eval/run.py.
+  # Evaluators of generated samples, run during training and by eval/run.py (keys: diffusion/evaluation/spec.py):
+  # each is a metric (type: fid | oracle | clip) on num_samples images, with optional sampling overrides
+  # (guidance_scale, num_steps, sampler, seed) and metric options (inception_weights, clip_model, split, ...).
   config.evals = ml_collections.ConfigDict()
 
   if preset == 'base':
@@ -179,6 +181,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.ema_decay = 0.999
     config.sample.num_steps = 25
     config.sample.guidance_scale = 3.0
+    # Caption accuracy of 144 samples (prompts: captions of the training split), read by the shapes oracle.
+    config.evals.oracle = ml_collections.ConfigDict({'type': 'oracle', 'every': 1500, 'num_samples': 144,
+                                                     'batch_size': 48})
   elif preset == 'sd15':
     config.data.image_size = 512
     config.model.unet.sample_size = 64
