@@ -66,8 +66,8 @@ class Checkpointer:
     directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     if read_only and not os.path.isdir(directory):
       raise UserError(f'no checkpoints in {workdir!r} (expected {directory})')
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
-                                           read_only=read_only)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'data', 'meta'))
     self.read_only = read_only
     self.workdir = workdir

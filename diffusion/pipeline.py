@@ -26,6 +26,7 @@ from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import UserError
 from diffusion.images import to_uint8
 
+
 class LatentDiffusionPipeline:
   """Holds the three networks, their params ({'unet', 'text', 'vae'}) and the tokenizer of one trained model."""
 

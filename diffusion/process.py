@@ -19,8 +19,8 @@ never re-derive these relations); `training_target` says what a network of each 
 Both are driven by a registry of prediction types (`eps`, `x0`, `v`, `flow`).
 """
 
-from collections.abc import Callable, Mapping
 import math
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax

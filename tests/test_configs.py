@@ -101,6 +101,7 @@ def test_vae_loss_terms_must_be_registered():
 
 def test_mesh_and_batch_must_fit_the_devices():
   import jax
+
   from diffusion import parallel
 
   config = ldm_tiny()

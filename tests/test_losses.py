@@ -6,8 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffusion import losses
-from diffusion import process
+from diffusion import losses, process
 from diffusion.errors import ConfigError
 
 PREDICTION_TYPES = ('eps', 'x0', 'v')

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from support import LDM, load_config  # pylint: disable=g-import-not-at-top
-
 from diffusion import models
 from diffusion.data import shapes
 from diffusion.data import tokenizer as tokenizer_lib
@@ -19,6 +17,7 @@ from diffusion.errors import UserError
 from diffusion.images import to_uint8
 from diffusion.pipeline import LatentDiffusionPipeline
 from diffusion.samplers import SamplingSettings
+from support import LDM, load_config  # pylint: disable=g-import-not-at-top
 
 
 def _config(**diffusion):

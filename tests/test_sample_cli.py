@@ -9,9 +9,8 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from support import run_cli  # pylint: disable=g-import-not-at-top
-
 from diffusion import samplers
+from support import run_cli  # pylint: disable=g-import-not-at-top
 
 
 def _assert_user_error(result, *needles):

@@ -8,11 +8,10 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from support import LDM, load_config  # pylint: disable=g-import-not-at-top
-
 from diffusion import process
 from diffusion.errors import ConfigError, UserError
 from diffusion.samplers import SamplingSettings
+from support import LDM, load_config  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture

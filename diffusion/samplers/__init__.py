@@ -30,10 +30,28 @@ sampler's options) that the pipeline, sample.py, the eval tools and config valid
 """
 
 from diffusion.samplers import discrete, dpm, flow, karras  # Registers the samplers.
-from diffusion.samplers.core import (FAMILIES, SAMPLERS, SPACINGS, Grid, Plan, SamplerInfo, Trajectory,
-                                     available_samplers, dpm_timesteps, editing_strength, family_error, get_sampler,
-                                     k_timesteps, karras_sigmas, make_timesteps, register_sampler, sampler_info,
-                                     step_noise, t_at_ve_sigma, ve_sigma_at)
+from diffusion.samplers.core import (
+                                     FAMILIES,
+                                     SAMPLERS,
+                                     SPACINGS,
+                                     Grid,
+                                     Plan,
+                                     SamplerInfo,
+                                     Trajectory,
+                                     available_samplers,
+                                     dpm_timesteps,
+                                     editing_strength,
+                                     family_error,
+                                     get_sampler,
+                                     k_timesteps,
+                                     karras_sigmas,
+                                     make_timesteps,
+                                     register_sampler,
+                                     sampler_info,
+                                     step_noise,
+                                     t_at_ve_sigma,
+                                     ve_sigma_at,
+)
 from diffusion.samplers.guidance import cfg_denoise_fn
 from diffusion.samplers.settings import CONFIG_OPTIONS, SamplingSettings
 

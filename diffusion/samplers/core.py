@@ -13,8 +13,8 @@ inpainting blend after every step (known region `mask == 0` re-noised to the nex
 the model call, which converts the raw output through `process.convert` only.
 """
 
-from collections.abc import Callable
 import inspect
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax

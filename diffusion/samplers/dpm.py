@@ -10,8 +10,16 @@ import jax
 import jax.numpy as jnp
 
 from diffusion import process
-from diffusion.samplers.core import (Grid, ModelFn, Plan, dpm_timesteps, register_sampler, step_noise, ve_grid,
-                                     ve_sigma_at)
+from diffusion.samplers.core import (
+  Grid,
+  ModelFn,
+  Plan,
+  dpm_timesteps,
+  register_sampler,
+  step_noise,
+  ve_grid,
+  ve_sigma_at,
+)
 
 Array = jax.Array
 

@@ -15,8 +15,16 @@ import jax.numpy as jnp
 
 from diffusion import process
 from diffusion.errors import UserError
-from diffusion.samplers.core import (Grid, ModelFn, Plan, k_timesteps, register_sampler, step_noise, t_at_ve_sigma,
-                                     ve_grid)
+from diffusion.samplers.core import (
+  Grid,
+  ModelFn,
+  Plan,
+  k_timesteps,
+  register_sampler,
+  step_noise,
+  t_at_ve_sigma,
+  ve_grid,
+)
 
 Array = jax.Array
 
