@@ -16,7 +16,6 @@ from diffusion import losses, models, parallel, process, samplers
 from diffusion.data import validation as data_validation
 from diffusion.errors import ConfigError
 
-MODEL_TYPES = ('vae', 'ldm')
 WANDB_MODES = ('online', 'offline', 'disabled')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
@@ -65,14 +64,15 @@ def _validate_sample(config: ml_collections.ConfigDict, schedule: process.NoiseS
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` naming the first bad key; cheap, so entry points call it before compiling anything."""
-  _check(config.get('model_type') in MODEL_TYPES, 'model_type',
-         f'unknown model type {config.get("model_type")!r}; known: {MODEL_TYPES}')
+  model_type = config.get('model_type')
+  _check(isinstance(model_type, str) and bool(model_type), 'model_type',
+         f'must name a task (the training task registry checks the name), got {model_type!r}')
   _validate_train(config)
   parallel.validate_config(config)
   data_validation.validate_config(config)
   models.validate_config(config)
   losses.validate_config(config)
-  if config.model_type == 'ldm':
+  if 'diffusion' in config:  # A diffusion model: its process, and sampling settings for that process.
     _validate_sample(config, process.validate_config(config.diffusion))
 
 

@@ -74,7 +74,7 @@ BAD = [
     ('diffusion.loss_weighting', lambda c: setattr(c.diffusion, 'loss_weighting', 'heavy')),
     ('data.shapes.max_objects', lambda c: setattr(c.data.shapes, 'max_objects', 3)),
     ('mesh.tensor', lambda c: setattr(c.mesh, 'tensor', 0)),
-    ('model_type', lambda c: setattr(c, 'model_type', 'gan')),
+    ('model_type', lambda c: setattr(c, 'model_type', '')),
 ]
 
 

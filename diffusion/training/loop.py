@@ -23,6 +23,7 @@ import numpy as np
 from diffusion import checkpoint, parallel, throughput
 from diffusion import workdir as workdir_lib
 from diffusion.config import validate_config
+from diffusion.errors import ConfigError
 from diffusion.data import inputs
 from diffusion.logging import MetricWriter
 from diffusion.training import ldm_task, vae_task  # noqa: F401  (they register the 'ldm' and 'vae' tasks)
@@ -127,6 +128,8 @@ def _held_out(eval_loader, mesh) -> Callable[[], dict]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
   """Trains the task `config.model_type` names in `workdir`; returns the final state (None if already done)."""
+  if config.get('model_type') not in TASKS:
+    raise ConfigError('model_type', TASKS.unknown(config.get('model_type')))
   validate_config(config)
   workdir = os.path.abspath(workdir)
   mesh = parallel.create_mesh(config.mesh)

@@ -11,7 +11,6 @@ import pytest
 
 from support import LDM, VAE, load_config
 from diffusion import checkpoint
-from diffusion import config as config_lib
 from diffusion import workdir as workdir_lib
 from diffusion.errors import ConfigError
 from diffusion.images import make_grid, to_uint8
@@ -73,9 +72,8 @@ if 'regress' not in TASKS:
 
 
 @pytest.fixture
-def regress_config(data_dir, monkeypatch):
+def regress_config(data_dir):
   """A factory of tiny configs for the regression task (the VAE preset's data, train and optim sections)."""
-  monkeypatch.setattr(config_lib, 'MODEL_TYPES', (*config_lib.MODEL_TYPES, 'regress'))
 
   def make(**more):
     settings = {'model_type': 'regress', 'optim.lr': 1e-2, 'train.num_steps': 3, 'train.eval_every': 3,
@@ -201,3 +199,9 @@ def test_record_built_on_checks_the_copy_a_run_holds(tmp_path, data_dir):
 def test_unknown_task_lists_the_registered_ones():
   with pytest.raises(Exception, match=r"unknown model_type 'nope'; known: .*ldm.*regress.*vae"):
     TASKS.get('nope')
+
+
+def test_unknown_model_type_lists_the_registered_tasks(regress_config, tmp_path):
+  config = regress_config(model_type='gan')
+  with pytest.raises(ConfigError, match=r"config.model_type: unknown model_type 'gan'; known: .*ldm.*regress.*vae"):
+    train_and_evaluate(config, str(tmp_path / 'run'))
