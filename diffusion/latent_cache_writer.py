@@ -22,6 +22,7 @@ from diffusion import checkpoint, models
 from diffusion.data import pipeline as data_pipeline
 from diffusion.data.latent_cache import _METADATA, VARIANTS, expected_metadata, load_metadata, split_dir
 from diffusion.errors import ConfigError, UserError
+from diffusion import workdir as workdir_lib
 from diffusion.workdir import load_workdir_config
 
 
@@ -31,7 +32,7 @@ def load_vae(vae_workdir: str) -> tuple[ml_collections.ConfigDict, Any]:
   if not os.path.isdir(vae_workdir):
     raise UserError(f'VAE workdir {vae_workdir!r} does not exist')
   vae_config = load_workdir_config(vae_workdir, expect='vae').model.vae
-  params = checkpoint.Checkpointer(os.path.abspath(vae_workdir), read_only=True).restore_params(item='ema_params')
+  params, _ = workdir_lib.load_trained_params(vae_workdir, 'ema_params')
   return vae_config, params
 
 

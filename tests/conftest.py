@@ -4,6 +4,7 @@ import os
 import tempfile
 
 import jax
+import ml_collections
 import pytest
 
 from support import LDM, VAE, load_config
@@ -35,5 +36,7 @@ def ldm_workdir(tmp_path_factory, data_dir, vae_workdir) -> str:
   from diffusion.training import train_and_evaluate
 
   workdir = str(tmp_path_factory.mktemp('ldm'))
-  train_and_evaluate(load_config('ldm_base', LDM, data_dir, vae_workdir=vae_workdir), workdir)
+  oracle = ml_collections.ConfigDict({'type': 'oracle', 'num_samples': 4, 'batch_size': 4})  # At the last step.
+  train_and_evaluate(load_config('ldm_base', LDM, data_dir, vae_workdir=vae_workdir, **{'evals.oracle': oracle}),
+                     workdir)
   return workdir

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffusion import checkpoint, parallel, throughput
+from diffusion import checkpoint, evaluation, parallel, throughput
 from diffusion import workdir as workdir_lib
 from diffusion.config import validate_config
 from diffusion.errors import ConfigError
@@ -131,6 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if config.get('model_type') not in TASKS:
     raise ConfigError('model_type', TASKS.unknown(config.get('model_type')))
   validate_config(config)
+  evaluation.validate_evals(config)  # config.evals too, before anything is compiled.
   workdir = os.path.abspath(workdir)
   mesh = parallel.create_mesh(config.mesh)
   accum = int(config.train.get('grad_accum_steps', 1))
@@ -184,7 +185,10 @@ class _Run:
     self.frozen_local = None
     if config.train.sample_every:
       task.prepare_sampling(_held_out(self.eval_loader, mesh))
-      self.frozen_local = parallel.host_local(task.frozen)  # Host copies, for process 0's sample grids.
+    pipeline = task.sampling_pipeline()
+    self.suite = None if pipeline is None else evaluation.build_suite(config, workdir, pipeline)
+    if config.train.sample_every or self.suite is not None:
+      self.frozen_local = parallel.host_local(task.frozen)  # Host copies, for sample grids and evaluators.
     self.writer = MetricWriter(workdir, config, config.train.num_steps, config.train.batch_size)
 
   def _close(self) -> None:
@@ -245,7 +249,13 @@ class _Run:
     if train.eval_every and (step % train.eval_every == 0 or last):
       self.writer.write_scalars(step, _evaluate(state, self.config, self.mesh, self.eval_loader, self.eval_step,
                                                 self.frozen), progress=False)
-    if train.sample_every and (step % train.sample_every == 0 or last):
-      params = parallel.host_local(state.ema_params)  # Gathered on every process.
-      if jax.process_index() == 0:
-        self.writer.write_images(step, 'samples', *self.task.sample_grid(params, self.frozen_local))
+    grid = train.sample_every and (step % train.sample_every == 0 or last)
+    evals = self.suite is not None and self.suite.due(step, last)
+    if not (grid or evals):
+      return
+    params = parallel.host_local(state.ema_params)  # Gathered on every process.
+    if grid and jax.process_index() == 0:
+      self.writer.write_images(step, 'samples', *self.task.sample_grid(params, self.frozen_local))
+    if evals:  # Every process generates its share of each evaluator's samples; results are combined once.
+      results = self.suite.evaluate({**params, **self.frozen_local}, step, last=last)
+      self.writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items()}, progress=False)

@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion import checkpoint, models
-from diffusion.config import config_to_json, validate_config
+from diffusion.config import validate_config
 from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import UserError
 from diffusion.interop import configs, files, loaders
 from diffusion.training.ldm_task import frozen_param_groups
 from diffusion.training.state import create_optimizer, create_train_state
+from diffusion import workdir as workdir_lib
 from diffusion.workdir import load_workdir_config
 
 COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
@@ -103,8 +104,8 @@ def import_pipeline(source: str, workdir: str, base: ml_collections.ConfigDict) 
 def _write_workdir(workdir: str, config: ml_collections.ConfigDict, tokenizer: Any, vae_params: Any,
                    params: dict[str, Any], source: str) -> None:
   os.makedirs(workdir, exist_ok=True)
-  tokenizer_lib.save_tokenizer(tokenizer, os.path.join(workdir, 'tokenizer'))
-  checkpoint.save_pytree(os.path.join(workdir, 'frozen', 'vae'), vae_params)
+  tokenizer_lib.save_tokenizer(tokenizer, workdir_lib.tokenizer_path(workdir))
+  workdir_lib.save_frozen(workdir, 'vae', vae_params)
   tx = create_optimizer(config.optim, config.train.num_steps, frozen=frozen_param_groups(config))  # As the loop.
   _, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))  # As the training loop splits it.
   state = create_train_state(jax.tree.map(jnp.asarray, params), tx, rng_train)
@@ -112,8 +113,7 @@ def _write_workdir(workdir: str, config: ml_collections.ConfigDict, tokenizer: A
   meta = {'model_type': 'ldm', 'scaling_factor': float(config.model.vae.scaling_factor), 'imported_from': source}
   ckpt.save(0, state, None, meta, force=True)
   ckpt.close()
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:  # Last: a workdir with a config is complete.
-    f.write(config_to_json(config))
+  workdir_lib.write_config(workdir, config)  # Last: a workdir with a config is complete.
 
 
 def _special_ids(tokenizer: Any) -> dict[str, int]:

@@ -44,7 +44,11 @@ def test_ldm_stage_is_self_contained(ldm_workdir, vae_workdir):
   vae_ema = checkpoint.Checkpointer(vae_workdir, read_only=True).restore_params(item='ema_params')
   for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(vae_ema)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert any('eval/val_loss' in r for r in read_metrics(ldm_workdir))
+  records = read_metrics(ldm_workdir)
+  assert any('eval/val_loss' in r for r in records)
+  final = [r for r in records if 'eval/oracle_caption_accuracy' in r]  # config.evals, run by the loop at the end.
+  assert [r['step'] for r in final] == [config.train.num_steps]
+  assert 0.0 <= final[0]['eval/oracle_caption_accuracy'] <= 1.0 and 'eval/oracle_shuffled_prompts' in final[0]
   built_on = load_built_on(ldm_workdir)  # What the run is built on: the VAE workdir and the hash of its params.
   assert built_on == {'vae_workdir': {'path': vae_workdir, 'params_sha256': checkpoint.params_hash(vae_ema)}}
 
