@@ -31,33 +31,43 @@ from diffusion.prompts import read_prompts_file
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A stage-2 (ldm) training workdir.')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several.')
-_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'A text file with one prompt per line; a line '
-                                    '`prompt<TAB>seed` gives that prompt its own seed.')
-_NEGATIVE = flags.DEFINE_string('negative_prompt', None, 'Negative prompt (default: the config\'s, usually empty).')
+_PROMPTS_FILE = flags.DEFINE_string(
+  'prompts_file', None, 'A text file with one prompt per line; a line `prompt<TAB>seed` gives that prompt its own seed.'
+)
+_NEGATIVE = flags.DEFINE_string('negative_prompt', None, "Negative prompt (default: the config's, usually empty).")
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 1, 'Images per prompt.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the initial noise.')
-_NUM_STEPS = flags.DEFINE_string('num_steps', None, 'Sampling steps (default: config.sample.num_steps); a comma '
-                                 'list (10,25) sweeps.')
-_GUIDANCE = flags.DEFINE_string('guidance_scale', None, 'Classifier-free guidance scale (default: the config\'s); a '
-                                'comma list (1,3,7) sweeps.')
+_NUM_STEPS = flags.DEFINE_string(
+  'num_steps', None, 'Sampling steps (default: config.sample.num_steps); a comma list (10,25) sweeps.'
+)
+_GUIDANCE = flags.DEFINE_string(
+  'guidance_scale', None, "Classifier-free guidance scale (default: the config's); a comma list (1,3,7) sweeps."
+)
 _ETA = flags.DEFINE_float('eta', None, 'DDIM eta (0: deterministic; ddim only).')
 _SAMPLER = flags.DEFINE_string(
-    'sampler', None, 'Sampler (default: config.sample.sampler). Diffusion models: '
-    f'{", ".join(samplers.available_samplers("diffusion"))}; flow-matching models: '
-    f'{", ".join(samplers.available_samplers("flow"))}.')
+  'sampler',
+  None,
+  'Sampler (default: config.sample.sampler). Diffusion models: '
+  f'{", ".join(samplers.available_samplers("diffusion"))}; flow-matching models: '
+  f'{", ".join(samplers.available_samplers("flow"))}.',
+)
 _KARRAS = flags.DEFINE_bool('karras', None, 'Karras noise levels (euler, euler_a, heun, dpmpp_*, flow_*).')
-_SPACING = flags.DEFINE_enum('timestep_spacing', None, list(samplers.SPACINGS),
-                             'Timestep spacing (default: the sampler\'s; not for flow samplers).')
-_CHURN = flags.DEFINE_float('s_churn', None, 'Heun only: EDM\'s stochasticity S_churn (0: deterministic).')
+_SPACING = flags.DEFINE_enum(
+  'timestep_spacing', None, list(samplers.SPACINGS), "Timestep spacing (default: the sampler's; not for flow samplers)."
+)
+_CHURN = flags.DEFINE_float('s_churn', None, "Heun only: EDM's stochasticity S_churn (0: deterministic).")
 _RESCALE = flags.DEFINE_float('guidance_rescale', None, 'Guidance rescale phi in [0, 1] (Lin et al. 2023).')
-_INTERVAL = flags.DEFINE_string('guidance_interval', None,
-                                'LO,HI: guide only where LO <= t / T <= HI (fractions of the training time).')
-_INIT = flags.DEFINE_string('init_image', None, 'An image to edit (img2img; resized to the model\'s size).')
+_INTERVAL = flags.DEFINE_string(
+  'guidance_interval', None, 'LO,HI: guide only where LO <= t / T <= HI (fractions of the training time).'
+)
+_INIT = flags.DEFINE_string('init_image', None, "An image to edit (img2img; resized to the model's size).")
 _MASK = flags.DEFINE_string('mask', None, 'Inpainting mask, same size as --init_image: white = repaint, black = keep.')
-_STRENGTH = flags.DEFINE_float('strength', None, 'How much of --init_image to redo, in (0, 1] (default 0.8; 1.0 '
-                               'with --mask).')
-_BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per sampling call, all local devices together; does not '
-                              'change the images.')
+_STRENGTH = flags.DEFINE_float(
+  'strength', None, 'How much of --init_image to redo, in (0, 1] (default 0.8; 1.0 with --mask).'
+)
+_BATCH = flags.DEFINE_integer(
+  'batch_size', 64, 'Images per sampling call, all local devices together; does not change the images.'
+)
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 _RAW = flags.DEFINE_bool('raw_params', False, 'Use the raw params instead of the EMA params.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory.')
@@ -75,9 +85,16 @@ def _prompts() -> tuple[list[str], list[int | None]]:
 def _overrides() -> dict:
   """The sampling settings the flags override (None: the config's), checked as far as they can be without it."""
   interval = cli.comma_list(_INTERVAL, float, length=2)
-  overrides = dict(sampler=_SAMPLER.value, negative_prompt=_NEGATIVE.value, guidance_rescale=_RESCALE.value,
-                   guidance_interval=interval and tuple(interval), eta=_ETA.value, karras=_KARRAS.value,
-                   timestep_spacing=_SPACING.value, s_churn=_CHURN.value)
+  overrides = dict(
+    sampler=_SAMPLER.value,
+    negative_prompt=_NEGATIVE.value,
+    guidance_rescale=_RESCALE.value,
+    guidance_interval=interval and tuple(interval),
+    eta=_ETA.value,
+    karras=_KARRAS.value,
+    timestep_spacing=_SPACING.value,
+    s_churn=_CHURN.value,
+  )
   samplers.SamplingSettings.check_overrides(**overrides)
   return overrides
 
@@ -101,10 +118,22 @@ def main(argv: list[str]) -> None:
   parallel.initialize_distributed()  # Multi-host launches (from the environment); else a no-op.
   single = lambda values: values[0] if values is not None and len(values) == 1 else values
   settings = sample_to_directory(
-      _WORKDIR.value, prompts, _OUT.value, num_images=_NUM_IMAGES.value, seed=_SEED.value,
-      num_steps=single(num_steps), guidance_scale=single(guidance), batch_size=_BATCH.value, step=_STEP.value,
-      use_ema=not _RAW.value, init_image=_INIT.value, mask=_MASK.value, strength=_STRENGTH.value,
-      prompt_seeds=seeds, **overrides)
+    _WORKDIR.value,
+    prompts,
+    _OUT.value,
+    num_images=_NUM_IMAGES.value,
+    seed=_SEED.value,
+    num_steps=single(num_steps),
+    guidance_scale=single(guidance),
+    batch_size=_BATCH.value,
+    step=_STEP.value,
+    use_ema=not _RAW.value,
+    init_image=_INIT.value,
+    mask=_MASK.value,
+    strength=_STRENGTH.value,
+    prompt_seeds=seeds,
+    **overrides,
+  )
   print(f'wrote {settings["num_images"]} images and grid.png to {_OUT.value}', flush=True)
 
 

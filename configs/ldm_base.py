@@ -182,8 +182,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sample.num_steps = 25
     config.sample.guidance_scale = 3.0
     # At the last step: caption accuracy of 144 samples (prompts: training captions), read by the shapes oracle.
-    config.evals.oracle = ml_collections.ConfigDict({'type': 'oracle', 'every': 0, 'num_samples': 144,
-                                                     'batch_size': 48})
+    config.evals.oracle = ml_collections.ConfigDict(
+      {'type': 'oracle', 'every': 0, 'num_samples': 144, 'batch_size': 48}
+    )
   elif preset == 'sd15':
     config.data.image_size = 512
     config.model.unet.sample_size = 64

@@ -28,8 +28,9 @@ def run_metadata() -> dict[str, Any]:
   """The git commit of the code and the versions of the packages a result depends on."""
   try:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True,
-                            timeout=10).stdout.strip()
+    commit = subprocess.run(
+      ['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10
+    ).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     commit = ''
   versions = {}
@@ -66,8 +67,9 @@ class Checkpointer:
     directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     if read_only and not os.path.isdir(directory):
       raise UserError(f'no checkpoints in {workdir!r} (expected {directory})')
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=not read_only, read_only=read_only)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only
+    )
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'data', 'meta'))
     self.read_only = read_only
     self.workdir = workdir
@@ -89,9 +91,11 @@ class Checkpointer:
     params = state.params if hasattr(state, 'params') else state
     if not all_finite(params):
       raise FloatingPointError(f'refusing to checkpoint step {step}: the params are not all finite')
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave({'iterator': data_state}),
-                              meta=ocp.args.JsonSave({**run_metadata(), **(meta or {}), 'step': int(step)}))
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave({'iterator': data_state}),
+      meta=ocp.args.JsonSave({**run_metadata(), **(meta or {}), 'step': int(step)}),
+    )
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, Any, dict]:
@@ -100,8 +104,9 @@ class Checkpointer:
     Without `step`, a damaged latest checkpoint (truncated or partly written files) is moved aside with a warning
     and the newest valid one is used instead; the good ones are never touched.
     """
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target)), data=ocp.args.JsonRestore(),
-                              meta=ocp.args.JsonRestore())
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(_abstract(target)), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+    )
     step, restored = self._restore_valid(lambda s: self.manager.restore(s, args=args), step)
     return restored.state, restored.data['iterator'], {**restored.meta, 'step': step}
 
@@ -123,8 +128,9 @@ class Checkpointer:
     overwritten, and warns."""
     source = os.path.join(str(self.manager.directory), str(step))
     message = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-    print(f'warning: checkpoint {source} is damaged ({message}); falling back to an older one', file=sys.stderr,
-          flush=True)
+    print(
+      f'warning: checkpoint {source} is damaged ({message}); falling back to an older one', file=sys.stderr, flush=True
+    )
     if self.read_only or jax.process_index() != 0:
       self._skip.add(step)
       return

@@ -35,8 +35,11 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
   optim = config.optim
   _check(0 < optim.lr < float('inf'), 'optim.lr', f'the learning rate must be > 0 and finite, got {optim.lr!r}')
   _check(optim.warmup_steps >= 0, 'optim.warmup_steps', f'must be >= 0, got {optim.warmup_steps!r}')
-  _check(optim.lr_schedule in ('cosine', 'constant'), 'optim.lr_schedule',
-         f'unknown schedule {optim.lr_schedule!r}; known: cosine, constant')
+  _check(
+    optim.lr_schedule in ('cosine', 'constant'),
+    'optim.lr_schedule',
+    f'unknown schedule {optim.lr_schedule!r}; known: cosine, constant',
+  )
   _check(0.0 <= optim.end_lr_factor <= 1.0, 'optim.end_lr_factor', f'must be in [0, 1], got {optim.end_lr_factor!r}')
   _check(0.0 <= optim.ema_decay < 1.0, 'optim.ema_decay', f'must be in [0, 1), got {optim.ema_decay!r}')
   _check(optim.weight_decay >= 0, 'optim.weight_decay', f'must be >= 0, got {optim.weight_decay!r}')
@@ -48,12 +51,18 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
   _check(isinstance(accum, int) and accum >= 1, 'train.grad_accum_steps', f'must be an integer >= 1, got {accum!r}')
   degrees = [config.mesh[axis] for axis in parallel.BATCH_AXES]
   data_parallel = degrees[0] * degrees[1] if -1 not in degrees else 1  # -1: checked once the devices are known.
-  _check(train.batch_size % (accum * data_parallel) == 0, 'train.batch_size',
-         f'{train.batch_size} is not divisible by the data parallelism {data_parallel} (mesh data x fsdp) times '
-         f'train.grad_accum_steps={accum}')
+  _check(
+    train.batch_size % (accum * data_parallel) == 0,
+    'train.batch_size',
+    f'{train.batch_size} is not divisible by the data parallelism {data_parallel} (mesh data x fsdp) times '
+    f'train.grad_accum_steps={accum}',
+  )
   dtype = train.get('compute_dtype', '')
-  _check(dtype in ('',) + COMPUTE_DTYPES, 'train.compute_dtype',
-         f'unknown {dtype!r}; known: {", ".join(COMPUTE_DTYPES)} ("" = each model.*.dtype)')
+  _check(
+    dtype in ('',) + COMPUTE_DTYPES,
+    'train.compute_dtype',
+    f'unknown {dtype!r}; known: {", ".join(COMPUTE_DTYPES)} ("" = each model.*.dtype)',
+  )
 
 
 def _validate_sample(config: ml_collections.ConfigDict, schedule: process.NoiseSchedule) -> None:
@@ -65,8 +74,11 @@ def _validate_sample(config: ml_collections.ConfigDict, schedule: process.NoiseS
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` naming the first bad key; cheap, so entry points call it before compiling anything."""
   model_type = config.get('model_type')
-  _check(isinstance(model_type, str) and bool(model_type), 'model_type',
-         f'must name a task (the training task registry checks the name), got {model_type!r}')
+  _check(
+    isinstance(model_type, str) and bool(model_type),
+    'model_type',
+    f'must name a task (the training task registry checks the name), got {model_type!r}',
+  )
   _validate_train(config)
   parallel.validate_config(config)
   data_validation.validate_config(config)

@@ -20,19 +20,24 @@ from diffusion.pipeline import LatentDiffusionPipeline
 from diffusion.workdir import load_workdir_config
 
 
-def noise_plan(num_prompts: int, num_images: int, seed: int,
-               prompt_seeds: Sequence[int | None] | None = None) -> list[tuple[int, int]]:
+def noise_plan(
+  num_prompts: int, num_images: int, seed: int, prompt_seeds: Sequence[int | None] | None = None
+) -> list[tuple[int, int]]:
   """(root seed, fold-in index) of each output image (prompt-major). Without a per-prompt seed, image i (file index)
   starts from fold_in(PRNGKey(seed), i); with one, image j of that prompt from fold_in(PRNGKey(prompt_seed), j)."""
   prompt_seeds = list(prompt_seeds) if prompt_seeds is not None else [None] * num_prompts
   if len(prompt_seeds) != num_prompts:
     raise UserError(f'{len(prompt_seeds)} prompt seeds for {num_prompts} prompts')
-  return [(seed, p * num_images + j) if prompt_seeds[p] is None else (int(prompt_seeds[p]), j)
-          for p in range(num_prompts) for j in range(num_images)]
+  return [
+    (seed, p * num_images + j) if prompt_seeds[p] is None else (int(prompt_seeds[p]), j)
+    for p in range(num_prompts)
+    for j in range(num_images)
+  ]
 
 
-def _generate(pipeline: LatentDiffusionPipeline, prompts: Sequence[str], noise: Sequence[tuple[int, int]],
-              **kwargs: Any) -> np.ndarray:
+def _generate(
+  pipeline: LatentDiffusionPipeline, prompts: Sequence[str], noise: Sequence[tuple[int, int]], **kwargs: Any
+) -> np.ndarray:
   """`pipeline.generate` with each image's (root seed, index): one call per distinct root seed."""
   out: list[Any] = [None] * len(prompts)
   for root in dict.fromkeys(s for s, _ in noise):
@@ -47,12 +52,24 @@ def _as_list(value: Any) -> list:
   return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def sample_to_directory(workdir: str, prompts: Sequence[str], out: str, *, num_images: int = 1, seed: int = 0,
-                        num_steps: int | Sequence[int] | None = None,
-                        guidance_scale: float | Sequence[float] | None = None, batch_size: int = 64,
-                        step: int | None = None, use_ema: bool = True, init_image: str | None = None,
-                        mask: str | None = None, strength: float | None = None,
-                        prompt_seeds: Sequence[int | None] | None = None, **overrides: Any) -> dict:
+def sample_to_directory(
+  workdir: str,
+  prompts: Sequence[str],
+  out: str,
+  *,
+  num_images: int = 1,
+  seed: int = 0,
+  num_steps: int | Sequence[int] | None = None,
+  guidance_scale: float | Sequence[float] | None = None,
+  batch_size: int = 64,
+  step: int | None = None,
+  use_ema: bool = True,
+  init_image: str | None = None,
+  mask: str | None = None,
+  strength: float | None = None,
+  prompt_seeds: Sequence[int | None] | None = None,
+  **overrides: Any,
+) -> dict:
   """Writes OUT/0000.png ... (prompt-major), OUT/grid.png (a row per prompt) and OUT/settings.json.
 
   `overrides` are those of `SamplingSettings.from_config` (sampler, negative_prompt, guidance_rescale,
@@ -70,18 +87,32 @@ def sample_to_directory(workdir: str, prompts: Sequence[str], out: str, *, num_i
   mask_array = None if mask is None else load_mask(mask, init_image, size)
   pipeline = LatentDiffusionPipeline.from_workdir(workdir, use_ema=use_ema, step=step)
   settings = [pipeline.sampling_settings(guidance_scale=gs, num_steps=n, **overrides) for gs, n in combos]
-  common = dict(workdir=os.path.abspath(workdir), prompts=list(prompts), num_images_per_prompt=num_images,
-                num_images=len(prompts) * num_images, seed=seed, step=pipeline.step, use_ema=use_ema,
-                batch_size=batch_size, init_image=init_image and os.path.abspath(init_image),
-                mask=mask and os.path.abspath(mask), strength=strength,
-                noise='image i (file index) starts from fold_in(PRNGKey(seed), i)')
+  common = dict(
+    workdir=os.path.abspath(workdir),
+    prompts=list(prompts),
+    num_images_per_prompt=num_images,
+    num_images=len(prompts) * num_images,
+    seed=seed,
+    step=pipeline.step,
+    use_ema=use_ema,
+    batch_size=batch_size,
+    init_image=init_image and os.path.abspath(init_image),
+    mask=mask and os.path.abspath(mask),
+    strength=strength,
+    noise='image i (file index) starts from fold_in(PRNGKey(seed), i)',
+  )
   if prompt_seeds is not None and any(v is not None for v in prompt_seeds):
-    common.update(prompt_seeds=list(prompt_seeds), noise=(
+    common.update(
+      prompt_seeds=list(prompt_seeds),
+      noise=(
         'image j of a prompt with a seed starts from fold_in(PRNGKey(prompt seed), j); other images i (file index) '
-        'from fold_in(PRNGKey(seed), i)'))
+        'from fold_in(PRNGKey(seed), i)'
+      ),
+    )
   expanded = [p for p in prompts for _ in range(num_images)]
-  run = lambda s: _generate(pipeline, expanded, noise, settings=s, batch_size=batch_size, init_images=image,
-                            masks=mask_array, strength=strength)
+  run = lambda s: _generate(
+    pipeline, expanded, noise, settings=s, batch_size=batch_size, init_images=image, masks=mask_array, strength=strength
+  )
   if len(settings) == 1:
     record = {**common, **_settings_record(settings[0])}
     _write(out, run(settings[0]), record, num_images)
@@ -110,8 +141,9 @@ def setting_name(guidance_scale: float, num_steps: int) -> str:
   return f'gs{guidance_scale:g}_steps{num_steps}'
 
 
-def _sweep(run: Any, settings: Sequence[samplers.SamplingSettings], common: dict, noise: Sequence[tuple[int, int]],
-           out: str) -> dict:
+def _sweep(
+  run: Any, settings: Sequence[samplers.SamplingSettings], common: dict, noise: Sequence[tuple[int, int]], out: str
+) -> dict:
   """Every (guidance scale, steps) combination from the same noise: subfolders, a labelled grid, settings.json."""
   columns, entries, record = [], [], {}
   num_images = common['num_images_per_prompt']
@@ -124,13 +156,17 @@ def _sweep(run: Any, settings: Sequence[samplers.SamplingSettings], common: dict
     entries.append({'dir': name, 'guidance_scale': setting.guidance_scale, 'num_steps': setting.num_steps})
     columns.append(images)
     print(f'setting {number}/{len(settings)}: {name}', flush=True)
-  rows = [f'{p[:40]} (seed {s}, #{i})' for p, (s, i) in zip([p for p in common['prompts'] for _ in range(num_images)],
-                                                            noise)]
+  rows = [
+    f'{p[:40]} (seed {s}, #{i})' for p, (s, i) in zip([p for p in common['prompts'] for _ in range(num_images)], noise)
+  ]
   labels = [f'gs {e["guidance_scale"]:g}, {e["num_steps"]} steps' for e in entries]
   labelled_grid(np.stack(columns, 1), rows, labels).save(os.path.join(out, 'grid.png'))
   summary = {k: v for k, v in record.items() if k not in ('guidance_scale', 'num_steps')}
-  summary.update(sweep=entries, num_images=len(entries) * common['num_images'],
-                 grid='grid.png: a row per image (prompt-major), a column per setting')
+  summary.update(
+    sweep=entries,
+    num_images=len(entries) * common['num_images'],
+    grid='grid.png: a row per image (prompt-major), a column per setting',
+  )
   with open(os.path.join(out, 'settings.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   return summary

@@ -19,7 +19,7 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.
   grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
   for i, image in enumerate(images):
     r, col = divmod(i, ncols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
+    grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = image
   return grid
 
 
@@ -56,15 +56,18 @@ def load_mask(path: str, image_path: str, size: int) -> np.ndarray:
   except (OSError, ValueError) as e:
     raise UserError(f'cannot read mask {path!r}: {e}') from None
   if mask.size != image_size:
-    raise UserError(f'the mask {path!r} is {mask.size[0]}x{mask.size[1]} but the init image is '
-                    f'{image_size[0]}x{image_size[1]}: they must have the same size')
+    raise UserError(
+      f'the mask {path!r} is {mask.size[0]}x{mask.size[1]} but the init image is '
+      f'{image_size[0]}x{image_size[1]}: they must have the same size'
+    )
   if mask.size != (size, size):
     mask = mask.resize((size, size), Image.NEAREST)
   return (np.asarray(mask, np.float32) > 127.5).astype(np.float32)[..., None]
 
 
-def labelled_grid(images: np.ndarray, row_labels: Sequence[str], column_labels: Sequence[str],
-                  min_cell: int = 96) -> Image.Image:
+def labelled_grid(
+  images: np.ndarray, row_labels: Sequence[str], column_labels: Sequence[str], min_cell: int = 96
+) -> Image.Image:
   """uint8 images (rows, columns, H, W, 3) as one image with text labels (PIL's default font) on both edges;
   small images are enlarged by an integer factor (nearest neighbour) to at least `min_cell` pixels."""
   from PIL import ImageDraw, ImageFont

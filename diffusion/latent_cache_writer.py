@@ -19,12 +19,11 @@ import numpy as np
 from flax import serialization
 
 from diffusion import checkpoint, models
+from diffusion import workdir as workdir_lib
 from diffusion.data import pipeline as data_pipeline
 from diffusion.data.latent_cache import _METADATA, VARIANTS, expected_metadata, load_metadata, split_dir
 from diffusion.errors import ConfigError, UserError
-from diffusion import workdir as workdir_lib
 from diffusion.workdir import load_workdir_config
-
 
 
 def load_vae(vae_workdir: str) -> tuple[ml_collections.ConfigDict, Any]:
@@ -49,7 +48,7 @@ def _load_example(source: Any, decode: data_pipeline.DecodeRecord, index: int, s
     image = data_pipeline.resize_shorter_side(image, size)
     h, w = image.shape[:2]
     _, top, left, _ = data_pipeline.draw_augmentation(None, 1, h, w, size, False, False)
-    image = image[top:top + size, left:left + size]
+    image = image[top : top + size, left : left + size]
   return {'image': image, 'captions': element['captions']}
 
 
@@ -99,26 +98,38 @@ class _Progress:
     self.log(f'encoded {done}/{self.total} images, {rate:.1f} images/s, ETA {eta:.0f} s')
 
 
-def _write_batch(writer: Any, pending: list[dict], encode: Callable, params: Any, flips: bool,
-                 batch_size: int) -> None:
+def _write_batch(writer: Any, pending: list[dict], encode: Callable, params: Any, flips: bool, batch_size: int) -> None:
   valid = [e for e in pending if e['image'] is not None]
   if valid:
     mean, logvar = _encode_batch(encode, params, np.stack([e['image'] for e in valid]), flips, batch_size)
   empty = np.zeros((0,), np.float32)
   j = 0
   for e in pending:
-    record = {'valid': e['image'] is not None, 'captions': list(e['captions']),
-              'flipped_captions': [data_pipeline.swap_left_right(c) for c in e['captions']],
-              'mean': empty, 'logvar': empty}
+    record = {
+      'valid': e['image'] is not None,
+      'captions': list(e['captions']),
+      'flipped_captions': [data_pipeline.swap_left_right(c) for c in e['captions']],
+      'mean': empty,
+      'logvar': empty,
+    }
     if record['valid']:
       record['mean'], record['logvar'] = mean[j], logvar[j]
       j += 1
     writer.write(serialization.msgpack_serialize(record))
 
 
-def precompute(config: ml_collections.ConfigDict, vae_workdir: str, out_dir: str, *, split: str | None = None,
-               flips: str = 'auto', batch_size: int = 64, process_index: int | None = None,
-               process_count: int | None = None, log: Callable[[str], None] = print) -> dict:
+def precompute(
+  config: ml_collections.ConfigDict,
+  vae_workdir: str,
+  out_dir: str,
+  *,
+  split: str | None = None,
+  flips: str = 'auto',
+  batch_size: int = 64,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  log: Callable[[str], None] = print,
+) -> dict:
   """Encodes this process's slice of `split` with the VAE's EMA params; writes its shard (+ metadata on process 0).
 
   `flips`: 'both' stores the flipped image's posterior too, 'none' only the image's, 'auto' follows
@@ -138,16 +149,19 @@ def precompute(config: ml_collections.ConfigDict, vae_workdir: str, out_dir: str
   vae_config, params = load_vae(vae_workdir)
   config.model.vae = vae_config
   if config.data.image_size % models.vae_downsample_factor(vae_config):
-    raise ConfigError('data.image_size', f'{config.data.image_size} is not divisible by the VAE factor '
-                      f'{models.vae_downsample_factor(vae_config)}')
+    raise ConfigError(
+      'data.image_size',
+      f'{config.data.image_size} is not divisible by the VAE factor {models.vae_downsample_factor(vae_config)}',
+    )
   source = data_pipeline.create_data_source(config.data, split)
   lo, hi = shard_range(len(source), process_index, process_count)
   directory = split_dir(out_dir, split)
   os.makedirs(directory, exist_ok=True)
   name = f'{process_index:05d}-of-{process_count:05d}'
   encode, progress = _encoder(vae_config), _Progress(hi - lo, log)
-  writer = array_record_module.ArrayRecordWriter(os.path.join(directory, f'latents-{name}.array_record'),
-                                                 'group_size:1')
+  writer = array_record_module.ArrayRecordWriter(
+    os.path.join(directory, f'latents-{name}.array_record'), 'group_size:1'
+  )
   pending, done, skipped = [], 0, 0
   for example in _examples(source, config.data, lo, hi):
     skipped += example['image'] is None
@@ -172,17 +186,29 @@ def precompute(config: ml_collections.ConfigDict, vae_workdir: str, out_dir: str
   return meta
 
 
-def _metadata(config: ml_collections.ConfigDict, split: str, num_records: int, vae_workdir: str, params: Any,
-              flips: str, process_count: int) -> dict:
+def _metadata(
+  config: ml_collections.ConfigDict,
+  split: str,
+  num_records: int,
+  vae_workdir: str,
+  params: Any,
+  flips: str,
+  process_count: int,
+) -> dict:
   meta = expected_metadata(config, split)
   meta['dataset']['num_records'] = num_records
   names = [f'{i:05d}-of-{process_count:05d}' for i in range(process_count)]
-  meta.update({
-      'vae_workdir': os.path.abspath(vae_workdir), 'vae_params_sha256': checkpoint.params_hash(params),
+  meta.update(
+    {
+      'vae_workdir': os.path.abspath(vae_workdir),
+      'vae_params_sha256': checkpoint.params_hash(params),
       'vae_scaling_factor': float(config.model.vae.scaling_factor),  # <= 0: calibrated from the cached posteriors.
-      'variants': list(VARIANTS[flips]), 'dtype': 'float32',
-      'shards': [f'latents-{n}.array_record' for n in names], 'shard_stats': [f'shard-{n}.json' for n in names],
-  })
+      'variants': list(VARIANTS[flips]),
+      'dtype': 'float32',
+      'shards': [f'latents-{n}.array_record' for n in names],
+      'shard_stats': [f'shard-{n}.json' for n in names],
+    }
+  )
   return meta
 
 

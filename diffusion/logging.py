@@ -60,8 +60,11 @@ class MetricWriter:
       shown = ' '.join(f'{k}={v:.4g}' for k, v in scalars.items())
       rate = f' TFLOP/s={speed["tflops"]:.3g}' if 'tflops' in speed else ''
       rate += f' MFU={100 * speed["mfu"]:.1f}%' if 'mfu' in speed else ''
-      print(f'step {step}/{self.total_steps} {shown} steps/s={steps_per_sec:.2f} '
-            f'images/s={speed["images_per_s"]:.1f}{rate} eta={eta}', flush=True)
+      print(
+        f'step {step}/{self.total_steps} {shown} steps/s={steps_per_sec:.2f} '
+        f'images/s={speed["images_per_s"]:.1f}{rate} eta={eta}',
+        flush=True,
+      )
       scalars.update(speed)
     elif scalars:
       print(f'step {step} ' + ' '.join(f'{k}={v:.4g}' for k, v in scalars.items()), flush=True)
@@ -73,8 +76,9 @@ class MetricWriter:
   def _throughput(self, steps_per_sec: float) -> dict[str, float]:
     from diffusion.throughput import throughput
 
-    speed = throughput(1.0 / steps_per_sec, self.batch_size, self._num_devices, self._flops_per_device,
-                       self._peak_tflops)
+    speed = throughput(
+      1.0 / steps_per_sec, self.batch_size, self._num_devices, self._flops_per_device, self._peak_tflops
+    )
     return {'steps_per_sec': steps_per_sec, 'images_per_sec': speed['images_per_s'], **speed}
 
   def write_images(self, step: int, name: str, grid: np.ndarray, caption: str = '') -> str | None:
@@ -87,6 +91,7 @@ class MetricWriter:
     save_png(grid, path)
     if self._wandb is not None:
       import wandb
+
       self._wandb.log({name: wandb.Image(path, caption=caption)}, step=step)
     return path
 
@@ -115,9 +120,18 @@ def _init_wandb(workdir: str, config: ml_collections.ConfigDict):
   with open(run_id_file, 'w') as f:
     f.write(run_id)
   try:
-    return wandb.init(project=config.wandb.project, entity=config.wandb.entity or None, name=config.wandb.name or None,
-                      group=config.wandb.group or None, tags=tags, mode=config.wandb.mode, dir=workdir,
-                      config=config.to_dict(), id=run_id, resume='allow')
+    return wandb.init(
+      project=config.wandb.project,
+      entity=config.wandb.entity or None,
+      name=config.wandb.name or None,
+      group=config.wandb.group or None,
+      tags=tags,
+      mode=config.wandb.mode,
+      dir=workdir,
+      config=config.to_dict(),
+      id=run_id,
+      resume='allow',
+    )
   except Exception as e:  # W&B must never stop a training run.
     print(f'warning: W&B could not start ({e}); continuing without it', file=sys.stderr)
     return None

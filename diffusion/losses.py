@@ -114,8 +114,9 @@ def get_diffusion_loss_fn(diffusion_config: Mapping[str, Any]) -> DiffusionLossF
   return loss_fn
 
 
-def noised_example(t_rng: Array, noise_rng: Array, x0: Array, schedule: process.NoiseSchedule,
-                   offset_noise: float = 0.0) -> tuple[Array, Array, Array]:
+def noised_example(
+  t_rng: Array, noise_rng: Array, x0: Array, schedule: process.NoiseSchedule, offset_noise: float = 0.0
+) -> tuple[Array, Array, Array]:
   """One training example's (x_t, t, noise) for clean latents `x0` (H, W, C): t from the schedule's training
   distribution (`process.sample_timestep`), noise with the optional offset. vmap it over per-example keys."""
   t = process.sample_timestep(schedule, t_rng)
@@ -124,8 +125,7 @@ def noised_example(t_rng: Array, noise_rng: Array, x0: Array, schedule: process.
   return x_t, t, noise
 
 
-def sample_noise(rng: Array, shape: Sequence[int], offset_noise: float = 0.0,
-                 dtype: jnp.dtype = jnp.float32) -> Array:
+def sample_noise(rng: Array, shape: Sequence[int], offset_noise: float = 0.0, dtype: jnp.dtype = jnp.float32) -> Array:
   """N(0, I) noise of `shape` (B, ..., C) plus `offset_noise` * N(0, 1) per (example, channel).
 
   The offset (shared by all positions of a channel) lets the model learn to change the mean brightness.
@@ -149,8 +149,9 @@ def _per_example_sum(x: Array) -> Array:
   return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
 
 
-def vae_loss(x: Array, reconstruction: Array, mean: Array, logvar: Array, *, kl_weight: float,
-             rec_loss: str = 'l1') -> tuple[Array, dict[str, Array]]:
+def vae_loss(
+  x: Array, reconstruction: Array, mean: Array, logvar: Array, *, kl_weight: float, rec_loss: str = 'l1'
+) -> tuple[Array, dict[str, Array]]:
   """The LDM autoencoder loss: reconstruction + kl_weight * KL(q(z|x) || N(0, I)).
 
   As in LDM, the reconstruction error and the KL are summed over each example's pixels / latent dims and

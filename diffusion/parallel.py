@@ -35,20 +35,28 @@ from diffusion.errors import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
-DEFAULT_RULES = (('embed', 'fsdp'), ('conv_out', 'fsdp'), ('conv_in', 'fsdp'), ('heads', 'tensor'),
-                 ('mlp', 'tensor'), ('vocab', 'tensor'), ('norm', 'fsdp'), ('bias', 'fsdp'))
+DEFAULT_RULES = (
+  ('embed', 'fsdp'),
+  ('conv_out', 'fsdp'),
+  ('conv_in', 'fsdp'),
+  ('heads', 'tensor'),
+  ('mlp', 'tensor'),
+  ('vocab', 'tensor'),
+  ('norm', 'fsdp'),
+  ('bias', 'fsdp'),
+)
 # (regex over the '/'-joined param path, logical axes): the first entry whose regex matches and whose rank equals the
 # parameter's rank wins. Paths end like 'attn1/to_q/kernel' (params) or '.../mu/.../to_q/kernel' (Adam moments).
 PARAM_LOGICAL_AXES = (
-    (r'(to_q|to_k|to_v|q_proj|k_proj|v_proj)/kernel$', ('embed', 'heads')),
-    (r'(to_out_0|out_proj)/kernel$', ('heads', 'embed')),
-    (r'(net_0/proj|fc1)/kernel$', ('embed', 'mlp')),
-    (r'(net_2|fc2)/kernel$', ('mlp', 'embed')),
-    (r'embedding$', ('vocab', 'embed')),
-    (r'norm[^/]*/(scale|bias)$', ('norm',)),
-    (r'kernel$', (None, None, 'conv_in', 'conv_out')),
-    (r'kernel$', ('embed', 'embed')),  # Other Dense layers (time embedding, projections): output dim first.
-    (r'bias$', ('bias',)),
+  (r'(to_q|to_k|to_v|q_proj|k_proj|v_proj)/kernel$', ('embed', 'heads')),
+  (r'(to_out_0|out_proj)/kernel$', ('heads', 'embed')),
+  (r'(net_0/proj|fc1)/kernel$', ('embed', 'mlp')),
+  (r'(net_2|fc2)/kernel$', ('mlp', 'embed')),
+  (r'embedding$', ('vocab', 'embed')),
+  (r'norm[^/]*/(scale|bias)$', ('norm',)),
+  (r'kernel$', (None, None, 'conv_in', 'conv_out')),
+  (r'kernel$', ('embed', 'embed')),  # Other Dense layers (time embedding, projections): output dim first.
+  (r'bias$', ('bias',)),
 )
 
 
@@ -88,8 +96,11 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
       raise ConfigError(f'mesh.{unknown[0]}', f'{num_devices} devices cannot be split with the other axes = {known}')
     degrees[MESH_AXES.index(unknown[0])] = num_devices // known
   if math.prod(degrees) != num_devices:
-    raise ConfigError('mesh.data', f'mesh {dict(zip(MESH_AXES, degrees))} needs {math.prod(degrees)} devices, '
-                      f'but {num_devices} are available; set one axis to -1')
+    raise ConfigError(
+      'mesh.data',
+      f'mesh {dict(zip(MESH_AXES, degrees))} needs {math.prod(degrees)} devices, '
+      f'but {num_devices} are available; set one axis to -1',
+    )
   return tuple(degrees)
 
 
@@ -109,8 +120,9 @@ def create_mesh(mesh_config: ml_collections.ConfigDict, devices: Any = None) -> 
   dcn = dcn_shape(mesh_config, shape)
   if math.prod(dcn) > 1:
     ici = tuple(total // d for total, d in zip(shape, dcn))
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not hasattr(devices[0],
-                                                                                                  'slice_index'))
+    grid = mesh_utils.create_hybrid_device_mesh(
+      ici, dcn, devices, process_is_granule=not hasattr(devices[0], 'slice_index')
+    )
   elif devices[0].platform in ('tpu', 'gpu'):
     grid = mesh_utils.create_device_mesh(shape, devices)
   else:  # CPU: the plain device order (process-major), which is what create_device_mesh would give.
@@ -127,8 +139,11 @@ def check_batch_size(batch_size: int, mesh: Mesh, key: str = 'train.batch_size',
   processes."""
   parallel = batch_parallelism(mesh)
   if batch_size % (parallel * grad_accum_steps):
-    raise ConfigError(key, f'{batch_size} is not divisible by the data parallelism {parallel} (mesh data x fsdp) '
-                      f'times train.grad_accum_steps={grad_accum_steps}')
+    raise ConfigError(
+      key,
+      f'{batch_size} is not divisible by the data parallelism {parallel} (mesh data x fsdp) '
+      f'times train.grad_accum_steps={grad_accum_steps}',
+    )
   if batch_size % jax.process_count():
     raise ConfigError(key, f'{batch_size} is not divisible by the {jax.process_count()} processes')
   return batch_size // jax.process_count()
@@ -171,8 +186,7 @@ def _rules(rules: Any) -> dict[str, tuple[str, ...]]:
   return table
 
 
-def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Any,
-                   min_size: int = 0) -> P:
+def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Any, min_size: int = 0) -> P:
   """The PartitionSpec of one array from its logical axes: see the module docstring for the rule."""
   table = rules if isinstance(rules, dict) else _rules(rules)
   spec: list[Any] = [None] * len(shape)
@@ -257,7 +271,8 @@ def _cluster_detected() -> str | None:
   if 'SLURM_JOB_ID' in env and 'SLURM_STEP_NODELIST' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
     return 'SLURM'
   if len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1 or env.get(
-      'MEGASCALE_COORDINATOR_ADDRESS'):
+    'MEGASCALE_COORDINATOR_ADDRESS'
+  ):
     return 'TPU pod'
   if int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
     return 'Open MPI'
@@ -285,10 +300,17 @@ def initialize_distributed(settings: ml_collections.ConfigDict | None = None) ->
   kwargs = {}
   if explicit:
     if processes < 1 or not 0 <= process_id < processes:
-      raise ConfigError('distributed.process_id', f'with a coordinator address, num_processes ({processes}) must be '
-                        f'>= 1 and process_id ({process_id}) in [0, num_processes)')
+      raise ConfigError(
+        'distributed.process_id',
+        f'with a coordinator address, num_processes ({processes}) must be '
+        f'>= 1 and process_id ({process_id}) in [0, num_processes)',
+      )
     kwargs = dict(coordinator_address=address, num_processes=processes, process_id=process_id)
   jax.distributed.initialize(**kwargs)
-  print(f'process {jax.process_index()}/{jax.process_count()} started ({reason or "jax auto-detection"}); '
-        f'{jax.local_device_count()} local of {jax.device_count()} devices', file=sys.stderr, flush=True)
+  print(
+    f'process {jax.process_index()}/{jax.process_count()} started ({reason or "jax auto-detection"}); '
+    f'{jax.local_device_count()} local of {jax.device_count()} devices',
+    file=sys.stderr,
+    flush=True,
+  )
   return True

@@ -79,22 +79,45 @@ class LatentDiffusionPipeline:
     return masks.reshape(b, h // f, f, w // f, f, 1).max(axis=(2, 4))
 
   @functools.partial(jax.jit, static_argnums=(0,), static_argnames=('settings', 'strength'))
-  def _generate(self, params: dict, cond_ids: jax.Array, uncond_ids: jax.Array, keys: jax.Array,
-                init_images: jax.Array | None = None, masks: jax.Array | None = None, *,
-                settings: samplers.SamplingSettings, strength: float) -> jax.Array:
+  def _generate(
+    self,
+    params: dict,
+    cond_ids: jax.Array,
+    uncond_ids: jax.Array,
+    keys: jax.Array,
+    init_images: jax.Array | None = None,
+    masks: jax.Array | None = None,
+    *,
+    settings: samplers.SamplingSettings,
+    strength: float,
+  ) -> jax.Array:
     encode = lambda ids: self.text_encoder.apply({'params': params['text']}, ids)[0]
     cond, uncond = encode(cond_ids), encode(uncond_ids)
     model_fn = lambda x, t, ctx: self.unet.apply({'params': params['unet']}, x, t, ctx)
-    denoise_fn = samplers.cfg_denoise_fn(model_fn, cond, uncond, settings.guidance_scale, settings.guidance_rescale,
-                                         settings.model_time_interval(self.schedule.num_timesteps))
+    denoise_fn = samplers.cfg_denoise_fn(
+      model_fn,
+      cond,
+      uncond,
+      settings.guidance_scale,
+      settings.guidance_rescale,
+      settings.model_time_interval(self.schedule.num_timesteps),
+    )
     x_T = jax.vmap(lambda k: jax.random.normal(k, self.latent_shape))(keys)
     noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
     init_latents = None if init_images is None else self._encode_images(params, init_images)
     mask = None if masks is None else self._latent_mask(masks)
     z0 = samplers.get_sampler(settings.sampler)(
-        denoise_fn, x_T, self.schedule, num_steps=settings.num_steps, rng=noise_keys,
-        prediction_type=self.config.diffusion.prediction_type, init_latents=init_latents, strength=strength,
-        mask=mask, **dict(settings.options))
+      denoise_fn,
+      x_T,
+      self.schedule,
+      num_steps=settings.num_steps,
+      rng=noise_keys,
+      prediction_type=self.config.diffusion.prediction_type,
+      init_latents=init_latents,
+      strength=strength,
+      mask=mask,
+      **dict(settings.options),
+    )
     images = self.vae.apply({'params': params['vae']}, z0 / self.scaling_factor, method='decode')
     return jnp.clip(images, -1.0, 1.0)
 
@@ -115,9 +138,19 @@ class LatentDiffusionPipeline:
         raise UserError(f'the mask is {masks.shape[2]}x{masks.shape[1]} but the image is {size}x{size}')
     return images, masks
 
-  def generate(self, prompts: Sequence[str], settings: samplers.SamplingSettings | None = None, *, seed: int = 0,
-               indices: Sequence[int] | None = None, batch_size: int = 64, params: dict | None = None,
-               init_images: Any = None, masks: Any = None, strength: float | None = None) -> np.ndarray:
+  def generate(
+    self,
+    prompts: Sequence[str],
+    settings: samplers.SamplingSettings | None = None,
+    *,
+    seed: int = 0,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 64,
+    params: dict | None = None,
+    init_images: Any = None,
+    masks: Any = None,
+    strength: float | None = None,
+  ) -> np.ndarray:
     """Returns uint8 images (N, H, W, 3), one per prompt; image n uses noise index `indices[n]` (default n).
 
     `settings`: how to sample (default: the config's, `sampling_settings()`), negative prompt included.
@@ -139,8 +172,11 @@ class LatentDiffusionPipeline:
       chunk = slice(start, start + batch_size)
       count = len(indices[chunk])
       keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(indices[chunk]))
-      inputs = {'cond_ids': self.tokenize(list(prompts[chunk])),
-                'uncond_ids': self.tokenize([settings.negative_prompt] * count), 'keys': keys}
+      inputs = {
+        'cond_ids': self.tokenize(list(prompts[chunk])),
+        'uncond_ids': self.tokenize([settings.negative_prompt] * count),
+        'keys': keys,
+      }
       if images is not None:
         inputs['init_images'] = images[chunk]
       if masks is not None:
@@ -174,6 +210,8 @@ def _shard_batch(inputs: dict, devices: Sequence[Any]) -> dict:
   mesh = Mesh(np.asarray(devices), ('batch',))
   sharding = NamedSharding(mesh, PartitionSpec('batch'))
   pad = -len(inputs['keys']) % len(devices)
-  padded = {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], pad, axis=0)]) if pad else np.asarray(v)
-            for k, v in inputs.items()}
+  padded = {
+    k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], pad, axis=0)]) if pad else np.asarray(v)
+    for k, v in inputs.items()
+  }
   return {k: jax.device_put(v, sharding) for k, v in padded.items()}

@@ -104,10 +104,10 @@ def _cosine_betas(num_timesteps: int, beta_start: float, beta_end: float) -> np.
   def alpha_bar(s: float) -> float:
     return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
-  return np.array([
-      min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999)
-      for i in range(num_timesteps)
-  ], dtype=np.float64)
+  return np.array(
+    [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999) for i in range(num_timesteps)],
+    dtype=np.float64,
+  )
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -132,13 +132,16 @@ def schedule_from_betas(betas: np.ndarray | Array, **static: Any) -> NoiseSchedu
   """Builds a `NoiseSchedule` from betas; the cumulative product is taken in float64, then cast."""
   betas = np.asarray(betas, np.float64)
   alphas_cumprod = np.cumprod(1.0 - betas)
-  return NoiseSchedule(betas=jnp.asarray(betas, jnp.float32), alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32),
-                       **static)
+  return NoiseSchedule(
+    betas=jnp.asarray(betas, jnp.float32), alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32), **static
+  )
 
 
 def _edm_static(c: Mapping[str, Any]) -> dict[str, float]:
-  values = {k: float(c.get(f'edm_{k}', d)) for k, d in (('sigma_min', 0.002), ('sigma_max', 80.0),
-                                                         ('p_mean', -1.2), ('p_std', 1.2))}
+  values = {
+    k: float(c.get(f'edm_{k}', d))
+    for k, d in (('sigma_min', 0.002), ('sigma_max', 80.0), ('p_mean', -1.2), ('p_std', 1.2))
+  }
   if not 0 < values['sigma_min'] < values['sigma_max']:
     raise ConfigError('diffusion.edm_sigma_max', 'need 0 < edm_sigma_min < edm_sigma_max')
   if values['p_std'] <= 0:
@@ -155,8 +158,9 @@ def _flow_static(c: Mapping[str, Any]) -> dict[str, Any]:
     raise ConfigError('diffusion.flow_shift', f'must be > 0, got {shift}')
   if std <= 0:
     raise ConfigError('diffusion.flow_logit_std', f'must be > 0, got {std}')
-  return dict(flow_shift=shift, flow_t_sampling=sampling, flow_logit_mean=float(c.get('flow_logit_mean', 0.0)),
-              flow_logit_std=std)
+  return dict(
+    flow_shift=shift, flow_t_sampling=sampling, flow_logit_mean=float(c.get('flow_logit_mean', 0.0)), flow_logit_std=std
+  )
 
 
 def get_noise_schedule(diffusion_config: Mapping[str, Any]) -> NoiseSchedule:
@@ -175,13 +179,19 @@ def get_noise_schedule(diffusion_config: Mapping[str, Any]) -> NoiseSchedule:
       betas = rescale_zero_terminal_snr(betas)
     return schedule_from_betas(betas, kind='discrete', name=name)
   static = _edm_static(c) if name == 'edm' else _flow_static(c)
-  probe = NoiseSchedule(betas=jnp.zeros(num_timesteps), alphas_cumprod=jnp.zeros(num_timesteps), kind=name,
-                        name=name, **static)
+  probe = NoiseSchedule(
+    betas=jnp.zeros(num_timesteps), alphas_cumprod=jnp.zeros(num_timesteps), kind=name, name=name, **static
+  )
   t = np.arange(num_timesteps, dtype=np.float64)
   alpha, sigma = _continuous_alpha_sigma(probe, t, np)
   ac = alpha**2 / (alpha**2 + sigma**2)
-  return NoiseSchedule(betas=jnp.asarray(_betas_from_alphas_cumprod(ac), jnp.float32),
-                       alphas_cumprod=jnp.asarray(ac, jnp.float32), kind=name, name=name, **static)
+  return NoiseSchedule(
+    betas=jnp.asarray(_betas_from_alphas_cumprod(ac), jnp.float32),
+    alphas_cumprod=jnp.asarray(ac, jnp.float32),
+    kind=name,
+    name=name,
+    **static,
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,18 +345,36 @@ def _flow_to_x0_eps(out: Array, x: Array, a: Array, s: Array) -> tuple[Array, Ar
   return (x - s * out) / (a + s), (x + a * out) / (a + s)
 
 
-register_prediction_type('eps', PredictionType(
-    to_x0_eps=lambda out, x, a, s: ((x - s * out) / a, out), target=lambda x0, noise, a, s: noise,
-    x0_error_scale=lambda a, s: a * a))
-register_prediction_type('x0', PredictionType(
-    to_x0_eps=lambda out, x, a, s: (out, (x - a * out) / s), target=lambda x0, noise, a, s: x0,
-    x0_error_scale=lambda a, s: s * s))
-register_prediction_type('v', PredictionType(
-    to_x0_eps=_v_to_x0_eps, target=lambda x0, noise, a, s: a * noise - s * x0,
-    x0_error_scale=lambda a, s: (a * a + s * s)**2))
-register_prediction_type('flow', PredictionType(
-    to_x0_eps=_flow_to_x0_eps, target=lambda x0, noise, a, s: noise - x0,
-    x0_error_scale=lambda a, s: (a + s)**2))
+register_prediction_type(
+  'eps',
+  PredictionType(
+    to_x0_eps=lambda out, x, a, s: ((x - s * out) / a, out),
+    target=lambda x0, noise, a, s: noise,
+    x0_error_scale=lambda a, s: a * a,
+  ),
+)
+register_prediction_type(
+  'x0',
+  PredictionType(
+    to_x0_eps=lambda out, x, a, s: (out, (x - a * out) / s),
+    target=lambda x0, noise, a, s: x0,
+    x0_error_scale=lambda a, s: s * s,
+  ),
+)
+register_prediction_type(
+  'v',
+  PredictionType(
+    to_x0_eps=_v_to_x0_eps,
+    target=lambda x0, noise, a, s: a * noise - s * x0,
+    x0_error_scale=lambda a, s: (a * a + s * s) ** 2,
+  ),
+)
+register_prediction_type(
+  'flow',
+  PredictionType(
+    to_x0_eps=_flow_to_x0_eps, target=lambda x0, noise, a, s: noise - x0, x0_error_scale=lambda a, s: (a + s) ** 2
+  ),
+)
 
 
 def convert(output: Array, x_t: Array, alpha: Array, sigma: Array, prediction_type: str) -> Prediction:
@@ -365,8 +393,9 @@ def convert(output: Array, x_t: Array, alpha: Array, sigma: Array, prediction_ty
   return pred
 
 
-def convert_prediction(output: Array, x_t: Array, t: Array, schedule: NoiseSchedule,
-                       prediction_type: str) -> Prediction:
+def convert_prediction(
+  output: Array, x_t: Array, t: Array, schedule: NoiseSchedule, prediction_type: str
+) -> Prediction:
   """`convert` at the schedule's (alpha_t, sigma_t) for model times `t` (B,) (integer or float)."""
   alpha, sigma = alpha_sigma(schedule, t, x_t.ndim)
   return convert(output, x_t, alpha, sigma, prediction_type)
@@ -393,8 +422,9 @@ def x0_mse_factor(prediction_type: str, alpha: Array, sigma: Array) -> Array:
 def check_family(schedule_name: str, prediction_type: str) -> str | None:
   """Why `prediction_type` cannot be used with the schedule `schedule_name`, or None if it can."""
   if prediction_type == 'flow' and schedule_name != 'flow':
-    return (f"prediction_type 'flow' (the rectified-flow velocity) needs diffusion.schedule='flow', "
-            f'got {schedule_name!r}')
+    return (
+      f"prediction_type 'flow' (the rectified-flow velocity) needs diffusion.schedule='flow', got {schedule_name!r}"
+    )
   if schedule_name == 'flow' and prediction_type == 'eps':
     return "prediction_type 'eps' cannot recover x0 at t = T on the 'flow' schedule: use 'flow', 'v' or 'x0'"
   return None

@@ -1,9 +1,9 @@
 """One generic registry type for every name -> factory table (samplers, models, datasets, evaluators, ...).
 
-  SAMPLERS = Registry[Sampler]('sampler')
-  @SAMPLERS.register('ddim')
-  def ddim(...): ...
-  SAMPLERS.get('ddim')        # unknown names: UserError listing the known ones
+SAMPLERS = Registry[Sampler]('sampler')
+@SAMPLERS.register('ddim')
+def ddim(...): ...
+SAMPLERS.get('ddim')        # unknown names: UserError listing the known ones
 """
 
 from collections.abc import Callable, Iterator

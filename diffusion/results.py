@@ -23,8 +23,20 @@ from typing import Any
 import jax
 
 # Packages whose versions go into every record (those installed; the rest are left out).
-PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy', 'ml_collections', 'torch',
-            'diffusers', 'transformers', 'pytorch-fid')
+PACKAGES = (
+  'jax',
+  'jaxlib',
+  'flax',
+  'optax',
+  'orbax-checkpoint',
+  'grain',
+  'numpy',
+  'ml_collections',
+  'torch',
+  'diffusers',
+  'transformers',
+  'pytorch-fid',
+)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, 'docs', 'results')
 
@@ -36,8 +48,10 @@ def load_average() -> float:
 
 def git_state(root: str = REPO_ROOT) -> dict[str, Any]:
   """The commit checked out at `root` and whether tracked files differ from it; 'unknown' outside a git tree."""
+
   def git(*args: str) -> str:
     return subprocess.run(['git', *args], cwd=root, capture_output=True, text=True, check=True, timeout=30).stdout
+
   try:
     commit = git('rev-parse', 'HEAD').strip()
     dirty = bool(git('status', '--porcelain', '--untracked-files=no').strip())
@@ -60,9 +74,15 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 def machine() -> dict[str, Any]:
   """The host and the JAX devices this process sees."""
   devices = jax.devices()
-  return {'platform': platform.platform(), 'processor': platform.machine(), 'cpu_count': os.cpu_count(),
-          'jax_backend': jax.default_backend(), 'device_kind': devices[0].device_kind,
-          'device_count': len(devices), 'process_count': jax.process_count()}
+  return {
+    'platform': platform.platform(),
+    'processor': platform.machine(),
+    'cpu_count': os.cpu_count(),
+    'jax_backend': jax.default_backend(),
+    'device_kind': devices[0].device_kind,
+    'device_count': len(devices),
+    'process_count': jax.process_count(),
+  }
 
 
 def this_command() -> str:
@@ -73,17 +93,32 @@ def this_command() -> str:
   return shlex.join(['python', script, *sys.argv[1:]])
 
 
-def make_record(name: str, results: Any, *, command: str | None = None, load_at_start: float | None = None,
-                settings: dict | None = None, **extra: Any) -> dict[str, Any]:
+def make_record(
+  name: str,
+  results: Any,
+  *,
+  command: str | None = None,
+  load_at_start: float | None = None,
+  settings: dict | None = None,
+  **extra: Any,
+) -> dict[str, Any]:
   """A record of `results` (JSON-serialisable numbers) measured by `command` (default: this process's).
 
   `load_at_start` is the load average when the measurement began (`load_average()`); the load at the end is taken
   now. `settings` are the options the numbers depend on; `extra` keys go into the record as they are.
   """
-  return {'name': name, 'created_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
-          'command': command or this_command(), 'git': git_state(), 'packages': package_versions(),
-          'machine': machine(), 'load_average': {'start': load_at_start, 'end': load_average()},
-          'settings': settings or {}, **extra, 'results': results}
+  return {
+    'name': name,
+    'created_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
+    'command': command or this_command(),
+    'git': git_state(),
+    'packages': package_versions(),
+    'machine': machine(),
+    'load_average': {'start': load_at_start, 'end': load_average()},
+    'settings': settings or {},
+    **extra,
+    'results': results,
+  }
 
 
 def record_path(name: str, directory: str = RESULTS_DIR) -> str:

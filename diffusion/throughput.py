@@ -21,6 +21,7 @@ import jax
 class DevicePeak:
   """Dense peak TFLOP/s of one device (one chip). `fp32` is the rate XLA's default float32 matmul precision
   reaches: TF32 tensor cores on NVIDIA Ampere/Hopper; None where the vendor publishes no float32 matmul rate."""
+
   name: str
   bf16: float
   fp32: float | None
@@ -36,15 +37,15 @@ class DevicePeak:
 # 'TPU v4', 'TPU v5 lite' (v5e), 'TPU v5' / 'TPU v5p', 'TPU v6 lite' (v6e), 'NVIDIA A100-SXM4-80GB',
 # 'NVIDIA H100 80GB HBM3', 'NVIDIA H100 PCIe', 'NVIDIA H200'. More specific patterns come first.
 PEAKS: tuple[tuple[str, DevicePeak], ...] = (
-    (r'^tpu v4', DevicePeak('TPU v4', 275.0, None)),
-    (r'^tpu v5 ?(lite|e\b)', DevicePeak('TPU v5e', 197.0, None)),
-    (r'^tpu v5p?\b', DevicePeak('TPU v5p', 459.0, None)),
-    (r'^tpu v6 ?(lite|e\b)', DevicePeak('TPU v6e', 918.0, None)),
-    (r'a100', DevicePeak('A100', 312.0, 156.0)),
-    (r'h100.*pcie', DevicePeak('H100 PCIe', 756.0, 378.0)),
-    (r'h100.*nvl', DevicePeak('H100 NVL', 835.0, 418.0)),
-    (r'h100', DevicePeak('H100 SXM', 989.0, 495.0)),
-    (r'h200', DevicePeak('H200', 989.0, 495.0)),
+  (r'^tpu v4', DevicePeak('TPU v4', 275.0, None)),
+  (r'^tpu v5 ?(lite|e\b)', DevicePeak('TPU v5e', 197.0, None)),
+  (r'^tpu v5p?\b', DevicePeak('TPU v5p', 459.0, None)),
+  (r'^tpu v6 ?(lite|e\b)', DevicePeak('TPU v6e', 918.0, None)),
+  (r'a100', DevicePeak('A100', 312.0, 156.0)),
+  (r'h100.*pcie', DevicePeak('H100 PCIe', 756.0, 378.0)),
+  (r'h100.*nvl', DevicePeak('H100 NVL', 835.0, 418.0)),
+  (r'h100', DevicePeak('H100 SXM', 989.0, 495.0)),
+  (r'h200', DevicePeak('H200', 989.0, 495.0)),
 )
 
 
@@ -91,8 +92,13 @@ def jit_flops(jitted: Any, *args: Any, **kwargs: Any) -> float | None:
   return compiled_flops(jitted.lower(*args, **kwargs).compile())
 
 
-def throughput(step_time_s: float, global_batch: int, num_devices: int, flops_per_device: float | None = None,
-               peak_tflops_per_device: float | None = None) -> dict[str, float]:
+def throughput(
+  step_time_s: float,
+  global_batch: int,
+  num_devices: int,
+  flops_per_device: float | None = None,
+  peak_tflops_per_device: float | None = None,
+) -> dict[str, float]:
   """Step time, images/s (global and per device), achieved model TFLOP/s (per device and all devices together)
   and MFU (achieved per-device rate / per-device peak) of a step processing `global_batch` images.
 
@@ -103,8 +109,11 @@ def throughput(step_time_s: float, global_batch: int, num_devices: int, flops_pe
     raise ValueError(f'step_time_s must be positive, got {step_time_s}')
   if num_devices < 1 or global_batch < 1:
     raise ValueError(f'need num_devices >= 1 and global_batch >= 1, got {num_devices} and {global_batch}')
-  out = {'step_time_s': step_time_s, 'images_per_s': global_batch / step_time_s,
-         'images_per_s_per_device': global_batch / step_time_s / num_devices}
+  out = {
+    'step_time_s': step_time_s,
+    'images_per_s': global_batch / step_time_s,
+    'images_per_s_per_device': global_batch / step_time_s / num_devices,
+  }
   if flops_per_device:
     per_device = flops_per_device / step_time_s / 1e12
     out['tflops_per_device'] = per_device

@@ -91,8 +91,9 @@ def save_frozen(workdir: str, name: str, params: Any) -> None:
   checkpoint.save_pytree(frozen_path(workdir, name), params)
 
 
-def load_trained_params(workdir: str, item: str = 'ema_params', step: int | None = None,
-                        key: str | None = None) -> tuple[Any, int]:
+def load_trained_params(
+  workdir: str, item: str = 'ema_params', step: int | None = None, key: str | None = None
+) -> tuple[Any, int]:
   """(params, step): one field of a workdir's checkpointed train state (default: the latest step's EMA params)."""
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise _error(key, f'{workdir!r} has no checkpoints (train it first)')
@@ -118,12 +119,12 @@ def load_built_on(workdir: str) -> dict[str, dict] | None:
 def record_built_on(workdir: str, config: ml_collections.ConfigDict, used: Mapping[str, Any], resume: bool) -> dict:
   """Records, or at resume verifies, what the run in `workdir` is built on; returns the record.
 
-  `used` maps config keys of `BUILT_ON_KEYS` to the params this start of the run takes from the workdir the key
-  names (at resume: a copy the run holds, e.g. its frozen VAE, or the params of a `LIVE` key read again). A fresh
-  run writes `built_on.json`: per key the workdir's path and the sha256 of those params (`checkpoint.params_hash`).
-  A resumed run checks every used key against the record; a changed hash, a key set now that the run was not
-  started with, or an empty `LIVE` key the run is built on is a `ConfigError` naming the key. Runs without a record (imported, older
-  ones) are not checked.
+  `used` maps config keys of `BUILT_ON_KEYS` to the params this start of the run takes from the workdir the key names
+  (at resume: a copy the run holds, e.g. its frozen VAE, or the params of a `LIVE` key read again). A fresh run writes
+  `built_on.json`: per key the workdir's path and the sha256 of those params (`checkpoint.params_hash`). A resumed run
+  checks every used key against the record; a changed hash, a key set now that the run was not started with, or an
+  empty `LIVE` key the run is built on is a `ConfigError` naming the key. Runs without a record (imported, older ones)
+  are not checked.
   """
   unknown = set(used) - set(BUILT_ON_KEYS)
   if unknown:
@@ -141,15 +142,20 @@ def record_built_on(workdir: str, config: ml_collections.ConfigDict, used: Mappi
     return {}
   for key in BUILT_ON_KEYS:
     if (config.get(key) or key in used) and key not in record:
-      raise ConfigError(key, f'{config.get(key)!r} is given, but the run in {workdir!r} was started without one '
-                             f'({BUILT_ON} has no {key}); start a new workdir to build on it')
+      raise ConfigError(
+        key,
+        f'{config.get(key)!r} is given, but the run in {workdir!r} was started without one '
+        f'({BUILT_ON} has no {key}); start a new workdir to build on it',
+      )
   for key, digest in hashes.items():
     if digest != record[key]['params_sha256']:
-      raise ConfigError(key, f'the params of {config[key] or record[key]["path"]!r} changed since the run in '
-                             f'{workdir!r} was built on them (sha256 {record[key]["params_sha256"][:12]} in '
-                             f'{BUILT_ON}, {digest[:12]} now)')
+      raise ConfigError(
+        key,
+        f'the params of {config[key] or record[key]["path"]!r} changed since the run in '
+        f'{workdir!r} was built on them (sha256 {record[key]["params_sha256"][:12]} in '
+        f'{BUILT_ON}, {digest[:12]} now)',
+      )
   for key in LIVE:
     if key in record and key not in used:
-      raise ConfigError(key, f'is empty, but the run in {workdir!r} is built on {record[key]["path"]!r} '
-                             f'({BUILT_ON})')
+      raise ConfigError(key, f'is empty, but the run in {workdir!r} is built on {record[key]["path"]!r} ({BUILT_ON})')
   return record

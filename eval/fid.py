@@ -27,19 +27,35 @@ def _define_flags() -> dict:
   """The command-line flags (defined only when run as a program, so importing this module defines none)."""
   f = flags
   defined = dict(
-      inception_weights=f.DEFINE_string('inception_weights', None, 'pytorch-fid weight file '
-                                        '(pt_inception-2015-12-05-*.pth); default: the torch hub cache, where '
-                                        'pytorch-fid keeps it.'),
-      batch_size=f.DEFINE_integer('batch_size', 50, 'Images per Inception batch on each process.'),
-      dims=f.DEFINE_enum('dims', '2048', ['64', '192', '768', '2048'], 'Inception features: 2048 = pool3 '
-                         '(standard); smaller = earlier blocks.'),
-      download=f.DEFINE_bool('download', False, 'Download the weights into the cache if missing.'),
-      fid_method=f.DEFINE_enum('fid_method', 'eigh', ['eigh', 'sqrtm'], "Tr sqrt(S1 S2) by symmetric "
-                               "eigendecompositions (fast) or scipy's sqrtm (pytorch-fid's)."),
-      save_stats=f.DEFINE_bool('save_stats', False, 'Write the stats of PATH1 (images) to PATH2 (.npz).'),
+    inception_weights=f.DEFINE_string(
+      'inception_weights',
+      None,
+      'pytorch-fid weight file '
+      '(pt_inception-2015-12-05-*.pth); default: the torch hub cache, where '
+      'pytorch-fid keeps it.',
+    ),
+    batch_size=f.DEFINE_integer('batch_size', 50, 'Images per Inception batch on each process.'),
+    dims=f.DEFINE_enum(
+      'dims',
+      '2048',
+      ['64', '192', '768', '2048'],
+      'Inception features: 2048 = pool3 (standard); smaller = earlier blocks.',
+    ),
+    download=f.DEFINE_bool('download', False, 'Download the weights into the cache if missing.'),
+    fid_method=f.DEFINE_enum(
+      'fid_method',
+      'eigh',
+      ['eigh', 'sqrtm'],
+      "Tr sqrt(S1 S2) by symmetric eigendecompositions (fast) or scipy's sqrtm (pytorch-fid's).",
+    ),
+    save_stats=f.DEFINE_bool('save_stats', False, 'Write the stats of PATH1 (images) to PATH2 (.npz).'),
   )
-  for old, name in (('weights', 'inception_weights'), ('batch-size', 'batch_size'), ('fid-method', 'fid_method'),
-                    ('save-stats', 'save_stats')):
+  for old, name in (
+    ('weights', 'inception_weights'),
+    ('batch-size', 'batch_size'),
+    ('fid-method', 'fid_method'),
+    ('save-stats', 'save_stats'),
+  ):
     cli.alias(old, name)
   return defined
 
@@ -69,8 +85,7 @@ def main(argv: list[str]) -> None:
       from diffusion.interop import inception as inception_weights
 
       weights = inception_weights.resolve_weights_path(v['inception_weights'], v['download'])
-      extractor = inception.FeatureExtractor(inception_weights.load_variables(weights),
-                                             inception.BLOCK_BY_DIMS[dims])
+      extractor = inception.FeatureExtractor(inception_weights.load_variables(weights), inception.BLOCK_BY_DIMS[dims])
       print(f'Inception weights: {weights}', file=sys.stderr, flush=True)
     return extractor
 

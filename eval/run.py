@@ -8,11 +8,12 @@ r"""The evaluation job: samples each checkpoint of a stage-2 workdir and scores 
 The flags build an evals spec (`diffusion.evaluation.spec`: one evaluator per metric, on the same samples); without
 --metrics the workdir config's `config.evals` is used, with the given flags overriding each evaluator. For each
 checkpoint (EMA params), the suite (`diffusion.evaluation.EvalSuite`) generates N images from fixed seeds (image i
-starts from fold_in(seed, i); a `prompt<TAB>seed` line of --prompts_file fixes that prompt's noise as in sample.py)
-with prompts from --prompts_file or the captions of the reference split, each process its share, then writes `<workdir>/eval/<step>.json` and logs to W&B (offline by default, under `<workdir>/eval/wandb`; its own run,
-so it never collides with the training run). Steps that already have a JSON file are skipped, so a killed job
-restarts where it stopped; --watch keeps following a training run, evaluating each new checkpoint once, until the
-final step is done or no checkpoint has appeared for --idle_timeout seconds. Without --inception_weights, FID uses a
+starts from fold_in(seed, i); a `prompt<TAB>seed` line of --prompts_file fixes that prompt's noise as in sample.py) with
+prompts from --prompts_file or the captions of the reference split, each process its share, then writes
+`<workdir>/eval/<step>.json` and logs to W&B (offline by default, under `<workdir>/eval/wandb`; its own run, so it never
+collides with the training run). Steps that already have a JSON file are skipped, so a killed job restarts where it
+stopped; --watch keeps following a training run, evaluating each new checkpoint once, until the final step is done or no
+checkpoint has appeared for --idle_timeout seconds. Without --inception_weights, FID uses a
 random Inception network and is reported as `fid_random_inception`.
 """
 
@@ -43,14 +44,30 @@ def checkpoint_steps(workdir: str) -> list[int]:
   return sorted(checkpoint.Checkpointer(workdir, read_only=True).all_steps())
 
 
-def _entry(num_samples: int | None = None, *, prompts_file: str | None = None, split: str | None = None,
-           num_reference: int | None = None, seed: int | None = None, sampling: dict | None = None,
-           batch_size: int | None = None, inception_weights: str | None = None,
-           metric_options: dict | None = None) -> dict:
+def _entry(
+  num_samples: int | None = None,
+  *,
+  prompts_file: str | None = None,
+  split: str | None = None,
+  num_reference: int | None = None,
+  seed: int | None = None,
+  sampling: dict | None = None,
+  batch_size: int | None = None,
+  inception_weights: str | None = None,
+  metric_options: dict | None = None,
+) -> dict:
   """The evaluator settings given as arguments (None: not given)."""
-  entry = {'num_samples': num_samples, 'prompts_file': prompts_file, 'split': split, 'num_reference': num_reference,
-           'seed': seed, 'batch_size': batch_size, 'inception_weights': inception_weights,
-           **(sampling or {}), **(metric_options or {})}
+  entry = {
+    'num_samples': num_samples,
+    'prompts_file': prompts_file,
+    'split': split,
+    'num_reference': num_reference,
+    'seed': seed,
+    'batch_size': batch_size,
+    'inception_weights': inception_weights,
+    **(sampling or {}),
+    **(metric_options or {}),
+  }
   return {k: v for k, v in entry.items() if v is not None}
 
 
@@ -67,8 +84,7 @@ class Evaluator:
   the arguments that are given overriding each evaluator's values.
   """
 
-  def __init__(self, workdir: str, metric_names: Sequence[str] | None, num_samples: int | None = None,
-               **spec_kwargs):
+  def __init__(self, workdir: str, metric_names: Sequence[str] | None, num_samples: int | None = None, **spec_kwargs):
     from diffusion.evaluation import EvalSuite, parse_evals
     from diffusion.pipeline import LatentDiffusionPipeline
 
@@ -85,8 +101,10 @@ class Evaluator:
     with config.unlocked():
       config.evals = evals
     self.suite = EvalSuite(parse_evals(config), config, workdir, self.pipeline)
-    self.info = {'evaluators': self.suite.describe(),
-                 'metrics_info': {e.spec.name: e.metric.describe() for e in self.suite.evaluators}}
+    self.info = {
+      'evaluators': self.suite.describe(),
+      'metrics_info': {e.spec.name: e.metric.describe() for e in self.suite.evaluators},
+    }
 
   def evaluate(self, step: int) -> dict:
     """Samples every evaluator's images with the EMA params of `step`; returns the record for eval/<step>.json."""
@@ -96,8 +114,13 @@ class Evaluator:
     trained = checkpoint.Checkpointer(self.workdir, read_only=True).restore_params(step, 'ema_params')
     params = {**self.pipeline.params, 'unet': trained['unet'], 'text': trained['text']}
     results = self.suite.evaluate(params, step)
-    return {'step': int(step), 'metrics': results, **self.info, 'seconds': round(time.time() - start, 2),
-            **checkpoint.run_metadata()}
+    return {
+      'step': int(step),
+      'metrics': results,
+      **self.info,
+      'seconds': round(time.time() - start, 2),
+      **checkpoint.run_metadata(),
+    }
 
 
 def _write_json(path: str, record: dict) -> None:
@@ -122,9 +145,17 @@ def _init_wandb(workdir: str, config, mode: str | None):
     os.makedirs(directory, exist_ok=True)
     with open(id_file, 'w') as f:
       f.write(run_id)
-    run = wandb.init(project=config.wandb.project, entity=config.wandb.entity or None, dir=directory, mode=mode,
-                     name=(config.wandb.name or os.path.basename(os.path.abspath(workdir))) + '-eval',
-                     group=config.wandb.group or None, job_type='eval', id=run_id, resume='allow')
+    run = wandb.init(
+      project=config.wandb.project,
+      entity=config.wandb.entity or None,
+      dir=directory,
+      mode=mode,
+      name=(config.wandb.name or os.path.basename(os.path.abspath(workdir))) + '-eval',
+      group=config.wandb.group or None,
+      job_type='eval',
+      id=run_id,
+      resume='allow',
+    )
     run.define_metric('train_step')
     run.define_metric('eval/*', step_metric='train_step')
     return run
@@ -147,9 +178,18 @@ def _lead_decides(flag: bool) -> bool:
   return bool(base.sum_across_processes(float(flag) if base.is_lead() else 0.0) > 0)
 
 
-def run(workdir: str, metric_names: Sequence[str] | None, num_samples: int | None, *, step: int | None = None,
-        watch: bool = False, poll_seconds: float = 60.0, idle_timeout: float = 3600.0, wandb_mode: str | None = None,
-        **evaluator_kwargs) -> list[dict]:
+def run(
+  workdir: str,
+  metric_names: Sequence[str] | None,
+  num_samples: int | None,
+  *,
+  step: int | None = None,
+  watch: bool = False,
+  poll_seconds: float = 60.0,
+  idle_timeout: float = 3600.0,
+  wandb_mode: str | None = None,
+  **evaluator_kwargs,
+) -> list[dict]:
   """Evaluates every checkpoint (or `step`) without an eval/<step>.json; with `watch`, keeps polling.
 
   On several processes every process takes part (each generates its share of the samples); process 0 writes.
@@ -167,7 +207,7 @@ def run(workdir: str, metric_names: Sequence[str] | None, num_samples: int | Non
       if set(steps) - seen:
         seen |= set(steps)
         last_new = time.time()
-      for s in ([step] if step is not None else steps):
+      for s in [step] if step is not None else steps:
         if _lead_decides(os.path.exists(eval_path(workdir, s))):
           print(f'step {s}: already evaluated ({eval_path(workdir, s)})', flush=True)
           continue
@@ -206,32 +246,44 @@ def _define_flags() -> dict:
   """The command-line flags (defined only when run as a program, so importing this module defines none)."""
   f = flags
   defined = dict(
-      workdir=f.DEFINE_string('workdir', None, 'A stage-2 (ldm) training workdir.'),
-      metrics=f.DEFINE_list('metrics', None, 'Comma-separated metrics: fid, oracle, clip (default: the workdir '
-                            "config's evaluators, config.evals, else fid,oracle)."),
-      num_samples=f.DEFINE_integer('num_samples', None, 'Images generated per checkpoint (default 1000).'),
-      step=f.DEFINE_integer('step', None, 'Evaluate only this checkpoint step.'),
-      watch=f.DEFINE_bool('watch', False, 'Follow a training run: evaluate each new checkpoint once.'),
-      poll_seconds=f.DEFINE_float('poll_seconds', 60.0, 'With --watch: how often to look for new checkpoints.'),
-      idle_timeout=f.DEFINE_float('idle_timeout', 3600.0, 'With --watch: stop after this long without a new '
-                                  'checkpoint.'),
-      prompts_file=f.DEFINE_string('prompts_file', None, "One prompt per line, optionally prompt<TAB>seed as in "
-                                   "sample.py (default: the split's captions)."),
-      split=f.DEFINE_string('split', None, 'Reference split for FID and prompts (default: data.train_split).'),
-      num_reference=f.DEFINE_integer('num_reference', None, 'Reference images for FID (at most the split; '
-                                     'default 10000).'),
-      seed=f.DEFINE_integer('seed', None, 'Seed of the sampling noise (default: config.seed).'),
-      guidance_scale=f.DEFINE_float('guidance_scale', None, "Guidance scale, one value (default: the config's)."),
-      num_steps=f.DEFINE_integer('num_steps', None, 'Sampling steps (default: config.sample.num_steps).'),
-      sampler=f.DEFINE_string('sampler', None, 'Sampler (default: config.sample.sampler).'),
-      batch_size=f.DEFINE_integer('batch_size', None, 'Images per sampling / Inception batch over all processes '
-                                  '(global; default 50).'),
-      inception_weights=f.DEFINE_string('inception_weights', None, 'pytorch-fid weight file (default: random '
-                                        'Inception weights, FID reported as fid_random_inception).'),
-      wandb_mode=f.DEFINE_enum('wandb_mode', None, ['online', 'offline', 'disabled'], 'Default: config.wandb.mode.'),
-      clip_model=f.DEFINE_string('clip_model', None, 'For --metrics clip: a transformers CLIPModel directory '
-                                 '(config, weights, tokenizer).'),
-      resize_backend=f.DEFINE_string('resize_backend', None, 'For --metrics clip: the image resize backend.'),
+    workdir=f.DEFINE_string('workdir', None, 'A stage-2 (ldm) training workdir.'),
+    metrics=f.DEFINE_list(
+      'metrics',
+      None,
+      'Comma-separated metrics: fid, oracle, clip (default: the workdir '
+      "config's evaluators, config.evals, else fid,oracle).",
+    ),
+    num_samples=f.DEFINE_integer('num_samples', None, 'Images generated per checkpoint (default 1000).'),
+    step=f.DEFINE_integer('step', None, 'Evaluate only this checkpoint step.'),
+    watch=f.DEFINE_bool('watch', False, 'Follow a training run: evaluate each new checkpoint once.'),
+    poll_seconds=f.DEFINE_float('poll_seconds', 60.0, 'With --watch: how often to look for new checkpoints.'),
+    idle_timeout=f.DEFINE_float('idle_timeout', 3600.0, 'With --watch: stop after this long without a new checkpoint.'),
+    prompts_file=f.DEFINE_string(
+      'prompts_file',
+      None,
+      "One prompt per line, optionally prompt<TAB>seed as in sample.py (default: the split's captions).",
+    ),
+    split=f.DEFINE_string('split', None, 'Reference split for FID and prompts (default: data.train_split).'),
+    num_reference=f.DEFINE_integer(
+      'num_reference', None, 'Reference images for FID (at most the split; default 10000).'
+    ),
+    seed=f.DEFINE_integer('seed', None, 'Seed of the sampling noise (default: config.seed).'),
+    guidance_scale=f.DEFINE_float('guidance_scale', None, "Guidance scale, one value (default: the config's)."),
+    num_steps=f.DEFINE_integer('num_steps', None, 'Sampling steps (default: config.sample.num_steps).'),
+    sampler=f.DEFINE_string('sampler', None, 'Sampler (default: config.sample.sampler).'),
+    batch_size=f.DEFINE_integer(
+      'batch_size', None, 'Images per sampling / Inception batch over all processes (global; default 50).'
+    ),
+    inception_weights=f.DEFINE_string(
+      'inception_weights',
+      None,
+      'pytorch-fid weight file (default: random Inception weights, FID reported as fid_random_inception).',
+    ),
+    wandb_mode=f.DEFINE_enum('wandb_mode', None, ['online', 'offline', 'disabled'], 'Default: config.wandb.mode.'),
+    clip_model=f.DEFINE_string(
+      'clip_model', None, 'For --metrics clip: a transformers CLIPModel directory (config, weights, tokenizer).'
+    ),
+    resize_backend=f.DEFINE_string('resize_backend', None, 'For --metrics clip: the image resize backend.'),
   )
   cli.alias('weights', 'inception_weights')
   cli.alias('model', 'clip_model')
@@ -244,8 +296,7 @@ def main(argv: list[str]) -> None:
   cli.parse_flags(argv, config_flag=None, required=('workdir',))
   v = {name: flag.value for name, flag in defined.items()}
   cli.require(os.path.isdir(v['workdir']), f'workdir {v["workdir"]!r} does not exist')
-  cli.require(v['num_samples'] is None or v['num_samples'] >= 2, f'--num_samples must be >= 2, got '
-              f'{v["num_samples"]}')
+  cli.require(v['num_samples'] is None or v['num_samples'] >= 2, f'--num_samples must be >= 2, got {v["num_samples"]}')
   cli.require(v['batch_size'] is None or v['batch_size'] >= 1, f'--batch_size must be >= 1, got {v["batch_size"]}')
   cli.require(v['metrics'] is None or bool(v['metrics']), '--metrics is empty')
   from diffusion import parallel
@@ -260,11 +311,24 @@ def main(argv: list[str]) -> None:
   sampling = {'sampler': v['sampler'], 'num_steps': v['num_steps'], 'guidance_scale': v['guidance_scale']}
   options = {k: v[k] for k in ('clip_model', 'resize_backend') if v[k]}
   parallel.initialize_distributed()  # Multi-host launches (from the environment); else a no-op.
-  records = run(v['workdir'], metrics, v['num_samples'], step=v['step'], watch=v['watch'],
-                poll_seconds=v['poll_seconds'], idle_timeout=v['idle_timeout'], wandb_mode=v['wandb_mode'],
-                prompts_file=v['prompts_file'], split=v['split'], num_reference=v['num_reference'], seed=v['seed'],
-                sampling=sampling, batch_size=v['batch_size'], inception_weights=v['inception_weights'],
-                metric_options=options or None)
+  records = run(
+    v['workdir'],
+    metrics,
+    v['num_samples'],
+    step=v['step'],
+    watch=v['watch'],
+    poll_seconds=v['poll_seconds'],
+    idle_timeout=v['idle_timeout'],
+    wandb_mode=v['wandb_mode'],
+    prompts_file=v['prompts_file'],
+    split=v['split'],
+    num_reference=v['num_reference'],
+    seed=v['seed'],
+    sampling=sampling,
+    batch_size=v['batch_size'],
+    inception_weights=v['inception_weights'],
+    metric_options=options or None,
+  )
   print(f'evaluated {len(records)} checkpoint(s); results in {os.path.join(v["workdir"], "eval")}', flush=True)
 
 

@@ -24,11 +24,17 @@ def _torch_reference(seed: int):
 
   torch.manual_seed(seed)
   model = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
-  for name, block in [('Mixed_5b', pf.FIDInceptionA(192, 32)), ('Mixed_5c', pf.FIDInceptionA(256, 64)),
-                      ('Mixed_5d', pf.FIDInceptionA(288, 64)), ('Mixed_6b', pf.FIDInceptionC(768, 128)),
-                      ('Mixed_6c', pf.FIDInceptionC(768, 160)), ('Mixed_6d', pf.FIDInceptionC(768, 160)),
-                      ('Mixed_6e', pf.FIDInceptionC(768, 192)), ('Mixed_7b', pf.FIDInceptionE_1(1280)),
-                      ('Mixed_7c', pf.FIDInceptionE_2(2048))]:
+  for name, block in [
+    ('Mixed_5b', pf.FIDInceptionA(192, 32)),
+    ('Mixed_5c', pf.FIDInceptionA(256, 64)),
+    ('Mixed_5d', pf.FIDInceptionA(288, 64)),
+    ('Mixed_6b', pf.FIDInceptionC(768, 128)),
+    ('Mixed_6c', pf.FIDInceptionC(768, 160)),
+    ('Mixed_6d', pf.FIDInceptionC(768, 160)),
+    ('Mixed_6e', pf.FIDInceptionC(768, 192)),
+    ('Mixed_7b', pf.FIDInceptionE_1(1280)),
+    ('Mixed_7c', pf.FIDInceptionE_2(2048)),
+  ]:
     setattr(model, name, block)
   original = pf.fid_inception_v3
   pf.fid_inception_v3 = lambda: model
@@ -73,8 +79,10 @@ def main() -> None:
   variables = convert_state_dict({k: v.numpy() for k, v in model.state_dict().items()})
   ours = inception.FeatureExtractor(variables)
   rng = np.random.default_rng(0)
-  batches = [rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3)).astype(np.uint8)
-             for _ in range(args.batches)]
+  batches = [
+    rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3)).astype(np.uint8)
+    for _ in range(args.batches)
+  ]
 
   @torch.no_grad()
   def theirs(images):
@@ -83,16 +91,27 @@ def main() -> None:
 
   n = args.batch_size * args.batches
   t_theirs, t_ours = _time_interleaved([theirs, ours], batches)
-  print(f'JAX backend: {jax.default_backend()} ({jax.device_count()} device(s)); PyTorch: {device} '
-        f'({torch.get_num_threads()} threads); CPU cores: {os.cpu_count()}')
+  print(
+    f'JAX backend: {jax.default_backend()} ({jax.device_count()} device(s)); PyTorch: {device} '
+    f'({torch.get_num_threads()} threads); CPU cores: {os.cpu_count()}'
+  )
   print(f'batch {args.batch_size}, {args.batches} timed batches, {args.image_size}px uint8 -> 299 bilinear')
   print(f'pytorch-fid InceptionV3: {n / t_theirs:.2f} images/s')
   print(f'ours (JAX/Flax):         {n / t_ours:.2f} images/s')
   print(f'time ratio ours/pytorch-fid: {t_ours / t_theirs:.2f}')
-  results.write_record('bench_fid', {'pytorch_fid_images_per_s': n / t_theirs, 'ours_images_per_s': n / t_ours,
-                                     'time_ratio_ours_over_pytorch_fid': t_ours / t_theirs},
-                       path=args.record, load_at_start=load_at_start, settings=vars(args),
-                       torch_device=device, torch_threads=torch.get_num_threads())
+  results.write_record(
+    'bench_fid',
+    {
+      'pytorch_fid_images_per_s': n / t_theirs,
+      'ours_images_per_s': n / t_ours,
+      'time_ratio_ours_over_pytorch_fid': t_ours / t_theirs,
+    },
+    path=args.record,
+    load_at_start=load_at_start,
+    settings=vars(args),
+    torch_device=device,
+    torch_threads=torch.get_num_threads(),
+  )
 
 
 if __name__ == '__main__':

@@ -25,11 +25,19 @@ import optax
 from diffusion import process, results, samplers, throughput
 from diffusion.models.unet import UNet2DConditionModel
 
-SD15 = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
-            up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3, mid_block_type='UNetMidBlock2DCrossAttn',
-            attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32)
+SD15 = dict(
+  sample_size=64,
+  in_channels=4,
+  out_channels=4,
+  block_out_channels=(320, 640, 1280, 1280),
+  layers_per_block=2,
+  down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+  up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
+  mid_block_type='UNetMidBlock2DCrossAttn',
+  attention_head_dim=8,
+  cross_attention_dim=768,
+  norm_num_groups=32,
+)
 TINY = dict(SD15, block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, norm_num_groups=8, attention_head_dim=2)
 
 
@@ -63,8 +71,9 @@ def bench_train(arch: dict, latent: int, batch: int, repeats: int, peak: float |
   opt_state = tx.init(params)
 
   def step(params, opt_state, x, t, ctx):
-    loss, grads = jax.value_and_grad(lambda p: jnp.mean(jnp.square(
-        unet.apply({'params': p}, x, t, ctx).astype(jnp.float32) - x)))(params)
+    loss, grads = jax.value_and_grad(
+      lambda p: jnp.mean(jnp.square(unet.apply({'params': p}, x, t, ctx).astype(jnp.float32) - x))
+    )(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -80,8 +89,14 @@ def bench_train(arch: dict, latent: int, batch: int, repeats: int, peak: float |
 
   seconds = time_fn(lambda: run(), repeats=repeats)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-  result = {'what': 'train_step', 'resolution_px': latent * 8, 'batch': batch, 'params_M': round(n_params / 1e6, 1),
-            'compile_s': round(compile_s, 1), 'tflops_per_step': round((flops or 0) / 1e12, 3)}
+  result = {
+    'what': 'train_step',
+    'resolution_px': latent * 8,
+    'batch': batch,
+    'params_M': round(n_params / 1e6, 1),
+    'compile_s': round(compile_s, 1),
+    'tflops_per_step': round((flops or 0) / 1e12, 3),
+  }
   return {**result, **_rounded(throughput.throughput(seconds, batch, 1, flops, peak))}
 
 
@@ -96,7 +111,7 @@ def bench_sample(arch: dict, latent: int, batch: int, num_steps: int, repeats: i
   x = jax.random.normal(rng, (batch, latent, latent, 4))
   params = random_params(unet, x[:1], jnp.zeros((1,), jnp.int32), ctx[:1])
   params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-  schedule = process.schedule_from_betas(np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)
+  schedule = process.schedule_from_betas(np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)
 
   @jax.jit
   def generate(params, x_T, cond, uncond):
@@ -112,9 +127,14 @@ def bench_sample(arch: dict, latent: int, batch: int, num_steps: int, repeats: i
   guided = jnp.concatenate([x, x]), jnp.zeros((2 * batch,), jnp.int32), jnp.concatenate([ctx, ctx])
   eval_flops = throughput.jit_flops(jax.jit(lambda p, z, t, c: unet.apply({'params': p}, z, t, c)), params, *guided)
   flops = eval_flops * num_steps if eval_flops else None
-  result = {'what': f'ddim_{num_steps}_steps_cfg', 'resolution_px': latent * 8, 'batch': batch,
-            'first_call_s': round(compile_s, 1), 'tflops_per_run': round((flops or 0) / 1e12, 3),
-            'unet_evals_per_s': round(2 * batch * num_steps / seconds, 1)}
+  result = {
+    'what': f'ddim_{num_steps}_steps_cfg',
+    'resolution_px': latent * 8,
+    'batch': batch,
+    'first_call_s': round(compile_s, 1),
+    'tflops_per_run': round((flops or 0) / 1e12, 3),
+    'unet_evals_per_s': round(2 * batch * num_steps / seconds, 1),
+  }
   return {**result, **_rounded(throughput.throughput(seconds, batch, 1, flops, peak))}
 
 
@@ -122,15 +142,25 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--tiny', action='store_true', help='tiny U-Net, small batches (a CPU check of the script)')
   parser.add_argument('--repeats', type=int, default=10)
-  parser.add_argument('--record', '--json', '--out', dest='record', default=None, metavar='OUT',
-                      help='where the record goes (default docs/results/bench_gpu.json, --tiny: bench_gpu_tiny.json)')
+  parser.add_argument(
+    '--record',
+    '--json',
+    '--out',
+    dest='record',
+    default=None,
+    metavar='OUT',
+    help='where the record goes (default docs/results/bench_gpu.json, --tiny: bench_gpu_tiny.json)',
+  )
   args = parser.parse_args()
   load_at_start = results.load_average()
   device = jax.devices()[0]
   peak = throughput.peak_tflops(device.device_kind, 'bfloat16')
   arch = TINY if args.tiny else SD15
-  print(f'device: {device.device_kind} (using 1 of {jax.device_count()}; jax {jax.__version__}); dense peak bf16 '
-        f'{peak} TFLOP/s', flush=True)
+  print(
+    f'device: {device.device_kind} (using 1 of {jax.device_count()}; jax {jax.__version__}); dense peak bf16 '
+    f'{peak} TFLOP/s',
+    flush=True,
+  )
   settings = [(32, 2), (64, 1)] if args.tiny else [(32, 32), (64, 8)]
   rows = []
   for latent, batch in settings:
@@ -140,8 +170,14 @@ def main() -> None:
   for latent, batch, steps in sample_settings:
     rows.append(bench_sample(arch, latent, batch, steps, 1 if args.tiny else 3, peak))
     print(json.dumps(rows[-1]), flush=True)
-  results.write_record('bench_gpu_tiny' if args.tiny else 'bench_gpu', rows, path=args.record,
-                       load_at_start=load_at_start, settings=vars(args), peak_bf16_tflops=peak)
+  results.write_record(
+    'bench_gpu_tiny' if args.tiny else 'bench_gpu',
+    rows,
+    path=args.record,
+    load_at_start=load_at_start,
+    settings=vars(args),
+    peak_bf16_tflops=peak,
+  )
 
 
 if __name__ == '__main__':

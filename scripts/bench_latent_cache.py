@@ -68,12 +68,16 @@ class _Trainer:
     self.task = LDMTask(config, workdir)
     self.task.config.model.vae.scaling_factor = 1.0  # Calibration does not change the speed.
     mesh = parallel.create_mesh(config.mesh)
-    loader = inputs.create_input_pipeline(config.data, config.data.train_split, tokenizer=self.task.tokenizer,
-                                                 batch_size=config.train.batch_size, seed=config.seed)
+    loader = inputs.create_input_pipeline(
+      config.data,
+      config.data.train_split,
+      tokenizer=self.task.tokenizer,
+      batch_size=config.train.batch_size,
+      seed=config.seed,
+    )
     self.batches = (parallel.make_global_batch(b, mesh) for b in loader)
     tx = state_lib.create_optimizer(config.optim, 1000, frozen=self.task.frozen_param_groups)
-    self.state = state_lib.create_train_state(self.task.init_params(jax.random.PRNGKey(0)), tx,
-                                              jax.random.PRNGKey(1))
+    self.state = state_lib.create_train_state(self.task.init_params(jax.random.PRNGKey(0)), tx, jax.random.PRNGKey(1))
     self.step = jax.jit(state_lib.make_train_step(self.task.loss_fn, config.optim.ema_decay), donate_argnums=(0,))
     self.seconds = 0.0
     self.steps = 0
@@ -96,11 +100,19 @@ def _bench_size(args, image_size: int, root: str, vae_workdir: str) -> dict:
   data_dir = os.path.join(root, 'tfds')
   cache = os.path.join(root, f'latents_{image_size}')
   start = time.perf_counter()
-  latent_cache_writer.precompute(_config(image_size, args.batch_size, args.num_train, data_dir, vae_workdir),
-                                 vae_workdir, cache, batch_size=args.batch_size, log=lambda line: None)
+  latent_cache_writer.precompute(
+    _config(image_size, args.batch_size, args.num_train, data_dir, vae_workdir),
+    vae_workdir,
+    cache,
+    batch_size=args.batch_size,
+    log=lambda line: None,
+  )
   precompute_s = time.perf_counter() - start
-  print(f'{image_size} px: precomputed {args.num_train} images x 2 flips in {precompute_s:.1f} s '
-        f'({args.num_train / precompute_s:.1f} images/s, compile included)', flush=True)
+  print(
+    f'{image_size} px: precomputed {args.num_train} images x 2 flips in {precompute_s:.1f} s '
+    f'({args.num_train / precompute_s:.1f} images/s, compile included)',
+    flush=True,
+  )
   trainers = {}
   for name, cache_dir in (('on the fly', ''), ('cache', cache)):
     config = _config(image_size, args.batch_size, args.num_train, data_dir, vae_workdir, cache_dir)
@@ -110,13 +122,21 @@ def _bench_size(args, image_size: int, root: str, vae_workdir: str) -> dict:
     for trainer in trainers.values():
       trainer.run(args.chunk)
   rates = {name: t.steps / t.seconds for name, t in trainers.items()}
-  print(f'{image_size} px, batch {args.batch_size}: on the fly {rates["on the fly"]:.2f} steps/s, cache '
-        f'{rates["cache"]:.2f} steps/s, ratio cache / on the fly = {rates["cache"] / rates["on the fly"]:.2f}',
-        flush=True)
-  return {'image_size': image_size, 'latent_side': image_size // 4, 'batch_size': args.batch_size,
-          'precompute_s': precompute_s, 'on_the_fly_steps_per_s': rates['on the fly'],
-          'cache_steps_per_s': rates['cache'], 'ratio_cache_over_on_the_fly': rates['cache'] / rates['on the fly'],
-          'timed_steps_each': trainers['cache'].steps}
+  print(
+    f'{image_size} px, batch {args.batch_size}: on the fly {rates["on the fly"]:.2f} steps/s, cache '
+    f'{rates["cache"]:.2f} steps/s, ratio cache / on the fly = {rates["cache"] / rates["on the fly"]:.2f}',
+    flush=True,
+  )
+  return {
+    'image_size': image_size,
+    'latent_side': image_size // 4,
+    'batch_size': args.batch_size,
+    'precompute_s': precompute_s,
+    'on_the_fly_steps_per_s': rates['on the fly'],
+    'cache_steps_per_s': rates['cache'],
+    'ratio_cache_over_on_the_fly': rates['cache'] / rates['on the fly'],
+    'timed_steps_each': trainers['cache'].steps,
+  }
 
 
 @user_errors_exit
@@ -129,8 +149,9 @@ def main() -> None:
   parser.add_argument('--num_train', type=int, default=512, help='training images (shapes dataset)')
   parser.add_argument('--vae_workdir', default='', help='a trained tiny VAE (default: train one for one step)')
   parser.add_argument('--root', default='', help='scratch directory (default: a temporary one)')
-  parser.add_argument('--record', default=None,
-                      help='where the record goes (default docs/results/bench_latent_cache.json)')
+  parser.add_argument(
+    '--record', default=None, help='where the record goes (default docs/results/bench_latent_cache.json)'
+  )
   args = parser.parse_args()
   sizes = [int(s) for s in args.image_sizes.split(',') if s]
   if not sizes or any(s <= 0 or s % 8 for s in sizes):
@@ -143,8 +164,13 @@ def main() -> None:
   vae_workdir = args.vae_workdir or _train_vae(root, os.path.join(root, 'tfds'))
   rows = [_bench_size(args, size, root, vae_workdir) for size in sizes]
   print(f'load average at end: {results.load_average()}', flush=True)
-  results.write_record('bench_latent_cache', rows, path=args.record, load_at_start=load_at_start,
-                       settings={k: v for k, v in vars(args).items() if k not in ('root', 'record')})
+  results.write_record(
+    'bench_latent_cache',
+    rows,
+    path=args.record,
+    load_at_start=load_at_start,
+    settings={k: v for k, v in vars(args).items() if k not in ('root', 'record')},
+  )
 
 
 if __name__ == '__main__':

@@ -24,8 +24,15 @@ import numpy as np
 
 from diffusion import process, results, samplers, throughput
 
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
-                 clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+SCHEDULER = dict(
+  num_train_timesteps=1000,
+  beta_start=0.00085,
+  beta_end=0.012,
+  beta_schedule='scaled_linear',
+  clip_sample=False,
+  set_alpha_to_one=False,
+  steps_offset=1,
+)
 
 
 def ours_generate(models: common.Models, steps: int, guidance: float) -> Callable:
@@ -39,6 +46,7 @@ def ours_generate(models: common.Models, steps: int, guidance: float) -> Callabl
   def generate(params, x_T, cond, uncond):
     denoise = samplers.cfg_denoise_fn(lambda z, t, c: apply(params, z, t, c), cond, uncond, guidance)
     return sampler(denoise, x_T, schedule, num_steps=steps, prediction_type='eps', steps_offset=1)
+
   return lambda x, cond, uncond: generate(models.ours_params, x, cond, uncond)
 
 
@@ -71,7 +79,8 @@ def flax_generate(models: common.Models, steps: int, guidance: float) -> Callabl
     return latents
 
   return lambda x, cond, uncond: generate(models.flax_params, x.transpose(0, 3, 1, 2), cond, uncond).transpose(
-      0, 2, 3, 1)
+    0, 2, 3, 1
+  )
 
 
 def torch_generate(models: common.Models, steps: int, guidance: float, threads: int) -> Callable:
@@ -95,6 +104,7 @@ def torch_generate(models: common.Models, steps: int, guidance: float, threads: 
         noise_pred = uncond_pred + guidance * (text_pred - uncond_pred)
         latents = scheduler.step(noise_pred, t, latents).prev_sample
       return latents.permute(0, 2, 3, 1).numpy()
+
   return generate
 
 
@@ -113,30 +123,55 @@ def main() -> None:
   models = common.Models(arch, args.latent, args.skip)
   x, _, cond, _ = common.inputs(args.batch, args.latent, args.context_length, arch['cross_attention_dim'])
   uncond = common.inputs(args.batch, args.latent, args.context_length, arch['cross_attention_dim'], seed=1)[2]
-  print(f'U-Net {args.preset}: {models.num_params / 1e6:.2f}M params, latents {args.latent}x{args.latent}x4, '
-        f'{args.batch} images (U-Net batch {2 * args.batch}), {args.steps} DDIM steps', flush=True)
-  makers = {'ours': lambda: ours_generate(models, args.steps, args.guidance_scale),
-            'flax': lambda: flax_generate(models, args.steps, args.guidance_scale),
-            'torch': lambda: torch_generate(models, args.steps, args.guidance_scale, args.threads)}
+  print(
+    f'U-Net {args.preset}: {models.num_params / 1e6:.2f}M params, latents {args.latent}x{args.latent}x4, '
+    f'{args.batch} images (U-Net batch {2 * args.batch}), {args.steps} DDIM steps',
+    flush=True,
+  )
+  makers = {
+    'ours': lambda: ours_generate(models, args.steps, args.guidance_scale),
+    'flax': lambda: flax_generate(models, args.steps, args.guidance_scale),
+    'torch': lambda: torch_generate(models, args.steps, args.guidance_scale, args.threads),
+  }
   finals, runs = {}, {}
   for side in [s for s in common.SIDES if s not in args.skip]:
     generate = makers[side]()
     runs[side] = lambda side=side, generate=generate: finals.__setitem__(
-        side, np.asarray(jax.block_until_ready(generate(x, cond, uncond))))
+      side, np.asarray(jax.block_until_ready(generate(x, cond, uncond)))
+    )
   times = common.time_runs(runs, max(args.warmup, 1), args.repeats)  # The first JAX call compiles.
-  rows = [common.summarize(side, times[side], args.batch, None,
-                           {'ms_per_sampler_step': 1e3 * float(np.median(times[side])) / args.steps,
-                            'times_s': times[side]})
-          for side in runs]
-  agreement = {s: float(np.abs(v - finals['ours']).max()) for s, v in finals.items()
-               if s != 'ours' and 'ours' in finals}
-  common.print_table(f'{args.steps}-step DDIM, CFG {args.guidance_scale}, {args.preset} U-Net, {args.batch} images '
-                     f'(U-Net batch {2 * args.batch}), {args.latent}x{args.latent} latents, float32; load avg '
-                     f'{load_at_start} -> {results.load_average()}', rows, 'sampler step',
-                     per=args.steps)
+  rows = [
+    common.summarize(
+      side,
+      times[side],
+      args.batch,
+      None,
+      {'ms_per_sampler_step': 1e3 * float(np.median(times[side])) / args.steps, 'times_s': times[side]},
+    )
+    for side in runs
+  ]
+  agreement = {
+    s: float(np.abs(v - finals['ours']).max()) for s, v in finals.items() if s != 'ours' and 'ours' in finals
+  }
+  common.print_table(
+    f'{args.steps}-step DDIM, CFG {args.guidance_scale}, {args.preset} U-Net, {args.batch} images '
+    f'(U-Net batch {2 * args.batch}), {args.latent}x{args.latent} latents, float32; load avg '
+    f'{load_at_start} -> {results.load_average()}',
+    rows,
+    'sampler step',
+    per=args.steps,
+  )
   print(f'max |final latents - ours| (same noise and weights): {agreement}')
-  results.write_record('bench_sample', rows, path=args.record, load_at_start=load_at_start, settings=vars(args),
-                       num_params=models.num_params, max_abs_diff_vs_ours=agreement)
+  results.write_record(
+    'bench_sample',
+    rows,
+    path=args.record,
+    load_at_start=load_at_start,
+    settings=vars(args),
+    num_params=models.num_params,
+    max_abs_diff_vs_ours=agreement,
+  )
+
 
 if __name__ == '__main__':
   main()

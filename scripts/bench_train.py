@@ -28,18 +28,37 @@ from diffusion import results, throughput
 
 SIDES = ('ours', 'flax', 'torch')
 LABELS = {'ours': 'ours (JAX)', 'flax': 'diffusers-Flax', 'torch': 'diffusers PyTorch'}
-_SD_BLOCKS = dict(down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
-                  up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'))
+_SD_BLOCKS = dict(
+  down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
+  up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
+)
 PRESETS = {
-    # SD 1.x layout (cross-attention on all but the lowest level, 8 heads, 2 resnets per level), scaled down.
-    'small': dict(block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=8, cross_attention_dim=64,
-                  norm_num_groups=32, **_SD_BLOCKS),
-    'medium': dict(block_out_channels=(64, 128, 128), layers_per_block=2, attention_head_dim=8,
-                   cross_attention_dim=256, norm_num_groups=32, **_SD_BLOCKS),
-    'sd15': dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
-                 cross_attention_dim=768, norm_num_groups=32,
-                 down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
-                 up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3),
+  # SD 1.x layout (cross-attention on all but the lowest level, 8 heads, 2 resnets per level), scaled down.
+  'small': dict(
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=64,
+    norm_num_groups=32,
+    **_SD_BLOCKS,
+  ),
+  'medium': dict(
+    block_out_channels=(64, 128, 128),
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=256,
+    norm_num_groups=32,
+    **_SD_BLOCKS,
+  ),
+  'sd15': dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=768,
+    norm_num_groups=32,
+    down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+    up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
+  ),
 }
 
 
@@ -50,12 +69,19 @@ def add_common_flags(parser: argparse.ArgumentParser, batch: int) -> None:
   parser.add_argument('--batch', type=int, default=batch)
   parser.add_argument('--context-length', type=int, default=77)
   parser.add_argument('--repeats', type=int, default=5, help='timed runs per side (the median is reported)')
-  parser.add_argument('--warmup', type=int, default=2,
-                      help='untimed runs per side (sampling: at least 1, as it compiles)')
+  parser.add_argument(
+    '--warmup', type=int, default=2, help='untimed runs per side (sampling: at least 1, as it compiles)'
+  )
   parser.add_argument('--threads', type=int, default=os.cpu_count(), help='torch.set_num_threads')
   parser.add_argument('--skip', action='append', default=[], choices=SIDES, help='leave a side out (repeatable)')
-  parser.add_argument('--record', '--json', dest='record', default=None, metavar='OUT',
-                      help='where the record goes (default docs/results/<benchmark>.json)')
+  parser.add_argument(
+    '--record',
+    '--json',
+    dest='record',
+    default=None,
+    metavar='OUT',
+    help='where the record goes (default docs/results/<benchmark>.json)',
+  )
 
 
 class Models:
@@ -80,6 +106,7 @@ class Models:
       self.flax = self.flax_params = None
       if 'flax' not in skip:
         import logging
+
         from diffusers import FlaxUNet2DConditionModel
 
         logging.getLogger('diffusers').setLevel(logging.ERROR)  # Its Flax deprecation notice.
@@ -89,12 +116,12 @@ class Models:
     return lambda p, x, t, c: self.ours.apply({'params': p}, x, t, c)
 
   def flax_fn(self) -> Callable:  # NHWC in and out, like ours (diffusers-Flax takes and returns NCHW).
-    return lambda p, x, t, c: self.flax.apply({'params': p}, x.transpose(0, 3, 1, 2), t, c).sample.transpose(
-        0, 2, 3, 1)
+    return lambda p, x, t, c: self.flax.apply({'params': p}, x.transpose(0, 3, 1, 2), t, c).sample.transpose(0, 2, 3, 1)
 
   def torch_fn(self) -> Callable:
     def apply(x, t, c):
       return self.torch(x.permute(0, 3, 1, 2), t, c).sample.permute(0, 2, 3, 1)
+
     return apply
 
 
@@ -158,6 +185,7 @@ def jax_train_step(apply: Callable, params: Any, batch: tuple) -> tuple[Callable
   def run():
     state[0], state[1], loss = compiled(state[0], state[1], x, t, c, target)
     return jax.block_until_ready(loss)
+
   return run, throughput.compiled_flops(compiled), compile_s
 
 
@@ -177,13 +205,21 @@ def torch_train_step(models: Models, batch: tuple, threads: int) -> Callable[[],
     loss.backward()
     opt.step()
     return loss.item()
+
   return run
 
 
 def summarize(name: str, times: list[float], batch: int, flops: float | None, extra: dict | None = None) -> dict:
   median = statistics.median(times)
-  row = {'side': name, 'label': LABELS[name], 'median_s': median, 'min_s': min(times), 'max_s': max(times),
-         'runs': len(times), 'images_per_s': batch / median}
+  row = {
+    'side': name,
+    'label': LABELS[name],
+    'median_s': median,
+    'min_s': min(times),
+    'max_s': max(times),
+    'runs': len(times),
+    'images_per_s': batch / median,
+  }
   if flops:
     row['gflops_per_run'] = flops / 1e9
     row['achieved_tflops'] = flops / median / 1e12
@@ -199,8 +235,10 @@ def print_table(title: str, rows: list[dict], unit: str, per: int = 1) -> None:
   print('|---|---|---|---|---|')
   for r in rows:
     ratio = f'{r["median_s"] / ours["median_s"]:.2f}' if ours and r is not ours else '-'
-    print(f'| {r["label"]} | {1e3 * r["median_s"] / per:.1f} | {r["min_s"]:.3g}-{r["max_s"]:.3g} | '
-          f'{r["images_per_s"]:.3g} | {ratio} |')
+    print(
+      f'| {r["label"]} | {1e3 * r["median_s"] / per:.1f} | {r["min_s"]:.3g}-{r["max_s"]:.3g} | '
+      f'{r["images_per_s"]:.3g} | {ratio} |'
+    )
 
 
 def main() -> None:
@@ -215,28 +253,44 @@ def main() -> None:
   models = Models(arch, args.latent, args.skip)
   batch = inputs(args.batch, args.latent, args.context_length, arch['cross_attention_dim'])
   agreement = check_agreement(models, *batch[:3], args.skip)
-  print(f'U-Net {args.preset}: {models.num_params / 1e6:.2f}M params, latents {args.latent}x{args.latent}x4, batch '
-        f'{args.batch}; max |output - ours| on the same weights: {agreement}', flush=True)
+  print(
+    f'U-Net {args.preset}: {models.num_params / 1e6:.2f}M params, latents {args.latent}x{args.latent}x4, batch '
+    f'{args.batch}; max |output - ours| on the same weights: {agreement}',
+    flush=True,
+  )
   runs, flops, extra = {}, {}, {}
   for side in [s for s in SIDES if s not in args.skip]:
     print(f'compiling / setting up {LABELS[side]} ...', flush=True)
     if side == 'torch':
       runs[side], flops[side], extra[side] = torch_train_step(models, batch, args.threads), None, {}
     else:
-      apply, params = (models.ours_fn(), models.ours_params) if side == 'ours' else (models.flax_fn(),
-                                                                                       models.flax_params)
+      apply, params = (
+        (models.ours_fn(), models.ours_params) if side == 'ours' else (models.flax_fn(), models.flax_params)
+      )
       runs[side], flops[side], compile_s = jax_train_step(apply, params, batch)
       extra[side] = {'compile_s': compile_s}
   times = time_runs(runs, args.warmup, args.repeats)
-  rows = [summarize(side, times[side], args.batch, flops[side], {**extra[side], 'times_s': times[side]})
-          for side in runs]
-  print_table(f'train step (fwd+bwd+AdamW, float32), {args.preset} U-Net, batch {args.batch}, '
-              f'{args.latent}x{args.latent} latents; load avg {load_at_start} -> {results.load_average()}', rows,
-              'step')
+  rows = [
+    summarize(side, times[side], args.batch, flops[side], {**extra[side], 'times_s': times[side]}) for side in runs
+  ]
+  print_table(
+    f'train step (fwd+bwd+AdamW, float32), {args.preset} U-Net, batch {args.batch}, '
+    f'{args.latent}x{args.latent} latents; load avg {load_at_start} -> {results.load_average()}',
+    rows,
+    'step',
+  )
   flops_line = ', '.join(f'{r["label"]} {r["gflops_per_run"]:.1f}' for r in rows if 'gflops_per_run' in r)
   print(f'XLA FLOPs per step (GFLOP): {flops_line}')
-  results.write_record('bench_train', rows, path=args.record, load_at_start=load_at_start, settings=vars(args),
-                       num_params=models.num_params, max_abs_diff_vs_ours=agreement)
+  results.write_record(
+    'bench_train',
+    rows,
+    path=args.record,
+    load_at_start=load_at_start,
+    settings=vars(args),
+    num_params=models.num_params,
+    max_abs_diff_vs_ours=agreement,
+  )
+
 
 if __name__ == '__main__':
   main()

@@ -50,77 +50,107 @@ def provenance(record: dict, link: str, href: str) -> str:
   versions = ', '.join(f'{k} {packages[k]}' for k in ('jax', 'flax', 'torch', 'diffusers') if k in packages)
   start = 'n/a' if load.get('start') is None else load['start']
   devices = _n(machine['device_count'], machine['device_kind'] + ' device')
-  return (f'Record [`{link}`]({href}) ({record["created_utc"][:10]}): `{record["command"]}` at commit '
-          f'`{git["commit"][:10]}`{dirty}; JAX on {devices} ({machine["jax_backend"]} backend), {machine["cpu_count"]} '
-          f'CPU cores, 1-minute load average {start} at the start and {load["end"]} at the end; {versions}.')
+  return (
+    f'Record [`{link}`]({href}) ({record["created_utc"][:10]}): `{record["command"]}` at commit '
+    f'`{git["commit"][:10]}`{dirty}; JAX on {devices} ({machine["jax_backend"]} backend), {machine["cpu_count"]} '
+    f'CPU cores, 1-minute load average {start} at the start and {load["end"]} at the end; {versions}.'
+  )
 
 
 def render_side_table(record: dict, unit: str, per: int) -> list[str]:
   """Table of a side-by-side benchmark (bench_train / bench_sample): median time, spread, images/s, ratio."""
   rows = sorted(record['results'], key=lambda r: SIDE_ORDER.index(r['side']))
   ours = next((r for r in rows if r['side'] == 'ours'), None)
-  lines = [f'| implementation | ms/{unit} (median) | run min-max (s) | images/s | time / ours |',
-           '|---|---|---|---|---|']
+  lines = [
+    f'| implementation | ms/{unit} (median) | run min-max (s) | images/s | time / ours |',
+    '|---|---|---|---|---|',
+  ]
   for r in rows:
     ratio = f'{r["median_s"] / ours["median_s"]:.2f}' if ours and r is not ours else '-'
-    lines.append(f'| {r["label"]} | {1e3 * r["median_s"] / per:.1f} | {_g(r["min_s"])}-{_g(r["max_s"])} | '
-                 f'{_g(r["images_per_s"])} | {ratio} |')
+    lines.append(
+      f'| {r["label"]} | {1e3 * r["median_s"] / per:.1f} | {_g(r["min_s"])}-{_g(r["max_s"])} | '
+      f'{_g(r["images_per_s"])} | {ratio} |'
+    )
   return lines
 
 
 def render_bench_train(record: dict) -> list[str]:
   s = record['settings']
-  head = (f'Training step (fwd+bwd+AdamW, float32), {s["preset"]} U-Net ({record["num_params"] / 1e6:.2f}M params), '
-          f'batch {s["batch"]}, {s["latent"]}x{s["latent"]}x4 latents; median of {_n(s["repeats"], "round")} after '
-          f'{_n(s["warmup"], "warm-up round")}, torch with {_n(s["threads"], "thread")}.')
+  head = (
+    f'Training step (fwd+bwd+AdamW, float32), {s["preset"]} U-Net ({record["num_params"] / 1e6:.2f}M params), '
+    f'batch {s["batch"]}, {s["latent"]}x{s["latent"]}x4 latents; median of {_n(s["repeats"], "round")} after '
+    f'{_n(s["warmup"], "warm-up round")}, torch with {_n(s["threads"], "thread")}.'
+  )
   flops = ', '.join(f'{r["label"]} {r["gflops_per_run"]:.1f}' for r in record['results'] if 'gflops_per_run' in r)
   diffs = ', '.join(f'{k} {v:.1e}' for k, v in record['max_abs_diff_vs_ours'].items())
-  return [head, ''] + render_side_table(record, 'step', 1) + [
-      '', f'XLA FLOPs per step (GFLOP): {flops}. Largest forward-output difference from ours: {diffs}.']
+  return (
+    [head, '']
+    + render_side_table(record, 'step', 1)
+    + ['', f'XLA FLOPs per step (GFLOP): {flops}. Largest forward-output difference from ours: {diffs}.']
+  )
 
 
 def render_bench_sample(record: dict) -> list[str]:
   s = record['settings']
-  head = (f'{s["steps"]}-step DDIM with classifier-free guidance (scale {_g(s["guidance_scale"])}), {s["preset"]} '
-          f'U-Net, {s["batch"]} image(s) per run (U-Net batch {2 * s["batch"]}), {s["latent"]}x{s["latent"]}x4 '
-          f'latents, float32; median of {_n(s["repeats"], "round")} after {_n(max(s["warmup"], 1), "warm-up round")}.')
+  head = (
+    f'{s["steps"]}-step DDIM with classifier-free guidance (scale {_g(s["guidance_scale"])}), {s["preset"]} '
+    f'U-Net, {s["batch"]} image(s) per run (U-Net batch {2 * s["batch"]}), {s["latent"]}x{s["latent"]}x4 '
+    f'latents, float32; median of {_n(s["repeats"], "round")} after {_n(max(s["warmup"], 1), "warm-up round")}.'
+  )
   diffs = ', '.join(f'{k} {v:.1e}' for k, v in record['max_abs_diff_vs_ours'].items())
-  return [head, ''] + render_side_table(record, 'sampler step', s['steps']) + [
-      '', f'Largest difference of the final latents from ours: {diffs}.']
+  return (
+    [head, '']
+    + render_side_table(record, 'sampler step', s['steps'])
+    + ['', f'Largest difference of the final latents from ours: {diffs}.']
+  )
 
 
 def render_bench_fid(record: dict) -> list[str]:
   r, s = record['results'], record['settings']
-  return [f'Batch {s["batch_size"]}, {s["batches"]} timed batches (batches alternate between the two), '
-          f'{s["image_size"]} px uint8 inputs; PyTorch on {record["torch_device"]} with {record["torch_threads"]} '
-          'threads.', '',
-          '| pytorch-fid | ours (JAX/Flax) | time ratio ours / pytorch-fid |', '|---|---|---|',
-          f'| {r["pytorch_fid_images_per_s"]:.2f} images/s | {r["ours_images_per_s"]:.2f} images/s | '
-          f'{r["time_ratio_ours_over_pytorch_fid"]:.2f} |']
+  return [
+    f'Batch {s["batch_size"]}, {s["batches"]} timed batches (batches alternate between the two), '
+    f'{s["image_size"]} px uint8 inputs; PyTorch on {record["torch_device"]} with {record["torch_threads"]} '
+    'threads.',
+    '',
+    '| pytorch-fid | ours (JAX/Flax) | time ratio ours / pytorch-fid |',
+    '|---|---|---|',
+    f'| {r["pytorch_fid_images_per_s"]:.2f} images/s | {r["ours_images_per_s"]:.2f} images/s | '
+    f'{r["time_ratio_ours_over_pytorch_fid"]:.2f} |',
+  ]
 
 
 def render_bench_latent_cache(record: dict) -> list[str]:
   s = record['settings']
-  lines = [f'Global batch {s["batch_size"]}, {s["num_train"]} training images, {s["steps"]} timed steps per way in '
-           f'chunks of {s["chunk"]}.', '',
-           '| image size | latents | on the fly | from the cache | ratio cache / on the fly '
-           '| precompute (both flips) |',
-           '|---|---|---|---|---|---|']
+  lines = [
+    f'Global batch {s["batch_size"]}, {s["num_train"]} training images, {s["steps"]} timed steps per way in '
+    f'chunks of {s["chunk"]}.',
+    '',
+    '| image size | latents | on the fly | from the cache | ratio cache / on the fly | precompute (both flips) |',
+    '|---|---|---|---|---|---|',
+  ]
   for r in record['results']:
-    lines.append(f'| {r["image_size"]} px | {r["latent_side"]}x{r["latent_side"]}x4 | '
-                 f'{r["on_the_fly_steps_per_s"]:.2f} steps/s | {r["cache_steps_per_s"]:.2f} steps/s | '
-                 f'{r["ratio_cache_over_on_the_fly"]:.2f} | {r["precompute_s"]:.1f} s |')
+    lines.append(
+      f'| {r["image_size"]} px | {r["latent_side"]}x{r["latent_side"]}x4 | '
+      f'{r["on_the_fly_steps_per_s"]:.2f} steps/s | {r["cache_steps_per_s"]:.2f} steps/s | '
+      f'{r["ratio_cache_over_on_the_fly"]:.2f} | {r["precompute_s"]:.1f} s |'
+    )
   return lines
 
 
 def render_bench_gpu(record: dict) -> list[str]:
-  lines = [f'Dense bf16 peak of the device: {record["peak_bf16_tflops"]} TFLOP/s.', '',
-           '| what | resolution | batch | step time | images/s | TFLOP/s | MFU |', '|---|---|---|---|---|---|---|']
+  lines = [
+    f'Dense bf16 peak of the device: {record["peak_bf16_tflops"]} TFLOP/s.',
+    '',
+    '| what | resolution | batch | step time | images/s | TFLOP/s | MFU |',
+    '|---|---|---|---|---|---|---|',
+  ]
   for r in record['results']:
     mfu = f'{100 * r["mfu"]:.1f}%' if 'mfu' in r else '-'
     tflops = _g(r['tflops']) if 'tflops' in r else '-'
-    lines.append(f'| {r["what"]} | {r["resolution_px"]} px | {r["batch"]} | {1e3 * r["step_time_s"]:.1f} ms | '
-                 f'{_g(r["images_per_s"])} | {tflops} | {mfu} |')
+    lines.append(
+      f'| {r["what"]} | {r["resolution_px"]} px | {r["batch"]} | {1e3 * r["step_time_s"]:.1f} ms | '
+      f'{_g(r["images_per_s"])} | {tflops} | {mfu} |'
+    )
   return lines
 
 
@@ -129,52 +159,71 @@ def render_unet_memory(record: dict) -> list[str]:
   if measured:
     lines = ['| batch | remat | dtype | peak memory | step time | compile |', '|---|---|---|---|---|---|']
     for r in record['results']:
-      lines.append(f'| {r["batch"]} | `{r["remat"]}` | {r["dtype"]} | {r.get("peak_gib", float("nan")):.1f} GiB | '
-                   f'{1e3 * r["step_s"]:.0f} ms | {r["compile_s"]:.0f} s |')
+      lines.append(
+        f'| {r["batch"]} | `{r["remat"]}` | {r["dtype"]} | {r.get("peak_gib", float("nan")):.1f} GiB | '
+        f'{1e3 * r["step_s"]:.0f} ms | {r["compile_s"]:.0f} s |'
+      )
     return lines
   lines = ['| batch | remat | dtype | compiled total | of which temporaries | compile |', '|---|---|---|---|---|---|']
   for r in record['results']:
-    lines.append(f'| {r["batch"]} | `{r["remat"]}` | {r["dtype"]} | {r["compiled_total_gib"]:.1f} GiB | '
-                 f'{r["compiled_temp_gib"]:.1f} GiB | {r["compile_s"]:.0f} s |')
+    lines.append(
+      f'| {r["batch"]} | `{r["remat"]}` | {r["dtype"]} | {r["compiled_total_gib"]:.1f} GiB | '
+      f'{r["compiled_temp_gib"]:.1f} GiB | {r["compile_s"]:.0f} s |'
+    )
   return lines
 
 
 def render_demo(record: dict) -> list[str]:
   acc, r = record['results']['caption_accuracy'], record['results']
-  lines = [f'Measured by `make demo` ({r["wall_time_s"] / 60:.1f} min wall time, install included):', '',
-           '| metric | value |', '|---|---|',
-           f'| caption accuracy, guided (scale {acc["guidance_scale"]:g}) | {acc["guided"]:.3f} |',
-           f'| caption accuracy, unguided (scale 1) | {acc["unguided"]:.3f} |',
-           f'| caption accuracy, unconditional (empty prompt) | {acc["unconditional"]:.3f} |',
-           f'| generated images vs shuffled prompts | {acc["generated_vs_shuffled_prompts"]:.3f} |',
-           f'| oracle on held-out real / blurred images | {acc["oracle_real"]:.3f} / {acc["oracle_blurred"]:.3f} |',
-           f'| oracle on real images vs shuffled captions | {acc["oracle_shuffled"]:.3f} |']
+  lines = [
+    f'Measured by `make demo` ({r["wall_time_s"] / 60:.1f} min wall time, install included):',
+    '',
+    '| metric | value |',
+    '|---|---|',
+    f'| caption accuracy, guided (scale {acc["guidance_scale"]:g}) | {acc["guided"]:.3f} |',
+    f'| caption accuracy, unguided (scale 1) | {acc["unguided"]:.3f} |',
+    f'| caption accuracy, unconditional (empty prompt) | {acc["unconditional"]:.3f} |',
+    f'| generated images vs shuffled prompts | {acc["generated_vs_shuffled_prompts"]:.3f} |',
+    f'| oracle on held-out real / blurred images | {acc["oracle_real"]:.3f} / {acc["oracle_blurred"]:.3f} |',
+    f'| oracle on real images vs shuffled captions | {acc["oracle_shuffled"]:.3f} |',
+  ]
   if r.get('vae_psnr') is not None:
     lines.append(f'| VAE held-out PSNR | {r["vae_psnr"]:.2f} dB |')
   if r.get('ldm_val_loss') is not None:
     lines.append(f'| LDM held-out loss | {r["ldm_val_loss"]:.4f} |')
-  lines += ['', f'({acc["num_prompts"]} prompts x {acc["num_seeds"]} seeds, {acc["sampler"]} with '
-            f'{acc["num_steps"]} steps.)']
+  lines += [
+    '',
+    f'({acc["num_prompts"]} prompts x {acc["num_seeds"]} seeds, {acc["sampler"]} with {acc["num_steps"]} steps.)',
+  ]
   if r.get('grid_sha256'):
-    lines += ['', f'![samples]({DEMO_GRID.replace(os.sep, "/")})', '',
-              'One row per prompt: ' + ', '.join(r.get('grid_prompts', [])) + '.']
+    lines += [
+      '',
+      f'![samples]({DEMO_GRID.replace(os.sep, "/")})',
+      '',
+      'One row per prompt: ' + ', '.join(r.get('grid_prompts', [])) + '.',
+    ]
   return lines
 
 
 # name -> (renderer, how to write its record).
 RENDERERS: dict[str, tuple[Callable[[dict], list[str]], str]] = {
-    'demo': (render_demo, '`make demo`'),
-    'bench_train': (render_bench_train, '`python scripts/bench_train.py --repeats 3 --warmup 1`'),
-    'bench_sample': (render_bench_sample, '`python scripts/bench_sample.py --batch 1 --repeats 3 --warmup 1`'),
-    'bench_fid': (render_bench_fid, '`python scripts/bench_fid.py --batch_size 25 --batches 3`'),
-    'bench_latent_cache': (render_bench_latent_cache,
-                           '`python scripts/bench_latent_cache.py --image_sizes 32,64 --steps 10 --chunk 5`'),
-    'bench_gpu': (render_bench_gpu, '`python scripts/bench_gpu.py` on a GPU or TPU'),
-    'unet_memory_measured_gpu': (
-        render_unet_memory,
-        '`XLA_PYTHON_CLIENT_PREALLOCATE=false python scripts/unet_memory.py --batch 8 --run` on a GPU'),
-    'unet_memory_compiled_cpu': (render_unet_memory,
-                                 '`python scripts/unet_memory.py --batch 1 --settings off,nothing_saveable`'),
+  'demo': (render_demo, '`make demo`'),
+  'bench_train': (render_bench_train, '`python scripts/bench_train.py --repeats 3 --warmup 1`'),
+  'bench_sample': (render_bench_sample, '`python scripts/bench_sample.py --batch 1 --repeats 3 --warmup 1`'),
+  'bench_fid': (render_bench_fid, '`python scripts/bench_fid.py --batch_size 25 --batches 3`'),
+  'bench_latent_cache': (
+    render_bench_latent_cache,
+    '`python scripts/bench_latent_cache.py --image_sizes 32,64 --steps 10 --chunk 5`',
+  ),
+  'bench_gpu': (render_bench_gpu, '`python scripts/bench_gpu.py` on a GPU or TPU'),
+  'unet_memory_measured_gpu': (
+    render_unet_memory,
+    '`XLA_PYTHON_CLIENT_PREALLOCATE=false python scripts/unet_memory.py --batch 8 --run` on a GPU',
+  ),
+  'unet_memory_compiled_cpu': (
+    render_unet_memory,
+    '`python scripts/unet_memory.py --batch 1 --settings off,nothing_saveable`',
+  ),
 }
 
 
@@ -188,7 +237,7 @@ def render_block(root: str, name: str, readme: bool = False) -> str:
     then = ' and fills in this block' if name == 'demo' else ', then `python scripts/make_docs.py` fills in this block'
     return f'No record yet: {command} writes `docs/results/{name}.json`{then}.'
   link = f'docs/results/{name}.json'
-  return '\n'.join(renderer(record) + ['', provenance(record, link, link if readme else link[len('docs/'):])])
+  return '\n'.join(renderer(record) + ['', provenance(record, link, link if readme else link[len('docs/') :])])
 
 
 def generate(root: str, relpath: str) -> str:
@@ -196,8 +245,10 @@ def generate(root: str, relpath: str) -> str:
   with open(os.path.join(root, relpath)) as f:
     text = f.read()
   readme = relpath == 'README.md'
-  text = BLOCK.sub(lambda m: f'<!-- results:{m["name"]} -->\n{render_block(root, m["name"], readme)}\n'
-                             f'<!-- /results:{m["name"]} -->', text)
+  text = BLOCK.sub(
+    lambda m: f'<!-- results:{m["name"]} -->\n{render_block(root, m["name"], readme)}\n<!-- /results:{m["name"]} -->',
+    text,
+  )
   if DEMO_START in text:
     head, rest = text.split(DEMO_START, 1)
     text = f'{head}{DEMO_START}\n{render_block(root, "demo", readme=True)}\n{DEMO_END}{rest.split(DEMO_END, 1)[1]}'

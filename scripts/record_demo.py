@@ -53,9 +53,12 @@ def demo_results(demo_dir: str, root: str, wall_time_s: float) -> dict:
     raise UserError(f'{accuracy_path} does not exist: run the demo (make demo) first')
   with open(accuracy_path) as f:
     accuracy = json.load(f)
-  out = {'caption_accuracy': accuracy, 'wall_time_s': wall_time_s,
-         'vae_psnr': last_value(os.path.join(demo_dir, 'vae', 'metrics.jsonl'), 'eval/psnr'),
-         'ldm_val_loss': last_value(os.path.join(demo_dir, 'ldm', 'metrics.jsonl'), 'eval/val_loss')}
+  out = {
+    'caption_accuracy': accuracy,
+    'wall_time_s': wall_time_s,
+    'vae_psnr': last_value(os.path.join(demo_dir, 'vae', 'metrics.jsonl'), 'eval/psnr'),
+    'ldm_val_loss': last_value(os.path.join(demo_dir, 'ldm', 'metrics.jsonl'), 'eval/val_loss'),
+  }
   grid = os.path.join(demo_dir, 'samples', 'grid.png')
   if os.path.exists(grid):
     target = os.path.join(root, make_docs.DEMO_GRID)
@@ -81,14 +84,22 @@ def main() -> None:
   if end < args.start_time:
     raise UserError(f'--end_time {end} is before --start_time {args.start_time}')
   numbers = demo_results(args.demo_dir, args.root, end - args.start_time)
-  results.write_record('demo', numbers, path=os.path.join(args.root, 'docs', 'results', 'demo.json'),
-                       command=args.command, settings={'demo_dir': args.demo_dir},
-                       load_at_start=float(args.start_load) if args.start_load else None)
+  results.write_record(
+    'demo',
+    numbers,
+    path=os.path.join(args.root, 'docs', 'results', 'demo.json'),
+    command=args.command,
+    settings={'demo_dir': args.demo_dir},
+    load_at_start=float(args.start_load) if args.start_load else None,
+  )
   if make_docs.main(['--root', args.root]) != 0:
     raise UserError('the docs could not be regenerated from the records')
   acc = numbers['caption_accuracy']
-  print(f'caption_accuracy guided={acc["guided"]:.3f} unguided={acc["unguided"]:.3f} '
-        f'unconditional={acc["unconditional"]:.3f}', flush=True)
+  print(
+    f'caption_accuracy guided={acc["guided"]:.3f} unguided={acc["unguided"]:.3f} '
+    f'unconditional={acc["unconditional"]:.3f}',
+    flush=True,
+  )
 
 
 if __name__ == '__main__':

@@ -21,11 +21,23 @@ from diffusion import results
 
 # SD 1.5's unet/config.json in our field names (diffusion.interop.configs.unet_from_diffusers gives the same).
 SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-    down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
-    up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3, mid_block_type='UNetMidBlock2DCrossAttn',
-    attention_head_dim=8, cross_attention_dim=768, use_linear_projection=False, flip_sin_to_cos=True, freq_shift=0,
-    norm_num_groups=32, norm_eps=1e-5, act_fn='silu')
+  sample_size=64,
+  in_channels=4,
+  out_channels=4,
+  block_out_channels=(320, 640, 1280, 1280),
+  layers_per_block=2,
+  down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+  up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
+  mid_block_type='UNetMidBlock2DCrossAttn',
+  attention_head_dim=8,
+  cross_attention_dim=768,
+  use_linear_projection=False,
+  flip_sin_to_cos=True,
+  freq_shift=0,
+  norm_num_groups=32,
+  norm_eps=1e-5,
+  act_fn='silu',
+)
 SETTINGS = ('off', 'nothing_saveable', 'dots_saveable')
 
 
@@ -35,8 +47,12 @@ def _step_fn(remat: str, dtype: str):
 
   from diffusion.models import UNet2DConditionModel  # pylint: disable=import-outside-toplevel
 
-  unet = UNet2DConditionModel(**SD15_UNET, remat=remat != 'off',
-                              remat_policy=remat if remat != 'off' else 'nothing_saveable', dtype=jnp.dtype(dtype))
+  unet = UNet2DConditionModel(
+    **SD15_UNET,
+    remat=remat != 'off',
+    remat_policy=remat if remat != 'off' else 'nothing_saveable',
+    dtype=jnp.dtype(dtype),
+  )
 
   def loss(params, x, t, ctx):
     return jnp.mean(jnp.square(unet.apply({'params': params}, x, t, ctx).astype(jnp.float32)))
@@ -47,9 +63,13 @@ def _step_fn(remat: str, dtype: str):
 def _inputs(batch: int):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   keys = jax.random.split(jax.random.key(0), 3)
-  return (jax.random.normal(keys[0], (batch, 64, 64, 4)), jnp.full((batch,), 500.0),
-          jax.random.normal(keys[1], (batch, 77, 768)))
+  return (
+    jax.random.normal(keys[0], (batch, 64, 64, 4)),
+    jnp.full((batch,), 500.0),
+    jax.random.normal(keys[1], (batch, 77, 768)),
+  )
 
 
 def measure(remat: str, batch: int, dtype: str, run: bool) -> dict:
@@ -62,13 +82,20 @@ def measure(remat: str, batch: int, dtype: str, run: bool) -> dict:
   num_params = sum(int(v.size) for v in jax.tree.leaves(shapes))
   start = time.perf_counter()
   compiled = step.lower(shapes, x, t, ctx).compile()
-  result = {'remat': remat, 'batch': batch, 'dtype': dtype, 'params': num_params,
-            'compile_s': round(time.perf_counter() - start, 1), 'device': jax.devices()[0].device_kind}
+  result = {
+    'remat': remat,
+    'batch': batch,
+    'dtype': dtype,
+    'params': num_params,
+    'compile_s': round(time.perf_counter() - start, 1),
+    'device': jax.devices()[0].device_kind,
+  }
   stats = compiled.memory_analysis()
   if stats is not None:
     result['compiled_temp_gib'] = stats.temp_size_in_bytes / 2**30
-    result['compiled_total_gib'] = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-                                    + stats.temp_size_in_bytes - stats.alias_size_in_bytes) / 2**30
+    result['compiled_total_gib'] = (
+      stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes
+    ) / 2**30
   if run:
     params = jax.jit(lambda k: unet.init(k, x[:1], t[:1], ctx[:1])['params'])(jax.random.key(1))
     jax.block_until_ready(compiled(params, x, t, ctx))
@@ -91,8 +118,11 @@ def main() -> None:
   parser.add_argument('--remat', choices=SETTINGS, default=None, help='one setting, in this process')
   parser.add_argument('--run', action='store_true', help='run the step and read the allocator peak')
   parser.add_argument('--settings', default=','.join(SETTINGS), help='comma-separated remat settings to measure')
-  parser.add_argument('--record', default=None, help='where the record goes (default: docs/results/'
-                      'unet_memory_<compiled|measured>_<backend>.json)')
+  parser.add_argument(
+    '--record',
+    default=None,
+    help='where the record goes (default: docs/results/unet_memory_<compiled|measured>_<backend>.json)',
+  )
   args = parser.parse_args()
   if args.remat is not None:
     print(json.dumps(measure(args.remat, args.batch, args.dtype, args.run)), flush=True)
@@ -111,8 +141,13 @@ def main() -> None:
     rows.append(json.loads(lines[-1]))
     print(lines[-1], flush=True)
   name = f'unet_memory_{"measured" if args.run else "compiled"}_{jax.default_backend()}'
-  results.write_record(name, rows, path=args.record, load_at_start=load_at_start,
-                       settings={k: v for k, v in vars(args).items() if k not in ('remat', 'record')})
+  results.write_record(
+    name,
+    rows,
+    path=args.record,
+    load_at_start=load_at_start,
+    settings={k: v for k, v in vars(args).items() if k not in ('remat', 'record')},
+  )
 
 
 if __name__ == '__main__':

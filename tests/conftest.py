@@ -13,8 +13,9 @@ os.environ.setdefault('WANDB_MODE', 'disabled')
 # One persistent XLA compilation cache for the session, shared with the CLIs the tests start (they inherit the
 # variable): the suite compiles the same tiny models many times (fixtures, resumed runs, CLI subprocesses), and a
 # cache hit loads the executable the first compile produced, so results are unchanged.
-jax.config.update('jax_compilation_cache_dir',
-                  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax-cache-')))
+jax.config.update(
+  'jax_compilation_cache_dir', os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax-cache-'))
+)
 
 
 @pytest.fixture(scope='session')
@@ -37,6 +38,7 @@ def ldm_workdir(tmp_path_factory, data_dir, vae_workdir) -> str:
 
   workdir = str(tmp_path_factory.mktemp('ldm'))
   oracle = ml_collections.ConfigDict({'type': 'oracle', 'num_samples': 4, 'batch_size': 4})  # At the last step.
-  train_and_evaluate(load_config('ldm_base', LDM, data_dir, vae_workdir=vae_workdir, **{'evals.oracle': oracle}),
-                     workdir)
+  train_and_evaluate(
+    load_config('ldm_base', LDM, data_dir, vae_workdir=vae_workdir, **{'evals.oracle': oracle}), workdir
+  )
   return workdir

@@ -27,9 +27,20 @@ BATCH = 16
 def tiny_vae_config(**overrides):
   from support import VAE, load_config
 
-  config = load_config('vae_base', {**VAE, 'model.vae.block_out_channels': (16,), 'mesh.min_shard_size': 0,
-                                    'optim.warmup_steps': 0, 'optim.lr': 1e-3, 'train.batch_size': BATCH,
-                                    'data.image_size': 16}, '', **overrides)
+  config = load_config(
+    'vae_base',
+    {
+      **VAE,
+      'model.vae.block_out_channels': (16,),
+      'mesh.min_shard_size': 0,
+      'optim.warmup_steps': 0,
+      'optim.lr': 1e-3,
+      'train.batch_size': BATCH,
+      'data.image_size': 16,
+    },
+    '',
+    **overrides,
+  )
   return config
 
 
@@ -59,9 +70,20 @@ def tiny_ldm_config(**overrides):
   """The test suite's tiny LDM (U-Net + text transformer on a frozen VAE) with tensor-parallel-friendly sizes."""
   from support import LDM, load_config
 
-  return load_config('ldm_base', {**LDM, 'mesh.min_shard_size': 0, 'optim.warmup_steps': 0, 'optim.lr': 1e-3,
-                                  'train.batch_size': BATCH, 'model.vae.scaling_factor': 1.0,
-                                  'diffusion.caption_dropout': 0.5}, '', **overrides)
+  return load_config(
+    'ldm_base',
+    {
+      **LDM,
+      'mesh.min_shard_size': 0,
+      'optim.warmup_steps': 0,
+      'optim.lr': 1e-3,
+      'train.batch_size': BATCH,
+      'model.vae.scaling_factor': 1.0,
+      'diffusion.caption_dropout': 0.5,
+    },
+    '',
+    **overrides,
+  )
 
 
 def make_task(config, workdir):
@@ -98,7 +120,8 @@ def global_batch(config):
 def train(config, mesh, batch, steps=STEPS, workdir=''):
   """(final state, per-step losses) of `steps` steps on `batch` (this process's rows of the global batch)."""
   import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   from diffusion import parallel
   from diffusion.training.state import create_optimizer, make_train_step, sharded_train_state, shardings_of
@@ -109,11 +132,19 @@ def train(config, mesh, batch, steps=STEPS, workdir=''):
   rules, min_size = parallel.mesh_rules(config.mesh)
   state, target = sharded_train_state(task.init_params, tx, rng_init, rng_train, mesh, rules, min_size)
   shardings = shardings_of(target)
-  step_fn = make_train_step(task.loss_fn, config.optim.ema_decay, config.train.grad_accum_steps,
-                            NamedSharding(mesh, P(None, parallel.BATCH_AXES)))
+  step_fn = make_train_step(
+    task.loss_fn,
+    config.optim.ema_decay,
+    config.train.grad_accum_steps,
+    NamedSharding(mesh, P(None, parallel.BATCH_AXES)),
+  )
   frozen_shardings = parallel.tree_shardings(task.frozen, mesh, rules, min_size)
-  step = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh), frozen_shardings),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  step = jax.jit(
+    step_fn,
+    in_shardings=(shardings, parallel.batch_sharding(mesh), frozen_shardings),
+    out_shardings=(shardings, parallel.replicated(mesh)),
+    donate_argnums=(0,),
+  )
   global_arrays = parallel.make_global_batch(batch, mesh)
   frozen = jax.device_put(task.frozen, frozen_shardings)
   losses = []
@@ -131,15 +162,15 @@ def _flat(tree):
 
 # name -> (mesh (data, fsdp, tensor) over all 8 devices, or None: 1 device; grad_accum_steps; compute dtype).
 CASES = {
-    '1': (None, 1, ''),
-    '8data': ((8, 1, 1), 1, ''),
-    '2data4fsdp': ((2, 4, 1), 1, ''),
-    '8fsdp': ((1, 8, 1), 1, ''),
-    '2data4fsdp_accum4': ((2, 4, 1), 4, ''),
-    '1_accum4': (None, 4, ''),
-    '8fsdp_bf16': ((1, 8, 1), 1, 'bfloat16'),
-    'ldm_1': (None, 1, ''),
-    'ldm_2data2fsdp2tensor_accum2': ((2, 2, 2), 2, ''),
+  '1': (None, 1, ''),
+  '8data': ((8, 1, 1), 1, ''),
+  '2data4fsdp': ((2, 4, 1), 1, ''),
+  '8fsdp': ((1, 8, 1), 1, ''),
+  '2data4fsdp_accum4': ((2, 4, 1), 4, ''),
+  '1_accum4': (None, 4, ''),
+  '8fsdp_bf16': ((1, 8, 1), 1, 'bfloat16'),
+  'ldm_1': (None, 1, ''),
+  'ldm_2data2fsdp2tensor_accum2': ((2, 2, 2), 2, ''),
 }
 
 
@@ -156,16 +187,22 @@ def run_meshes(out, names):
     start = time.perf_counter()
     degrees = dict(zip(('data', 'fsdp', 'tensor'), shape or (1, 1, 1)))
     make_config = tiny_ldm_config if name.startswith('ldm') else tiny_vae_config
-    config = make_config(**{f'mesh.{k}': v for k, v in degrees.items()},
-                         **{'train.grad_accum_steps': accum, 'train.compute_dtype': dtype})
+    config = make_config(
+      **{f'mesh.{k}': v for k, v in degrees.items()}, **{'train.grad_accum_steps': accum, 'train.compute_dtype': dtype}
+    )
     mesh = parallel.create_mesh(config.mesh, jax.devices()[:1] if shape is None else jax.devices())
     state, losses = train(config, mesh, global_batch(config), workdir=os.path.join(os.path.dirname(out), name))
     results.update({f'{name}:{k}': v for k, v in _flat(state.params).items()})
     held = parallel.device_bytes((state.params, state.opt_state))
     total = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
-    report[name] = {'losses': losses, 'max_device_fraction': max(held.values()) / total, 'total_bytes': total,
-                    'devices': len(held), 'seconds': time.perf_counter() - start,
-                    'dtypes': sorted({str(x.dtype) for x in jax.tree.leaves((state.params, state.ema_params))})}
+    report[name] = {
+      'losses': losses,
+      'max_device_fraction': max(held.values()) / total,
+      'total_bytes': total,
+      'devices': len(held),
+      'seconds': time.perf_counter() - start,
+      'dtypes': sorted({str(x.dtype) for x in jax.tree.leaves((state.params, state.ema_params))}),
+    }
   np.savez(out, **results)
   with open(out + '.json', 'w') as f:
     json.dump(report, f)
@@ -177,15 +214,21 @@ def run_multihost(out_dir, process_id, num_processes, port):
 
   from diffusion import checkpoint, parallel
 
-  config = tiny_vae_config(**{'distributed.coordinator_address': f'127.0.0.1:{port}',
-                              'distributed.num_processes': num_processes, 'distributed.process_id': process_id,
-                              'mesh.data': 2, 'mesh.fsdp': -1})
+  config = tiny_vae_config(
+    **{
+      'distributed.coordinator_address': f'127.0.0.1:{port}',
+      'distributed.num_processes': num_processes,
+      'distributed.process_id': process_id,
+      'mesh.data': 2,
+      'mesh.fsdp': -1,
+    }
+  )
   assert parallel.initialize_distributed(config.distributed)
   assert jax.process_count() == num_processes
   mesh = parallel.create_mesh(config.mesh)
   batch = global_batch(config)
   rows = BATCH // num_processes
-  local = {k: v[process_id * rows:(process_id + 1) * rows] for k, v in batch.items()}
+  local = {k: v[process_id * rows : (process_id + 1) * rows] for k, v in batch.items()}
   state, losses = train(config, mesh, local)
   ckpt = checkpoint.Checkpointer(out_dir, async_save=True)
   ckpt.save(STEPS, state, None, {'model_type': 'vae'}, force=True)

@@ -17,15 +17,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('WANDB_MODE', 'disabled')
 
 COMMON = {
-    'train.num_steps': 2, 'train.batch_size': 8, 'train.log_every': 1, 'train.eval_every': 2, 'train.eval_batches': 1,
-    'train.sample_every': 2, 'train.checkpoint_every': 1, 'data.shapes.num_train': 64, 'data.shapes.num_eval': 16,
-    'wandb.mode': 'disabled', 'optim.warmup_steps': 1,
+  'train.num_steps': 2,
+  'train.batch_size': 8,
+  'train.log_every': 1,
+  'train.eval_every': 2,
+  'train.eval_batches': 1,
+  'train.sample_every': 2,
+  'train.checkpoint_every': 1,
+  'data.shapes.num_train': 64,
+  'data.shapes.num_eval': 16,
+  'wandb.mode': 'disabled',
+  'optim.warmup_steps': 1,
 }
 VAE = {**COMMON, 'model.vae.block_out_channels': (8, 16, 16)}
-LDM = {**COMMON, 'model.unet.block_out_channels': (16, 32), 'model.unet.attention_head_dim': 2,
-       'model.unet.cross_attention_dim': 32, 'model.text.hidden_size': 32, 'model.text.intermediate_size': 64,
-       'model.text.num_attention_heads': 2, 'sample.num_steps': 3, 'sample.prompts': ('a red circle',),
-       'sample.num_images_per_prompt': 2}
+LDM = {
+  **COMMON,
+  'model.unet.block_out_channels': (16, 32),
+  'model.unet.attention_head_dim': 2,
+  'model.unet.cross_attention_dim': 32,
+  'model.text.hidden_size': 32,
+  'model.text.intermediate_size': 64,
+  'model.text.num_attention_heads': 2,
+  'sample.num_steps': 3,
+  'sample.prompts': ('a red circle',),
+  'sample.num_images_per_prompt': 2,
+}
 
 
 def load_config(name: str, overrides: dict, data_dir: str, **more):

@@ -9,8 +9,9 @@ from diffusion.config import config_from_json, config_to_json, validate_config
 from diffusion.errors import ConfigError
 from support import LDM, ROOT, VAE, load_config, load_config_file
 
-CONFIG_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-                      if not f.endswith(('__init__.py', 'common.py')))
+CONFIG_FILES = sorted(
+  f for f in glob.glob(os.path.join(ROOT, 'configs', '*.py')) if not f.endswith(('__init__.py', 'common.py'))
+)
 PRESETS = {'vae_base.py': ('base', 'tiny'), 'ldm_base.py': ('base', 'tiny')}
 
 
@@ -47,34 +48,36 @@ def test_json_round_trip_keeps_values():
 
 
 BAD = [
-    ('optim.lr', lambda c: setattr(c.optim, 'lr', -1e-3)),
-    ('train.num_steps', lambda c: setattr(c.train, 'num_steps', 0)),
-    ('data.image_size', lambda c: setattr(c.data, 'image_size', 30)),
-    ('model.unet.attention_head_dim', lambda c: setattr(c.model.unet, 'attention_head_dim', 5)),
-    ('model.unet.cross_attention_dim', lambda c: setattr(c.model.unet, 'cross_attention_dim', 32)),
-    ('model.unet.in_channels', lambda c: setattr(c.model.unet, 'in_channels', 3)),
-    ('model.unet.sample_size', lambda c: setattr(c.model.unet, 'sample_size', 16)),
-    ('diffusion.prediction_type', lambda c: setattr(c.diffusion, 'prediction_type', 'noise')),
-    ('sample.sampler', lambda c: setattr(c.sample, 'sampler', 'magic')),
-    ('optim.ema_decay', lambda c: setattr(c.optim, 'ema_decay', 1.0)),
-    ('wandb.mode', lambda c: setattr(c.wandb, 'mode', 'sometimes')),
-    ('data.max_text_length', lambda c: setattr(c.data, 'max_text_length', 100)),
-    ('model.unet.block_out_channels', lambda c: setattr(c.model.unet, 'block_out_channels', (64, 100))),
-    ('diffusion.caption_dropout', lambda c: setattr(c.diffusion, 'caption_dropout', 1.5)),
-    ('model.text.num_attention_heads', lambda c: setattr(c.model.text, 'num_attention_heads', 5)),
-    ('model.vae.block_out_channels', lambda c: setattr(c.model.vae, 'block_out_channels', (16, 20, 32))),
-    ('model.unet.down_block_types', lambda c: setattr(c.model.unet, 'down_block_types', ('DownBlock2D',))),
-    ('model.unet.up_block_types', lambda c: setattr(c.model.unet, 'up_block_types', ('UpBlock2D', 'MagicBlock'))),
-    ('model.unet.transformer_layers_per_block',
-     lambda c: setattr(c.model.unet, 'transformer_layers_per_block', (1, 1, 1))),
-    ('sample.num_steps', lambda c: setattr(c.sample, 'num_steps', 5000)),
-    ('optim.lr_schedule', lambda c: setattr(c.optim, 'lr_schedule', 'wavy')),
-    ('optim.warmup_steps', lambda c: setattr(c.optim, 'warmup_steps', -5)),
-    ('diffusion.schedule', lambda c: setattr(c.diffusion, 'schedule', 'quadratic')),
-    ('diffusion.loss_weighting', lambda c: setattr(c.diffusion, 'loss_weighting', 'heavy')),
-    ('data.shapes.max_objects', lambda c: setattr(c.data.shapes, 'max_objects', 3)),
-    ('mesh.tensor', lambda c: setattr(c.mesh, 'tensor', 0)),
-    ('model_type', lambda c: setattr(c, 'model_type', '')),
+  ('optim.lr', lambda c: setattr(c.optim, 'lr', -1e-3)),
+  ('train.num_steps', lambda c: setattr(c.train, 'num_steps', 0)),
+  ('data.image_size', lambda c: setattr(c.data, 'image_size', 30)),
+  ('model.unet.attention_head_dim', lambda c: setattr(c.model.unet, 'attention_head_dim', 5)),
+  ('model.unet.cross_attention_dim', lambda c: setattr(c.model.unet, 'cross_attention_dim', 32)),
+  ('model.unet.in_channels', lambda c: setattr(c.model.unet, 'in_channels', 3)),
+  ('model.unet.sample_size', lambda c: setattr(c.model.unet, 'sample_size', 16)),
+  ('diffusion.prediction_type', lambda c: setattr(c.diffusion, 'prediction_type', 'noise')),
+  ('sample.sampler', lambda c: setattr(c.sample, 'sampler', 'magic')),
+  ('optim.ema_decay', lambda c: setattr(c.optim, 'ema_decay', 1.0)),
+  ('wandb.mode', lambda c: setattr(c.wandb, 'mode', 'sometimes')),
+  ('data.max_text_length', lambda c: setattr(c.data, 'max_text_length', 100)),
+  ('model.unet.block_out_channels', lambda c: setattr(c.model.unet, 'block_out_channels', (64, 100))),
+  ('diffusion.caption_dropout', lambda c: setattr(c.diffusion, 'caption_dropout', 1.5)),
+  ('model.text.num_attention_heads', lambda c: setattr(c.model.text, 'num_attention_heads', 5)),
+  ('model.vae.block_out_channels', lambda c: setattr(c.model.vae, 'block_out_channels', (16, 20, 32))),
+  ('model.unet.down_block_types', lambda c: setattr(c.model.unet, 'down_block_types', ('DownBlock2D',))),
+  ('model.unet.up_block_types', lambda c: setattr(c.model.unet, 'up_block_types', ('UpBlock2D', 'MagicBlock'))),
+  (
+    'model.unet.transformer_layers_per_block',
+    lambda c: setattr(c.model.unet, 'transformer_layers_per_block', (1, 1, 1)),
+  ),
+  ('sample.num_steps', lambda c: setattr(c.sample, 'num_steps', 5000)),
+  ('optim.lr_schedule', lambda c: setattr(c.optim, 'lr_schedule', 'wavy')),
+  ('optim.warmup_steps', lambda c: setattr(c.optim, 'warmup_steps', -5)),
+  ('diffusion.schedule', lambda c: setattr(c.diffusion, 'schedule', 'quadratic')),
+  ('diffusion.loss_weighting', lambda c: setattr(c.diffusion, 'loss_weighting', 'heavy')),
+  ('data.shapes.max_objects', lambda c: setattr(c.data.shapes, 'max_objects', 3)),
+  ('mesh.tensor', lambda c: setattr(c.mesh, 'tensor', 0)),
+  ('model_type', lambda c: setattr(c, 'model_type', '')),
 ]
 
 
@@ -119,10 +122,12 @@ def test_batch_not_divisible_by_data_parallelism_in_a_subprocess():
   import subprocess
   import sys
 
-  code = ('import jax; from diffusion import parallel; import ml_collections as mc;'
-          'm = parallel.create_mesh(mc.ConfigDict(dict(data=-1, fsdp=1, tensor=1)));'
-          'print(parallel.check_batch_size(16, m));'
-          'parallel.check_batch_size(12, m)')
+  code = (
+    'import jax; from diffusion import parallel; import ml_collections as mc;'
+    'm = parallel.create_mesh(mc.ConfigDict(dict(data=-1, fsdp=1, tensor=1)));'
+    'print(parallel.check_batch_size(16, m));'
+    'parallel.check_batch_size(12, m)'
+  )
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert result.stdout.strip() == '16'
@@ -140,12 +145,13 @@ def test_each_section_is_checked_by_its_owner():
     validate_config(vae)
   assert str(info.value) == 'config.loss.adversarial_weight: not implemented yet'
   ldm = load_config('ldm_base', LDM, '/nonexistent')
-  cases = [(models.validate_config, 'model.unet.down_block_types', 'model.unet.down_block_types', ('Nope',) * 2),
-           (parallel.validate_config, 'mesh.rules', 'mesh.rules', (('embed', 'pipeline'),)),
-           (data_validation.validate_config, 'data.worker_count', 'data.worker_count', -1),
-           (lambda c: process.validate_config(c.diffusion), 'diffusion.caption_dropout', 'diffusion.caption_dropout',
-            1.0),
-           (losses.validate_config, 'diffusion.loss_weighting', 'diffusion.loss_weighting', 'huber')]
+  cases = [
+    (models.validate_config, 'model.unet.down_block_types', 'model.unet.down_block_types', ('Nope',) * 2),
+    (parallel.validate_config, 'mesh.rules', 'mesh.rules', (('embed', 'pipeline'),)),
+    (data_validation.validate_config, 'data.worker_count', 'data.worker_count', -1),
+    (lambda c: process.validate_config(c.diffusion), 'diffusion.caption_dropout', 'diffusion.caption_dropout', 1.0),
+    (losses.validate_config, 'diffusion.loss_weighting', 'diffusion.loss_weighting', 'huber'),
+  ]
   for check, key, expected, value in cases:
     config = load_config('ldm_base', LDM, '/nonexistent', **{key: value})
     for fn in (check, validate_config):

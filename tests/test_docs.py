@@ -33,15 +33,28 @@ def doc_root(tmp_path):
 
 
 def _fake_demo(directory):
-  accuracy = {'num_prompts': 18, 'num_seeds': 8, 'guidance_scale': 3.0, 'sampler': 'ddim', 'num_steps': 25,
-              'guided': 0.8403, 'unguided': 0.7222, 'unconditional': 0.0764, 'generated_vs_shuffled_prompts': 0.0139,
-              'oracle_real': 1.0, 'oracle_blurred': 1.0, 'oracle_shuffled': 0.0833, 'seconds': 12.0}
+  accuracy = {
+    'num_prompts': 18,
+    'num_seeds': 8,
+    'guidance_scale': 3.0,
+    'sampler': 'ddim',
+    'num_steps': 25,
+    'guided': 0.8403,
+    'unguided': 0.7222,
+    'unconditional': 0.0764,
+    'generated_vs_shuffled_prompts': 0.0139,
+    'oracle_real': 1.0,
+    'oracle_blurred': 1.0,
+    'oracle_shuffled': 0.0833,
+    'seconds': 12.0,
+  }
   (directory / 'vae').mkdir(parents=True)
   (directory / 'ldm').mkdir()
   (directory / 'samples').mkdir()
   (directory / 'caption_accuracy.json').write_text(json.dumps(accuracy))
   (directory / 'vae' / 'metrics.jsonl').write_text(
-      '{"step": 10, "eval/psnr": 20.5}\n{"step": 20, "loss": 0.1}\n{"step": 20, "eval/psnr": 31.25}\n')
+    '{"step": 10, "eval/psnr": 20.5}\n{"step": 20, "loss": 0.1}\n{"step": 20, "eval/psnr": 31.25}\n'
+  )
   (directory / 'ldm' / 'metrics.jsonl').write_text('{"step": 30, "eval/val_loss": 0.02551}\n')
   (directory / 'samples' / 'settings.json').write_text(json.dumps({'prompts': ['a red circle', 'a blue square']}))
   Image.fromarray(np.full((8, 16, 3), 200, np.uint8)).save(directory / 'samples' / 'grid.png')
@@ -50,8 +63,20 @@ def _fake_demo(directory):
 def test_demo_record_fills_the_readme_block(doc_root, tmp_path_factory):
   demo = tmp_path_factory.mktemp('demo')
   _fake_demo(demo)
-  out = run_cli('scripts/record_demo.py', '--demo_dir', str(demo), '--start_time', '1000', '--end_time', '2830',
-                   '--start_load', '1.5', '--root', str(doc_root), timeout=120)
+  out = run_cli(
+    'scripts/record_demo.py',
+    '--demo_dir',
+    str(demo),
+    '--start_time',
+    '1000',
+    '--end_time',
+    '2830',
+    '--start_load',
+    '1.5',
+    '--root',
+    str(doc_root),
+    timeout=120,
+  )
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip().splitlines()[-1] == 'caption_accuracy guided=0.840 unguided=0.722 unconditional=0.076'
   record = json.loads((doc_root / 'docs' / 'results' / 'demo.json').read_text())
@@ -61,8 +86,17 @@ def test_demo_record_fills_the_readme_block(doc_root, tmp_path_factory):
   assert record['machine']['device_count'] >= 1 and record['machine']['cpu_count'] >= 1
   readme = (doc_root / 'README.md').read_text()
   block = readme.split('<!-- demo-results:start -->')[1].split('<!-- demo-results:end -->')[0]
-  for text in ('30.5 min', '| 0.840 |', '| 0.722 |', '| 0.076 |', '31.25 dB', '0.0255', 'docs/results/demo.json',
-               'a red circle, a blue square', '![samples](docs/images/demo_grid.png)'):
+  for text in (
+    '30.5 min',
+    '| 0.840 |',
+    '| 0.722 |',
+    '| 0.076 |',
+    '31.25 dB',
+    '0.0255',
+    'docs/results/demo.json',
+    'a red circle, a blue square',
+    '![samples](docs/images/demo_grid.png)',
+  ):
     assert text in block, (text, block)
   assert (doc_root / 'docs' / 'images' / 'demo_grid.png').read_bytes() == (demo / 'samples' / 'grid.png').read_bytes()
   assert run_cli('scripts/make_docs.py', '--check', '--root', str(doc_root)).returncode == 0
@@ -73,13 +107,19 @@ def test_demo_record_fills_the_readme_block(doc_root, tmp_path_factory):
 
 
 def test_a_hand_edited_number_fails_the_check_and_regeneration_restores_it(doc_root):
-  record = {'name': 'bench_fid', 'created_utc': '2026-01-01T00:00:00Z', 'command': 'python scripts/bench_fid.py',
-            'git': {'commit': 'a' * 40, 'dirty': False}, 'packages': {'jax': '0.10.2', 'torch': '2.14.1'},
-            'machine': {'device_kind': 'cpu', 'device_count': 1, 'jax_backend': 'cpu', 'cpu_count': 2},
-            'load_average': {'start': 2.0, 'end': 3.0}, 'settings': {'batch_size': 25, 'batches': 3, 'image_size': 64},
-            'torch_device': 'cpu', 'torch_threads': 2,
-            'results': {'pytorch_fid_images_per_s': 1.74, 'ours_images_per_s': 1.53,
-                        'time_ratio_ours_over_pytorch_fid': 1.137}}
+  record = {
+    'name': 'bench_fid',
+    'created_utc': '2026-01-01T00:00:00Z',
+    'command': 'python scripts/bench_fid.py',
+    'git': {'commit': 'a' * 40, 'dirty': False},
+    'packages': {'jax': '0.10.2', 'torch': '2.14.1'},
+    'machine': {'device_kind': 'cpu', 'device_count': 1, 'jax_backend': 'cpu', 'cpu_count': 2},
+    'load_average': {'start': 2.0, 'end': 3.0},
+    'settings': {'batch_size': 25, 'batches': 3, 'image_size': 64},
+    'torch_device': 'cpu',
+    'torch_threads': 2,
+    'results': {'pytorch_fid_images_per_s': 1.74, 'ours_images_per_s': 1.53, 'time_ratio_ours_over_pytorch_fid': 1.137},
+  }
   (doc_root / 'docs' / 'results' / 'bench_fid.json').write_text(json.dumps(record))
   assert run_cli('scripts/make_docs.py', '--check', '--root', str(doc_root)).returncode == 1
   assert run_cli('scripts/make_docs.py', '--root', str(doc_root)).returncode == 0

@@ -14,10 +14,20 @@ WEIGHTINGS = ('uniform', 'min_snr', 'edm', 'v_loss')
 
 
 def _config(**overrides):
-  config = ml_collections.ConfigDict(dict(schedule='scaled_linear', num_train_timesteps=1000, beta_start=0.00085,
-                                          beta_end=0.012, rescale_zero_terminal_snr=False, prediction_type='eps',
-                                          loss_weighting='uniform', min_snr_gamma=5.0, offset_noise=0.0,
-                                          edm_sigma_data=0.5))
+  config = ml_collections.ConfigDict(
+    dict(
+      schedule='scaled_linear',
+      num_train_timesteps=1000,
+      beta_start=0.00085,
+      beta_end=0.012,
+      rescale_zero_terminal_snr=False,
+      prediction_type='eps',
+      loss_weighting='uniform',
+      min_snr_gamma=5.0,
+      offset_noise=0.0,
+      edm_sigma_data=0.5,
+    )
+  )
   config.update(overrides)
   return config
 
@@ -56,7 +66,7 @@ def test_uniform_loss_is_mse_to_the_target(prediction_type):
   schedule, x0, noise, t, output = _batch(1)
   loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type=prediction_type))
   target = process.training_target(prediction_type, x0, noise, t, schedule)
-  expected = np.mean((np.asarray(output) - np.asarray(target))**2, axis=(1, 2, 3))
+  expected = np.mean((np.asarray(output) - np.asarray(target)) ** 2, axis=(1, 2, 3))
   np.testing.assert_allclose(loss_fn(output, x0, noise, t, schedule), expected, rtol=1e-5)
 
 
@@ -64,8 +74,10 @@ def test_uniform_losses_relate_through_snr():
   """For one x0 guess, |eps error|^2 = snr |x0 error|^2 and |v error|^2 = (snr + 1) |x0 error|^2."""
   schedule, x0, noise, t, other = _batch(2)
   pred = _outputs_for_x0_guess(schedule, x0, noise, t, x0 + 0.3 * other)
-  per_type = {p: losses.get_diffusion_loss_fn(_config(prediction_type=p))(getattr(pred, p), x0, noise, t, schedule)
-              for p in PREDICTION_TYPES}
+  per_type = {
+    p: losses.get_diffusion_loss_fn(_config(prediction_type=p))(getattr(pred, p), x0, noise, t, schedule)
+    for p in PREDICTION_TYPES
+  }
   snr = process.snr(schedule, t)
   np.testing.assert_allclose(per_type['eps'], snr * per_type['x0'], rtol=1e-3)
   np.testing.assert_allclose(per_type['v'], (snr + 1) * per_type['x0'], rtol=1e-3)
@@ -76,13 +88,14 @@ def test_min_snr_weights_equal_min_snr_gamma_on_the_x0_error(gamma):
   """Hang et al. 2023: every prediction type gets min(snr, gamma) * |x0 error|^2 for the same x0 guess."""
   schedule, x0, noise, t, other = _batch(3)
   pred = _outputs_for_x0_guess(schedule, x0, noise, t, x0 + 0.3 * other)
-  x0_mse = np.mean(np.asarray(pred.x0 - x0)**2, axis=(1, 2, 3))
+  x0_mse = np.mean(np.asarray(pred.x0 - x0) ** 2, axis=(1, 2, 3))
   snr = np.asarray(process.snr(schedule, t))
   expected = np.minimum(snr, gamma) * x0_mse
   assert snr.min() < gamma < snr.max()  # Both branches of the min are exercised.
   for prediction_type in PREDICTION_TYPES:
-    loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type=prediction_type, loss_weighting='min_snr',
-                                                   min_snr_gamma=gamma))
+    loss_fn = losses.get_diffusion_loss_fn(
+      _config(prediction_type=prediction_type, loss_weighting='min_snr', min_snr_gamma=gamma)
+    )
     loss = loss_fn(getattr(pred, prediction_type), x0, noise, t, schedule)
     np.testing.assert_allclose(loss, expected, rtol=2e-3, err_msg=prediction_type)
 
@@ -91,8 +104,11 @@ def test_min_snr_weights_per_prediction_type_in_closed_form():
   schedule, x0, noise, t, _ = _batch(4)
   snr = np.asarray(process.snr(schedule, t), np.float64)
   gamma = 5.0
-  expected = {'eps': np.minimum(snr, gamma) / snr, 'v': np.minimum(snr, gamma) / (snr + 1),
-              'x0': np.minimum(snr, gamma)}
+  expected = {
+    'eps': np.minimum(snr, gamma) / snr,
+    'v': np.minimum(snr, gamma) / (snr + 1),
+    'x0': np.minimum(snr, gamma),
+  }
   for prediction_type, weight in expected.items():
     loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type=prediction_type, loss_weighting='min_snr'))
     target = process.training_target(prediction_type, x0, noise, t, schedule)
@@ -137,13 +153,14 @@ def test_edm_weighting_is_lambda_sigma_on_the_x0_error(sigma_data):
   """Karras et al. 2022: lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on |x0 - D|^2, sigma = sigma_t / alpha_t."""
   schedule, x0, noise, t, other = _batch(7)
   pred = _outputs_for_x0_guess(schedule, x0, noise, t, x0 + 0.3 * other)
-  x0_mse = np.mean(np.asarray(pred.x0 - x0, np.float64)**2, axis=(1, 2, 3))
+  x0_mse = np.mean(np.asarray(pred.x0 - x0, np.float64) ** 2, axis=(1, 2, 3))
   alpha, sigma = (np.asarray(v, np.float64) for v in process.alpha_sigma(schedule, t))
   ve = sigma / alpha
-  expected = (ve**2 + sigma_data**2) / (ve * sigma_data)**2 * x0_mse
+  expected = (ve**2 + sigma_data**2) / (ve * sigma_data) ** 2 * x0_mse
   for prediction_type in PREDICTION_TYPES:
-    loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type=prediction_type, loss_weighting='edm',
-                                                   edm_sigma_data=sigma_data))
+    loss_fn = losses.get_diffusion_loss_fn(
+      _config(prediction_type=prediction_type, loss_weighting='edm', edm_sigma_data=sigma_data)
+    )
     loss = loss_fn(getattr(pred, prediction_type), x0, noise, t, schedule)
     np.testing.assert_allclose(loss, expected, rtol=2e-3, err_msg=prediction_type)
   if sigma_data == 1.0:  # v prediction is EDM's preconditioning at sigma_data = 1: the weighting is uniform.
@@ -157,8 +174,12 @@ def test_v_loss_is_the_v_error_for_every_prediction_type():
   v_error = losses.get_diffusion_loss_fn(_config(prediction_type='v'))(pred.v, x0, noise, t, schedule)
   for prediction_type in ('eps', 'x0'):
     loss_fn = losses.get_diffusion_loss_fn(_config(prediction_type=prediction_type, loss_weighting='v_loss'))
-    np.testing.assert_allclose(loss_fn(getattr(pred, prediction_type), x0, noise, t, schedule)[1:], v_error[1:],
-                               rtol=2e-3, err_msg=prediction_type)
+    np.testing.assert_allclose(
+      loss_fn(getattr(pred, prediction_type), x0, noise, t, schedule)[1:],
+      v_error[1:],
+      rtol=2e-3,
+      err_msg=prediction_type,
+    )
 
 
 @pytest.mark.parametrize('weighting', WEIGHTINGS)
@@ -176,11 +197,12 @@ def test_flow_matching_loss(weighting, sampling):
   if weighting in ('edm', 'v_loss'):  # Their weights on the flow error are positive at both ends.
     assert np.all(loss > 0), loss
   if weighting == 'uniform':
-    np.testing.assert_allclose(loss, np.mean(np.asarray(0.1 * other)**2, axis=(1, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(loss, np.mean(np.asarray(0.1 * other) ** 2, axis=(1, 2, 3)), rtol=1e-5)
 
 
-_noised = jax.jit(lambda schedule, kt, kn, x0: jax.vmap(
-    lambda a, b, z: losses.noised_example(a, b, z, schedule, 0.0))(kt, kn, x0))
+_noised = jax.jit(
+  lambda schedule, kt, kn, x0: jax.vmap(lambda a, b, z: losses.noised_example(a, b, z, schedule, 0.0))(kt, kn, x0)
+)
 
 
 @pytest.mark.parametrize('schedule_name', ['scaled_linear', 'edm', 'flow'])
@@ -229,8 +251,8 @@ def test_vae_loss_terms():
   x = jnp.asarray(np.tanh(_normal(0, (4, 8, 8, 3))))
   rec = x + 0.1 * _normal(1, x.shape)
   mean, logvar = _posterior(1)
-  kl = 0.5 * np.sum(np.asarray(mean)**2 + np.exp(logvar) - 1 - np.asarray(logvar), axis=(1, 2, 3)).mean()
-  for name, err in (('l1', np.abs(np.asarray(x - rec))), ('l2', np.asarray(x - rec)**2)):
+  kl = 0.5 * np.sum(np.asarray(mean) ** 2 + np.exp(logvar) - 1 - np.asarray(logvar), axis=(1, 2, 3)).mean()
+  for name, err in (('l1', np.abs(np.asarray(x - rec))), ('l2', np.asarray(x - rec) ** 2)):
     loss, metrics = losses.vae_loss(x, rec, mean, logvar, kl_weight=0.01, rec_loss=name)
     np.testing.assert_allclose(metrics['rec_loss'], err.mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics['kl'], kl, rtol=1e-5)
@@ -258,8 +280,10 @@ def test_vae_loss_errors_and_not_implemented_terms():
   mean, logvar = _posterior(4)
   with pytest.raises(ConfigError, match='loss.rec_loss.*l1, l2'):
     losses.vae_loss(x, rec, mean, logvar, kl_weight=0.1, rec_loss='huber')
-  config = {'model_type': 'vae', 'loss': {'rec_loss': 'l1', 'kl_weight': 1e-6, 'perceptual_weight': 0.0,
-                                          'adversarial_weight': 0.0}}
+  config = {
+    'model_type': 'vae',
+    'loss': {'rec_loss': 'l1', 'kl_weight': 1e-6, 'perceptual_weight': 0.0, 'adversarial_weight': 0.0},
+  }
   losses.validate_config(config)
   for key in ('perceptual_weight', 'adversarial_weight'):
     with pytest.raises(ConfigError) as info:
@@ -272,7 +296,8 @@ def test_vae_loss_errors_and_not_implemented_terms():
 def test_vae_loss_gradients_flow_to_the_posterior():
   x = jnp.zeros((2, 4, 4, 3))
   mean, logvar = _posterior(5, shape=(2, 2, 2, 3))
-  grad_mean, grad_logvar = jax.grad(
-      lambda m, lv: losses.vae_loss(x, x, m, lv, kl_weight=1.0)[0], argnums=(0, 1))(mean, logvar)
+  grad_mean, grad_logvar = jax.grad(lambda m, lv: losses.vae_loss(x, x, m, lv, kl_weight=1.0)[0], argnums=(0, 1))(
+    mean, logvar
+  )
   np.testing.assert_allclose(grad_mean, mean / 2, rtol=1e-5)  # d/dm of mean over batch of 0.5 sum m^2.
   np.testing.assert_allclose(grad_logvar, 0.5 * (jnp.exp(logvar) - 1) / 2, rtol=1e-5, atol=1e-7)

@@ -12,7 +12,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 from diffusion import models, parallel
 from diffusion.config import validate_config
@@ -23,8 +24,14 @@ from support import LDM, ROOT, VAE, load_config, load_config_file
 def run_worker(tmp_path, cases: list[str]) -> tuple[dict, dict]:
   out = str(tmp_path / 'params.npz')
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
-  result = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'parallel_worker.py'), 'meshes', out,
-                           ','.join(cases)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  result = subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'tests', 'parallel_worker.py'), 'meshes', out, ','.join(cases)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   with open(out + '.json') as f:
     report = json.load(f)
@@ -39,8 +46,9 @@ def run_worker(tmp_path, cases: list[str]) -> tuple[dict, dict]:
 def relative_errors(params: dict, reference: dict) -> dict:
   """||a - b|| / ||b|| per parameter."""
   assert params.keys() == reference.keys()
-  return {k: float(np.linalg.norm(params[k] - reference[k]) / max(np.linalg.norm(reference[k]), 1e-30))
-          for k in reference}
+  return {
+    k: float(np.linalg.norm(params[k] - reference[k]) / max(np.linalg.norm(reference[k]), 1e-30)) for k in reference
+  }
 
 
 def assert_same_params(params: dict, reference: dict, tol: float = 1e-5) -> None:
@@ -83,20 +91,37 @@ def _abstract_params(module, *args, **kwargs):
 def test_every_param_of_every_network_has_logical_axes():
   c = load_config('ldm_base', LDM, '')
   c.model.text.vocab_size = 40
-  unet = _abstract_params(models.create_unet(c.model.unet), jax.numpy.zeros((1, 8, 8, 4)), jax.numpy.zeros((1,)),
-                          jax.numpy.zeros((1, 16, c.model.unet.cross_attention_dim)))
+  unet = _abstract_params(
+    models.create_unet(c.model.unet),
+    jax.numpy.zeros((1, 8, 8, 4)),
+    jax.numpy.zeros((1,)),
+    jax.numpy.zeros((1, 16, c.model.unet.cross_attention_dim)),
+  )
   text = _abstract_params(models.create_text_encoder(c.model.text), jax.numpy.zeros((1, 16), jax.numpy.int32))
-  vae = _abstract_params(models.create_vae(load_config('vae_base', VAE, '').model.vae), jax.numpy.zeros((1, 32, 32, 3)),
-                         sample_posterior=False)
+  vae = _abstract_params(
+    models.create_vae(load_config('vae_base', VAE, '').model.vae),
+    jax.numpy.zeros((1, 32, 32, 3)),
+    sample_posterior=False,
+  )
   for tree in (unet, text, vae):
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
       name = parallel._path_string(path)
       axes = parallel.logical_axes(name, leaf.ndim)
       assert axes is not None, name
-  names = {parallel.logical_axes(parallel._path_string(p), x.ndim)
-           for p, x in jax.tree_util.tree_leaves_with_path((unet, text))}
-  assert {('embed', 'heads'), ('heads', 'embed'), ('embed', 'mlp'), ('mlp', 'embed'), ('vocab', 'embed'),
-          (None, None, 'conv_in', 'conv_out'), ('norm',), ('bias',)} <= names
+  names = {
+    parallel.logical_axes(parallel._path_string(p), x.ndim)
+    for p, x in jax.tree_util.tree_leaves_with_path((unet, text))
+  }
+  assert {
+    ('embed', 'heads'),
+    ('heads', 'embed'),
+    ('embed', 'mlp'),
+    ('mlp', 'embed'),
+    ('vocab', 'embed'),
+    (None, None, 'conv_in', 'conv_out'),
+    ('norm',),
+    ('bias',),
+  } <= names
 
 
 def test_partition_rules_divisibility_size_and_one_use_per_axis():
@@ -123,11 +148,17 @@ def test_state_shardings_follow_param_paths():
   from diffusion.training.state import create_train_state
 
   mesh = AbstractMesh((1, 8, 1), parallel.MESH_AXES)
-  params = {'unet': {'conv_in': {'kernel': np.zeros((3, 3, 4, 64), np.float32), 'bias': np.zeros((64,), np.float32)},
-                     'conv_norm_out': {'scale': np.zeros((64,), np.float32)}}}
+  params = {
+    'unet': {
+      'conv_in': {'kernel': np.zeros((3, 3, 4, 64), np.float32), 'bias': np.zeros((64,), np.float32)},
+      'conv_norm_out': {'scale': np.zeros((64,), np.float32)},
+    }
+  }
   state = jax.eval_shape(lambda: create_train_state(params, optax.adamw(1e-3), jax.random.PRNGKey(0)))
-  specs = {parallel._path_string(p): s.spec
-           for p, s in jax.tree_util.tree_leaves_with_path(parallel.tree_shardings(state, mesh, min_size=100))}
+  specs = {
+    parallel._path_string(p): s.spec
+    for p, s in jax.tree_util.tree_leaves_with_path(parallel.tree_shardings(state, mesh, min_size=100))
+  }
   kernels = {p: s for p, s in specs.items() if p.endswith('conv_in/kernel')}
   assert len(kernels) == 4 and set(kernels.values()) == {P(None, None, None, 'fsdp')}  # params, mu, nu, EMA.
   assert {s for p, s in specs.items() if p.endswith(('bias', 'scale'))} == {P(None)}  # 64 < min_size.
@@ -137,15 +168,15 @@ def test_state_shardings_follow_param_paths():
 
 
 BAD = [
-    ('train.grad_accum_steps', {'train.grad_accum_steps': 0}),
-    ('train.batch_size', {'train.grad_accum_steps': 3}),  # 8 examples in 3 micro-batches.
-    ('train.batch_size', {'mesh.data': 4, 'train.grad_accum_steps': 4}),
-    ('train.compute_dtype', {'train.compute_dtype': 'fp8'}),
-    ('model.vae.dtype', {'model.vae.dtype': 'float64'}),
-    ('mesh.dcn_data', {'mesh.data': 4, 'mesh.dcn_data': 3}),
-    ('mesh.rules', {'mesh.rules': (('embed', 'model'),)}),
-    ('mesh.min_shard_size', {'mesh.min_shard_size': -1}),
-    ('distributed.initialize', {'distributed.initialize': 'maybe'}),
+  ('train.grad_accum_steps', {'train.grad_accum_steps': 0}),
+  ('train.batch_size', {'train.grad_accum_steps': 3}),  # 8 examples in 3 micro-batches.
+  ('train.batch_size', {'mesh.data': 4, 'train.grad_accum_steps': 4}),
+  ('train.compute_dtype', {'train.compute_dtype': 'fp8'}),
+  ('model.vae.dtype', {'model.vae.dtype': 'float64'}),
+  ('mesh.dcn_data', {'mesh.data': 4, 'mesh.dcn_data': 3}),
+  ('mesh.rules', {'mesh.rules': (('embed', 'model'),)}),
+  ('mesh.min_shard_size', {'mesh.min_shard_size': -1}),
+  ('distributed.initialize', {'distributed.initialize': 'maybe'}),
 ]
 
 
@@ -172,8 +203,14 @@ def test_dcn_degrees_must_divide_the_mesh():
 
 
 def test_initialize_distributed_is_a_no_op_on_one_machine(monkeypatch):
-  for var in ('JAX_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
-              'OMPI_COMM_WORLD_SIZE', 'DIFFUSION_DISTRIBUTED'):
+  for var in (
+    'JAX_COORDINATOR_ADDRESS',
+    'SLURM_JOB_ID',
+    'TPU_WORKER_HOSTNAMES',
+    'MEGASCALE_COORDINATOR_ADDRESS',
+    'OMPI_COMM_WORLD_SIZE',
+    'DIFFUSION_DISTRIBUTED',
+  ):
     monkeypatch.delenv(var, raising=False)
   config = load_config('vae_base', VAE, '')
   assert parallel.initialize_distributed(config.distributed) is False

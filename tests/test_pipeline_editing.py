@@ -52,10 +52,14 @@ def _pipeline() -> LatentDiffusionPipeline:
   length, width = config.data.max_text_length, config.model.unet.cross_attention_dim
   vae = models.create_vae(config.model.vae)
   params = {
-      'unet': _random_params(models.create_unet(config.model.unet).init, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
-                             jnp.zeros((1, length, width))),
-      'text': _random_params(models.create_text_encoder(config.model.text).init, jnp.zeros((1, length), jnp.int32)),
-      'vae': _random_params(lambda k, x: vae.init(k, x, sample_posterior=False), jnp.zeros((1, 32, 32, 3))),
+    'unet': _random_params(
+      models.create_unet(config.model.unet).init,
+      jnp.zeros((1, 8, 8, 4)),
+      jnp.zeros((1,)),
+      jnp.zeros((1, length, width)),
+    ),
+    'text': _random_params(models.create_text_encoder(config.model.text).init, jnp.zeros((1, length), jnp.int32)),
+    'vae': _random_params(lambda k, x: vae.init(k, x, sample_posterior=False), jnp.zeros((1, 32, 32, 3))),
   }
   return LatentDiffusionPipeline(config, params, tokenizer)
 
@@ -81,8 +85,11 @@ def test_sampling_compiles_once_and_runs_50_ddim_steps_on_device(pipeline):
   assert first.shape == (2, 32, 32, 3) and first.dtype == np.uint8 and not np.array_equal(first, second)
   ids = pipeline.tokenize(prompts)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(2))
-  jaxpr = str(jax.make_jaxpr(lambda p, c, u, k: pipeline._generate(p, c, u, k, settings=COMMON, strength=1.0))(  # pylint: disable=protected-access
-      pipeline.params, ids, ids, keys))
+  jaxpr = str(
+    jax.make_jaxpr(lambda p, c, u, k: pipeline._generate(p, c, u, k, settings=COMMON, strength=1.0))(  # pylint: disable=protected-access
+      pipeline.params, ids, ids, keys
+    )
+  )
   assert jaxpr.count('length=50') == 1  # The 50 steps are one device loop...
   assert 'callback' not in jaxpr and 'infeed' not in jaxpr  # ... with no host round trips.
 
@@ -90,17 +97,25 @@ def test_sampling_compiles_once_and_runs_50_ddim_steps_on_device(pipeline):
 def test_settings_from_config_and_overrides(pipeline):
   settings = pipeline.sampling_settings()
   assert settings == SamplingSettings(sampler='ddim', num_steps=3, guidance_scale=3.0, options=(('eta', 0.0),))
-  settings = pipeline.sampling_settings(sampler='dpmpp_2m', karras=True, timestep_spacing='trailing',
-                                        guidance_interval=(0.2, 0.8), guidance_rescale=0.7)
+  settings = pipeline.sampling_settings(
+    sampler='dpmpp_2m', karras=True, timestep_spacing='trailing', guidance_interval=(0.2, 0.8), guidance_rescale=0.7
+  )
   assert dict(settings.options) == {'karras': True, 'timestep_spacing': 'trailing'}
   assert settings.model_time_interval(1000) == (200.0, 800.0) and settings.guidance_rescale == 0.7
   assert dict(pipeline.sampling_settings(sampler='heun').options) == {'karras': False, 's_churn': 0.0}
 
 
-@pytest.mark.parametrize('kwargs,needle', [
-    (dict(sampler='flow_euler'), 'diffusion model'), (dict(sampler='ddpm', eta=0.5), "no option 'eta'"),
-    (dict(sampler='magic'), 'unknown sampler'), (dict(guidance_interval=(0.8, 0.2)), 'guidance_interval'),
-    (dict(num_steps=-1), 'num_steps'), (dict(num_steps=5000), r'num_steps must be in \[1, 1000\]')])
+@pytest.mark.parametrize(
+  'kwargs,needle',
+  [
+    (dict(sampler='flow_euler'), 'diffusion model'),
+    (dict(sampler='ddpm', eta=0.5), "no option 'eta'"),
+    (dict(sampler='magic'), 'unknown sampler'),
+    (dict(guidance_interval=(0.8, 0.2)), 'guidance_interval'),
+    (dict(num_steps=-1), 'num_steps'),
+    (dict(num_steps=5000), r'num_steps must be in \[1, 1000\]'),
+  ],
+)
 def test_settings_errors(pipeline, kwargs, needle):
   with pytest.raises(UserError, match=needle):
     pipeline.sampling_settings(**kwargs)
@@ -159,12 +174,16 @@ def test_flow_matching_pipeline(pipeline):
   with pytest.raises(UserError, match="'ddim' is a diffusion sampler but the model is a flow model"):
     flow.sampling_settings()  # The config's default sampler is ddim.
   image = _image(2)
-  keep_all = flow.generate(['a red circle'], flow.sampling_settings(sampler='flow_heun', num_steps=3),
-                           init_images=image, masks=np.zeros((32, 32)))
+  keep_all = flow.generate(
+    ['a red circle'],
+    flow.sampling_settings(sampler='flow_heun', num_steps=3),
+    init_images=image,
+    masks=np.zeros((32, 32)),
+  )
   np.testing.assert_array_equal(keep_all[0], _reconstruction(pipeline, image))
 
 
-_SHARDED_SCRIPT = '''
+_SHARDED_SCRIPT = """
 import sys
 import jax
 import numpy as np
@@ -173,7 +192,7 @@ import test_pipeline_editing as t
 assert jax.local_device_count() == 4, jax.devices()
 images = t._pipeline().generate(t.SHARDED_PROMPTS, t.SHARDED_SETTINGS, seed=7, batch_size=4)
 np.save(sys.argv[2], images)
-'''
+"""
 SHARDED_PROMPTS = ['a red circle', 'a blue square', 'a green triangle', 'a red square', 'a cyan circle']
 SHARDED_SETTINGS = SamplingSettings('euler_a', num_steps=3, guidance_scale=3.0, options=(('karras', False),))
 
@@ -182,10 +201,12 @@ def test_images_do_not_depend_on_the_device_count(pipeline, tmp_path):
   """5 images on 4 devices (global batches of 4 split over the devices, the last one padded) equal those on 1
   device, up to float rounding."""
   import subprocess  # pylint: disable=g-import-not-at-top
+
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
   out = tmp_path / 'sharded.npy'
-  subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT, os.path.dirname(__file__), str(out)], env=env, check=True,
-                 timeout=600)
+  subprocess.run(
+    [sys.executable, '-c', _SHARDED_SCRIPT, os.path.dirname(__file__), str(out)], env=env, check=True, timeout=600
+  )
   single = pipeline.generate(SHARDED_PROMPTS, SHARDED_SETTINGS, seed=7, batch_size=2).astype(np.int32)
   sharded = np.load(out).astype(np.int32)
   assert sharded.shape == single.shape == (5, 32, 32, 3)

@@ -14,8 +14,16 @@ PREDICTION_TYPES = ('eps', 'x0', 'v', 'flow')
 
 
 def _config(**overrides):
-  config = ml_collections.ConfigDict(dict(schedule='scaled_linear', num_train_timesteps=1000, beta_start=0.00085,
-                                          beta_end=0.012, rescale_zero_terminal_snr=False, prediction_type='eps'))
+  config = ml_collections.ConfigDict(
+    dict(
+      schedule='scaled_linear',
+      num_train_timesteps=1000,
+      beta_start=0.00085,
+      beta_end=0.012,
+      rescale_zero_terminal_snr=False,
+      prediction_type='eps',
+    )
+  )
   config.update(overrides)
   return config
 
@@ -44,13 +52,15 @@ def test_scaled_linear_end_points():
   np.testing.assert_allclose(schedule.alphas_cumprod, np.cumprod(1 - betas.astype(np.float64)), rtol=1e-6)
 
 
-@pytest.mark.parametrize('name,diffusers_name', [('linear', 'linear'), ('scaled_linear', 'scaled_linear'),
-                                                 ('cosine', 'squaredcos_cap_v2')])
+@pytest.mark.parametrize(
+  'name,diffusers_name', [('linear', 'linear'), ('scaled_linear', 'scaled_linear'), ('cosine', 'squaredcos_cap_v2')]
+)
 @pytest.mark.parametrize('zero_snr', [False, True])
 def test_schedules_match_diffusers(name, diffusers_name, zero_snr):
   ours = process.get_noise_schedule(_config(schedule=name, rescale_zero_terminal_snr=zero_snr))
-  reference = diffusers.DDIMScheduler(beta_schedule=diffusers_name, beta_start=0.00085, beta_end=0.012,
-                                      rescale_betas_zero_snr=zero_snr)
+  reference = diffusers.DDIMScheduler(
+    beta_schedule=diffusers_name, beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=zero_snr
+  )
   # diffusers works in float32 throughout; we compute in float64 and cast, hence the small tolerances.
   np.testing.assert_allclose(ours.betas, reference.betas.numpy(), atol=1e-5, rtol=1e-4)
   np.testing.assert_allclose(ours.alphas_cumprod, reference.alphas_cumprod.numpy(), atol=2e-6)
@@ -58,7 +68,7 @@ def test_schedules_match_diffusers(name, diffusers_name, zero_snr):
 
 def test_cosine_schedule_follows_squared_cosine():
   schedule = process.get_noise_schedule(_config(schedule='cosine'))
-  f = lambda s: np.cos((s + 0.008) / 1.008 * np.pi / 2)**2
+  f = lambda s: np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2
   t = np.arange(0, 990)  # Before the 0.999 cap on beta bites.
   np.testing.assert_allclose(schedule.alphas_cumprod[t], f((t + 1) / 1000) / f(0), rtol=1e-5)
   assert float(schedule.betas.max()) == pytest.approx(0.999)
@@ -95,8 +105,7 @@ def test_schedule_errors():
 
 
 def test_plain_dict_config_and_other_lengths():
-  schedule = process.get_noise_schedule(dict(schedule='linear', num_train_timesteps=50, beta_start=1e-4,
-                                             beta_end=0.02))
+  schedule = process.get_noise_schedule(dict(schedule='linear', num_train_timesteps=50, beta_start=1e-4, beta_end=0.02))
   assert schedule.betas.shape == (50,)
   np.testing.assert_allclose(schedule.betas, np.linspace(1e-4, 0.02, 50), rtol=1e-6)
 
@@ -110,9 +119,9 @@ def test_alpha_sigma_and_snr():
   t = jnp.array([0, 10, 999])
   alpha, sigma = process.alpha_sigma(schedule, t, ndim=4)
   assert alpha.shape == sigma.shape == (3, 1, 1, 1)
-  np.testing.assert_allclose(alpha[:, 0, 0, 0]**2 + sigma[:, 0, 0, 0]**2, 1.0, rtol=1e-6)
-  np.testing.assert_allclose(alpha.ravel()**2, schedule.alphas_cumprod[t], rtol=1e-6)
-  np.testing.assert_allclose(process.snr(schedule, t), (alpha.ravel() / sigma.ravel())**2, rtol=1e-5)
+  np.testing.assert_allclose(alpha[:, 0, 0, 0] ** 2 + sigma[:, 0, 0, 0] ** 2, 1.0, rtol=1e-6)
+  np.testing.assert_allclose(alpha.ravel() ** 2, schedule.alphas_cumprod[t], rtol=1e-6)
+  np.testing.assert_allclose(process.snr(schedule, t), (alpha.ravel() / sigma.ravel()) ** 2, rtol=1e-5)
   # Float timesteps: exact at integers, linear in alphas_cumprod in between.
   a_float, _ = process.alpha_sigma(schedule, t.astype(jnp.float32))
   np.testing.assert_array_equal(a_float, alpha.ravel())
@@ -217,10 +226,10 @@ def test_edm_schedule():
   np.testing.assert_allclose(ve[[0, 2]], [0.002, 80.0], rtol=1e-5)
   np.testing.assert_allclose(ve[1], np.sqrt(0.002 * 80.0), rtol=1e-4)  # Log-linear in t.
   # The discrete table is the continuous schedule at integer t (so DDIM / DDPM run on it).
-  np.testing.assert_allclose(np.asarray(schedule.alphas_cumprod)[[0, 999]], 1 / (1 + np.array([0.002, 80.0])**2),
-                             rtol=1e-5)
-  np.testing.assert_allclose(np.cumprod(1 - np.asarray(schedule.betas, np.float64)), schedule.alphas_cumprod,
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(schedule.alphas_cumprod)[[0, 999]], 1 / (1 + np.array([0.002, 80.0]) ** 2), rtol=1e-5
+  )
+  np.testing.assert_allclose(np.cumprod(1 - np.asarray(schedule.betas, np.float64)), schedule.alphas_cumprod, rtol=1e-4)
 
 
 def test_flow_schedule():
@@ -239,11 +248,16 @@ def test_flow_schedule():
 _sample_times = jax.jit(lambda schedule, keys: jax.vmap(lambda k: process.sample_timestep(schedule, k))(keys))
 
 
-@pytest.mark.parametrize('overrides,check', [
-    (dict(schedule='scaled_linear'), 'discrete'), (dict(schedule='edm'), 'log_normal'),
-    (dict(schedule='flow'), 'uniform'), (dict(schedule='flow', flow_t_sampling='logit_normal',
-                                              flow_logit_mean=0.5, flow_logit_std=0.8), 'logit_normal'),
-    (dict(schedule='flow', flow_shift=3.0), 'shifted')])
+@pytest.mark.parametrize(
+  'overrides,check',
+  [
+    (dict(schedule='scaled_linear'), 'discrete'),
+    (dict(schedule='edm'), 'log_normal'),
+    (dict(schedule='flow'), 'uniform'),
+    (dict(schedule='flow', flow_t_sampling='logit_normal', flow_logit_mean=0.5, flow_logit_std=0.8), 'logit_normal'),
+    (dict(schedule='flow', flow_shift=3.0), 'shifted'),
+  ],
+)
 def test_training_time_distributions(overrides, check):
   schedule = process.get_noise_schedule(_config(**overrides))
   n = 20000
@@ -298,10 +312,10 @@ def test_x0_mse_factor(prediction_type):
     eps_hat = (x_t - alpha * x0_hat) / sigma
     output = process.get_prediction_type(prediction_type).target(x0_hat, eps_hat, alpha, sigma)
     target = process.get_prediction_type(prediction_type).target(x0, noise, alpha, sigma)
-    ratio = jnp.sum((target - output)**2) / jnp.sum((x0 - x0_hat)**2)
+    ratio = jnp.sum((target - output) ** 2) / jnp.sum((x0 - x0_hat) ** 2)
     np.testing.assert_allclose(ratio, process.x0_mse_factor(prediction_type, alpha, sigma), rtol=1e-4)
   snr = 0.6**2 / 0.8**2
-  expected = {'eps': snr, 'x0': 1.0, 'v': snr + 1, 'flow': (1 + np.sqrt(snr))**2}[prediction_type]
+  expected = {'eps': snr, 'x0': 1.0, 'v': snr + 1, 'flow': (1 + np.sqrt(snr)) ** 2}[prediction_type]
   np.testing.assert_allclose(process.x0_mse_factor(prediction_type, 0.6, 0.8), expected, rtol=1e-5)
 
 

@@ -7,9 +7,15 @@ from diffusion import results
 
 
 def test_a_record_carries_its_provenance(tmp_path):
-  path = results.write_record('bench_x', [{'images_per_s': 2.5}], path=str(tmp_path / 'x.json'),
-                              command='python scripts/bench_x.py --fast', load_at_start=1.25, settings={'batch': 4},
-                              num_params=7)
+  path = results.write_record(
+    'bench_x',
+    [{'images_per_s': 2.5}],
+    path=str(tmp_path / 'x.json'),
+    command='python scripts/bench_x.py --fast',
+    load_at_start=1.25,
+    settings={'batch': 4},
+    num_params=7,
+  )
   record = json.loads(open(path).read())
   assert record['name'] == 'bench_x' and record['command'] == 'python scripts/bench_x.py --fast'
   assert record['results'] == [{'images_per_s': 2.5}] and record['settings'] == {'batch': 4}

@@ -35,7 +35,9 @@ def test_help_lists_the_samplers():
     assert flag in result.stdout, flag
 
 
-@pytest.mark.parametrize('args,needles', [
+@pytest.mark.parametrize(
+  'args,needles',
+  [
     (['--sampler', 'magic'], ['magic', 'ddim', 'flow_euler']),
     (['--num_steps', '0'], ['--num_steps']),
     (['--strength', '1.5', '--init_image', 'IMG'], ['strength', '(0, 1]']),
@@ -48,16 +50,34 @@ def test_help_lists_the_samplers():
     (['--guidance_scale', '1,x'], ['--guidance_scale', 'comma list']),
     (['--num_steps', '10,0'], ['--num_steps', '>= 1']),
     (['--prompts_file', 'PROMPTS'], ['prompts.txt:2', 'integer seed']),
-], ids=['unknown-sampler', 'steps', 'strength-high', 'strength-zero', 'mask-without-image', 'karras-ddim',
-        'interval', 'interval-count', 'rescale', 'guidance-list', 'steps-list', 'prompt-seed'])
+  ],
+  ids=[
+    'unknown-sampler',
+    'steps',
+    'strength-high',
+    'strength-zero',
+    'mask-without-image',
+    'karras-ddim',
+    'interval',
+    'interval-count',
+    'rescale',
+    'guidance-list',
+    'steps-list',
+    'prompt-seed',
+  ],
+)
 def test_user_errors_before_loading_anything(tmp_path, args, needles):
-  files = {'IMG': _png(tmp_path / 'img.png', (32, 32)), 'MASK': _png(tmp_path / 'mask.png', (32, 32)),
-           'SMALL': _png(tmp_path / 'small.png', (16, 16))}
+  files = {
+    'IMG': _png(tmp_path / 'img.png', (32, 32)),
+    'MASK': _png(tmp_path / 'mask.png', (32, 32)),
+    'SMALL': _png(tmp_path / 'small.png', (16, 16)),
+  }
   (tmp_path / 'prompts.txt').write_text('a red circle\t3\na blue square\tthree\n')
   files['PROMPTS'] = str(tmp_path / 'prompts.txt')
   args = [files.get(a, a) for a in args]
-  result = run_cli('sample.py', '--workdir', str(tmp_path / 'nope'), '--prompt', 'a red circle', '--out',
-                   str(tmp_path / 'out'), *args)
+  result = run_cli(
+    'sample.py', '--workdir', str(tmp_path / 'nope'), '--prompt', 'a red circle', '--out', str(tmp_path / 'out'), *args
+  )
   _assert_user_error(result, *needles)
 
 
@@ -65,18 +85,20 @@ def test_errors_that_need_the_workdir(tmp_path, ldm_workdir):
   """A mask of another size than the init image, a missing --step, more steps than the model was trained with."""
   base = ['--workdir', ldm_workdir, '--prompt', 'a red circle', '--out', str(tmp_path / 'out')]
   image, small = _png(tmp_path / 'img.png', (32, 32)), _png(tmp_path / 'small.png', (16, 16))
-  _assert_user_error(run_cli('sample.py', *base, '--init_image', image, '--mask', small), 'mask', 'is 16x16',
-                     '32x32')
+  _assert_user_error(run_cli('sample.py', *base, '--init_image', image, '--mask', small), 'mask', 'is 16x16', '32x32')
   steps = sorted(int(d) for d in os.listdir(os.path.join(ldm_workdir, 'checkpoints')) if d.isdigit())
-  _assert_user_error(run_cli('sample.py', *base, '--step', '987654'),
-                     f'no checkpoint at step 987654 in {ldm_workdir} (have: {", ".join(map(str, steps))})')
+  _assert_user_error(
+    run_cli('sample.py', *base, '--step', '987654'),
+    f'no checkpoint at step 987654 in {ldm_workdir} (have: {", ".join(map(str, steps))})',
+  )
   _assert_user_error(run_cli('sample.py', *base, '--num_steps', '5000'), 'num_steps must be in [1, ')
   assert not (tmp_path / 'out').exists()
 
 
 def test_sampler_of_the_other_family_is_a_user_error(tmp_path, ldm_workdir):
-  result = run_cli('sample.py', '--workdir', ldm_workdir, '--prompt', 'a red circle', '--sampler', 'flow_euler',
-                   '--out', str(tmp_path))
+  result = run_cli(
+    'sample.py', '--workdir', ldm_workdir, '--prompt', 'a red circle', '--sampler', 'flow_euler', '--out', str(tmp_path)
+  )
   _assert_user_error(result, "'flow_euler' is a flow sampler", 'diffusion model', 'dpmpp_2m')
 
 
@@ -87,9 +109,28 @@ def test_inpainting_from_the_command_line(tmp_path, ldm_workdir):
   mask[:, :24] = 255
   Image.fromarray(mask).save(tmp_path / 'mask.png')
   out = tmp_path / 'out'
-  result = run_cli('sample.py', '--workdir', ldm_workdir, '--prompt', 'a red circle', '--num_images', '2',
-                   '--sampler', 'dpmpp_2m', '--karras', '--num_steps', '4', '--init_image', image, '--mask',
-                   str(tmp_path / 'mask.png'), '--guidance_rescale', '0.5', '--out', str(out))
+  result = run_cli(
+    'sample.py',
+    '--workdir',
+    ldm_workdir,
+    '--prompt',
+    'a red circle',
+    '--num_images',
+    '2',
+    '--sampler',
+    'dpmpp_2m',
+    '--karras',
+    '--num_steps',
+    '4',
+    '--init_image',
+    image,
+    '--mask',
+    str(tmp_path / 'mask.png'),
+    '--guidance_rescale',
+    '0.5',
+    '--out',
+    str(out),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   settings = json.load(open(out / 'settings.json'))
   assert settings['sampler'] == 'dpmpp_2m' and settings['sampler_options']['karras'] is True
@@ -135,8 +176,23 @@ def test_sweep_with_per_prompt_seeds(tmp_path, ldm_workdir):
   prompts = tmp_path / 'prompts.txt'
   prompts.write_text('a red circle\t5\na blue square\n')
   out = tmp_path / 'sweep'
-  result = run_cli('sample.py', '--workdir', ldm_workdir, '--prompts_file', str(prompts), '--guidance_scale', '1,3',
-                   '--num_steps', '2', '--sampler', 'ddim', '--seed', '7', '--out', str(out))
+  result = run_cli(
+    'sample.py',
+    '--workdir',
+    ldm_workdir,
+    '--prompts_file',
+    str(prompts),
+    '--guidance_scale',
+    '1,3',
+    '--num_steps',
+    '2',
+    '--sampler',
+    'ddim',
+    '--seed',
+    '7',
+    '--out',
+    str(out),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   settings = json.load(open(out / 'settings.json'))
   assert [e['dir'] for e in settings['sweep']] == ['gs1_steps2', 'gs3_steps2']
@@ -147,8 +203,9 @@ def test_sweep_with_per_prompt_seeds(tmp_path, ldm_workdir):
     assert sub['guidance_scale'] == entry['guidance_scale'] and sub['num_steps'] == 2
   assert not np.array_equal(load(out / 'gs1_steps2' / '0000.png'), load(out / 'gs3_steps2' / '0000.png'))
   # The seeded prompt's image is the one a separate run with that seed makes.
-  sample_to_directory(ldm_workdir, ['a red circle'], str(tmp_path / 'seeded'), seed=5, guidance_scale=1.0,
-                      num_steps=2, sampler='ddim')
+  sample_to_directory(
+    ldm_workdir, ['a red circle'], str(tmp_path / 'seeded'), seed=5, guidance_scale=1.0, num_steps=2, sampler='ddim'
+  )
   np.testing.assert_array_equal(load(out / 'gs1_steps2' / '0000.png'), load(tmp_path / 'seeded' / '0000.png'))
   grid = Image.open(out / 'grid.png')
   assert grid.width > 2 * 96 and grid.height > 2 * 96  # Two labelled columns, two rows of enlarged cells.

@@ -12,9 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from diffusion import gaussian_oracle as oracle  # pylint: disable=g-import-not-at-top
-
-from diffusion import process
-from diffusion import samplers
+from diffusion import process, samplers
 from diffusion.errors import UserError
 
 MU, SD = oracle.MU, oracle.SD
@@ -30,9 +28,17 @@ def _schedule(zero_snr: bool = False, **config) -> process.NoiseSchedule:
 def _jitted_sampler(name, num_steps, prediction_type, options):
   def run(x_T, rng, schedule, init_latents=None, mask=None):
     opts = dict(options)
-    return samplers.get_sampler(name)(oracle.denoiser(schedule, prediction_type), x_T, schedule, num_steps=num_steps,
-                                      rng=rng, prediction_type=prediction_type, init_latents=init_latents, mask=mask,
-                                      **opts)
+    return samplers.get_sampler(name)(
+      oracle.denoiser(schedule, prediction_type),
+      x_T,
+      schedule,
+      num_steps=num_steps,
+      rng=rng,
+      prediction_type=prediction_type,
+      init_latents=init_latents,
+      mask=mask,
+      **opts,
+    )
 
   return jax.jit(run)
 
@@ -51,23 +57,42 @@ def test_registry_and_families():
   assert set(samplers.available_samplers()) == set(DIFFUSION) | {'flow_euler', 'flow_heun'}
   assert samplers.available_samplers('flow') == ['flow_euler', 'flow_heun']
   assert samplers.get_sampler('ddim') is samplers.ddim and samplers.get_sampler('euler_a') is samplers.euler_a
-  assert samplers.sampler_info('heun').options == ('timestep_spacing', 'steps_offset', 'karras', 's_churn', 's_tmin',
-                                                  's_tmax', 's_noise')
+  assert samplers.sampler_info('heun').options == (
+    'timestep_spacing',
+    'steps_offset',
+    'karras',
+    's_churn',
+    's_tmin',
+    's_tmax',
+    's_noise',
+  )
   with pytest.raises(UserError, match='ddim.*ddpm'):
     samplers.get_sampler('no-such-sampler')
   with pytest.raises(ValueError, match='already registered'):
     samplers.register_sampler('ddim')(samplers.ddpm.spec)
 
 
-@pytest.mark.parametrize('name,schedule_name,prediction_type', [
-    ('flow_euler', 'scaled_linear', 'eps'), ('flow_heun', 'edm', 'v'), ('ddim', 'flow', 'flow'),
-    ('dpmpp_2m', 'flow', 'v')])
+@pytest.mark.parametrize(
+  'name,schedule_name,prediction_type',
+  [
+    ('flow_euler', 'scaled_linear', 'eps'),
+    ('flow_heun', 'edm', 'v'),
+    ('ddim', 'flow', 'flow'),
+    ('dpmpp_2m', 'flow', 'v'),
+  ],
+)
 def test_sampler_of_the_other_family_is_a_clear_error(name, schedule_name, prediction_type):
   schedule = _schedule(schedule=schedule_name)
   other = 'flow' if schedule_name != 'flow' else 'diffusion'
   with pytest.raises(UserError, match=f'{name!r} is a {other} sampler but the model is a .* model.*use one of'):
-    samplers.get_sampler(name)(oracle.denoiser(schedule, prediction_type), jnp.zeros((1, 2, 2, 2)), schedule,
-                               num_steps=2, rng=jax.random.key(0), prediction_type=prediction_type)
+    samplers.get_sampler(name)(
+      oracle.denoiser(schedule, prediction_type),
+      jnp.zeros((1, 2, 2, 2)),
+      schedule,
+      num_steps=2,
+      rng=jax.random.key(0),
+      prediction_type=prediction_type,
+    )
 
 
 def test_sampler_errors():
@@ -103,12 +128,12 @@ def test_timesteps_errors():
 # Exact answers for Gaussian data: deterministic samplers converge to the ODE solution at their order.
 
 ORDER_CASES = [
-    ('ddim', VP, 'v', dict(timestep_spacing='trailing'), 1),
-    ('euler', dict(schedule='edm'), 'eps', dict(karras=True), 1),
-    ('heun', dict(schedule='edm'), 'v', dict(karras=True), 2),
-    ('dpmpp_2m', VP, 'x0', dict(timestep_spacing='trailing', measure_t=199), 2),
-    ('flow_euler', dict(schedule='flow'), 'flow', {}, 1),
-    ('flow_heun', dict(schedule='flow'), 'flow', {}, 2),
+  ('ddim', VP, 'v', dict(timestep_spacing='trailing'), 1),
+  ('euler', dict(schedule='edm'), 'eps', dict(karras=True), 1),
+  ('heun', dict(schedule='edm'), 'v', dict(karras=True), 2),
+  ('dpmpp_2m', VP, 'x0', dict(timestep_spacing='trailing', measure_t=199), 2),
+  ('flow_euler', dict(schedule='flow'), 'flow', {}, 1),
+  ('flow_heun', dict(schedule='flow'), 'flow', {}, 2),
 ]
 
 
@@ -146,13 +171,18 @@ def _chain_moments(name, ac, timesteps, eta=1.0):
       direction = np.sqrt(1 - a_prev - noise_var) / np.sqrt(1 - a_t)
       k0, k1 = np.sqrt(a_prev) - direction * np.sqrt(a_t), direction
     mean = k0 * (c1 * mean + c0) + k1 * mean
-    var = (k0 * c1 + k1)**2 * var + noise_var
+    var = (k0 * c1 + k1) ** 2 * var + noise_var
   return mean, var
 
 
-@pytest.mark.parametrize('name,options,prediction_type', [
-    ('ddpm', {}, 'eps'), ('ddim', dict(eta=1.0, set_alpha_to_one=True), 'x0'),
-    pytest.param('ddpm', {}, 'v', marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  'name,options,prediction_type',
+  [
+    ('ddpm', {}, 'eps'),
+    ('ddim', dict(eta=1.0, set_alpha_to_one=True), 'x0'),
+    pytest.param('ddpm', {}, 'v', marks=pytest.mark.slow),
+  ],
+)
 def test_ancestral_samplers_match_exact_chain_moments(name, options, prediction_type):
   """Sample moments over many draws equal the chain's exact moments, which are near MU, SD."""
   schedule, num_steps, n = _schedule(), 50, 8192
@@ -170,7 +200,7 @@ def _euler_ancestral_moments(sigmas):
   """Exact per-channel mean and variance of the Euler-ancestral chain with the optimal denoiser: every step is
   affine in x (D(x) = MU + c (x - MU), c = SD^2 / (SD^2 + sigma^2)) plus independent noise."""
   sigmas = np.asarray(sigmas, np.float64)
-  mean, var = np.zeros(2), np.full(2, 1.0 + sigmas[0]**2)
+  mean, var = np.zeros(2), np.full(2, 1.0 + sigmas[0] ** 2)
   for sigma, sigma_to in zip(sigmas[:-1], sigmas[1:]):
     sigma_up = np.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
     sigma_down = np.sqrt(sigma_to**2 - sigma_up**2)
@@ -195,9 +225,13 @@ def test_euler_ancestral_matches_exact_chain_moments():
   assert np.all(np.abs(np.sqrt(finer) - SD) < 0.3 * np.abs(np.sqrt(var) - SD))  # First order: 10x steps, ~10x.
 
 
-@pytest.mark.parametrize('name,config,options', [
+@pytest.mark.parametrize(
+  'name,config,options',
+  [
     ('dpmpp_2m_sde', VP, dict(karras=True)),
-    ('heun', dict(schedule='edm'), dict(karras=True, s_churn=40.0, s_tmin=0.05, s_tmax=50.0))])
+    ('heun', dict(schedule='edm'), dict(karras=True, s_churn=40.0, s_tmin=0.05, s_tmax=50.0)),
+  ],
+)
 def test_stochastic_samplers_reach_the_data_distribution(name, config, options):
   """Over many draws the samples' per-channel mean and std match N(MU, SD^2)."""
   schedule, n = process.get_noise_schedule({**VP, **config}), 8192
@@ -261,28 +295,52 @@ def test_ancestral_noise_is_per_example():
 # img2img and inpainting.
 
 
-@pytest.mark.parametrize('name,schedule_name,prediction_type', [('ddim', 'scaled_linear', 'eps'),
-                                                                ('euler', 'scaled_linear', 'v'),
-                                                                ('flow_euler', 'flow', 'flow')])
+@pytest.mark.parametrize(
+  'name,schedule_name,prediction_type',
+  [('ddim', 'scaled_linear', 'eps'), ('euler', 'scaled_linear', 'v'), ('flow_euler', 'flow', 'flow')],
+)
 def test_img2img_starts_from_the_noised_init_at_the_right_step(name, schedule_name, prediction_type):
   schedule = _schedule(schedule=schedule_name)
   x_T, x0 = oracle.normal(7, (2, 2, 2, 2)), oracle.normal(8, (2, 2, 2, 2))
   sampler = samplers.get_sampler(name)
-  full = sampler(oracle.denoiser(schedule, prediction_type), x_T, schedule, num_steps=10,
-                 prediction_type=prediction_type, return_trajectory=True)
-  part = sampler(oracle.denoiser(schedule, prediction_type), x_T, schedule, num_steps=10,
-                 prediction_type=prediction_type, init_latents=x0, strength=0.6, return_trajectory=True)
+  full = sampler(
+    oracle.denoiser(schedule, prediction_type),
+    x_T,
+    schedule,
+    num_steps=10,
+    prediction_type=prediction_type,
+    return_trajectory=True,
+  )
+  part = sampler(
+    oracle.denoiser(schedule, prediction_type),
+    x_T,
+    schedule,
+    num_steps=10,
+    prediction_type=prediction_type,
+    init_latents=x0,
+    strength=0.6,
+    return_trajectory=True,
+  )
   assert part.states.shape[0] == 7 and part.timesteps.shape == (6,)  # int(10 * 0.6) steps, the last 6.
   np.testing.assert_array_equal(part.timesteps, full.timesteps[4:])
   np.testing.assert_allclose(part.states[0], full.alphas[4] * x0 + full.sigmas[4] * x_T, rtol=1e-6, atol=1e-6)
-  weak = sampler(oracle.denoiser(schedule, prediction_type), x_T, schedule, num_steps=10,
-                 prediction_type=prediction_type, init_latents=x0, strength=0.1)
+  weak = sampler(
+    oracle.denoiser(schedule, prediction_type),
+    x_T,
+    schedule,
+    num_steps=10,
+    prediction_type=prediction_type,
+    init_latents=x0,
+    strength=0.1,
+  )
   strong = part.x0
   assert np.abs(np.asarray(weak) - x0).max() < np.abs(np.asarray(strong) - x0).max()
 
 
-@pytest.mark.parametrize('name', ['ddpm', 'flow_heun', pytest.param('dpmpp_2m', marks=pytest.mark.slow),
-                                  pytest.param('heun', marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  'name',
+  ['ddpm', 'flow_heun', pytest.param('dpmpp_2m', marks=pytest.mark.slow), pytest.param('heun', marks=pytest.mark.slow)],
+)
 def test_inpainting_keeps_the_known_region(name):
   flow = name.startswith('flow')
   schedule = _schedule(schedule='flow' if flow else 'scaled_linear')

@@ -26,16 +26,27 @@ def test_from_config_takes_only_the_options_the_sampler_takes(sample):
   assert heun.options == (('karras', False), ('s_churn', 0.5)) and heun.num_steps == sample.num_steps
   sample.timestep_spacing = 'trailing'
   assert dict(SamplingSettings.from_config(sample, sampler='euler').options) == {
-      'karras': False, 'timestep_spacing': 'trailing'}
+    'karras': False,
+    'timestep_spacing': 'trailing',
+  }
   sample.eta = 0.3  # Set for ddim: dropped (not an error) when an override picks a sampler without eta.
   assert 'eta' not in dict(SamplingSettings.from_config(sample, sampler='euler').options)
 
 
-@pytest.mark.parametrize('key,value,needle', [
-    ('sampler', 'magic', 'unknown sampler'), ('num_steps', 0, 'integer >= 1'), ('guidance_scale', -1.0, '>= 0'),
-    ('guidance_rescale', 1.5, '[0, 1]'), ('guidance_interval', (0.9, 0.1), 'lo <= hi'), ('eta', -0.1, '>= 0'),
-    ('s_churn', 1.0, "sampler 'ddim' has no option 's_churn'"), ('timestep_spacing', 'sideways', 'leading'),
-    ('karras', True, "no option 'karras'")])
+@pytest.mark.parametrize(
+  'key,value,needle',
+  [
+    ('sampler', 'magic', 'unknown sampler'),
+    ('num_steps', 0, 'integer >= 1'),
+    ('guidance_scale', -1.0, '>= 0'),
+    ('guidance_rescale', 1.5, '[0, 1]'),
+    ('guidance_interval', (0.9, 0.1), 'lo <= hi'),
+    ('eta', -0.1, '>= 0'),
+    ('s_churn', 1.0, "sampler 'ddim' has no option 's_churn'"),
+    ('timestep_spacing', 'sideways', 'leading'),
+    ('karras', True, "no option 'karras'"),
+  ],
+)
 def test_a_bad_config_value_is_a_config_error_naming_its_key(sample, key, value, needle):
   sample[key] = value
   with pytest.raises(ConfigError, match=needle) as info:
@@ -43,12 +54,18 @@ def test_a_bad_config_value_is_a_config_error_naming_its_key(sample, key, value,
   assert info.value.key == f'sample.{key}'
 
 
-@pytest.mark.parametrize('overrides,needle', [
+@pytest.mark.parametrize(
+  'overrides,needle',
+  [
     (dict(sampler='magic'), "unknown sampler 'magic'; known: ddim"),
     (dict(s_churn=1.0), "sampler 'ddim' has no option 's_churn'; its options: eta, timestep_spacing"),
     (dict(sampler='euler', eta=0.5), "sampler 'euler' has no option 'eta'"),
-    (dict(num_steps=0), 'num_steps must be an integer >= 1'), (dict(eta=-1.0), 'eta must be a number >= 0'),
-    (dict(guidance_interval=(0.5, 2.0)), 'guidance_interval must be'), (dict(karras=1, sampler='euler'), 'karras')])
+    (dict(num_steps=0), 'num_steps must be an integer >= 1'),
+    (dict(eta=-1.0), 'eta must be a number >= 0'),
+    (dict(guidance_interval=(0.5, 2.0)), 'guidance_interval must be'),
+    (dict(karras=1, sampler='euler'), 'karras'),
+  ],
+)
 def test_a_bad_override_is_a_user_error_naming_the_option(sample, overrides, needle):
   with pytest.raises(UserError, match=needle.replace('(', r'\(').replace(')', r'\)')) as info:
     SamplingSettings.from_config(sample, **overrides)
@@ -76,8 +93,15 @@ def test_replace_validates_and_keeps_only_the_new_samplers_options(sample):
 
 
 def test_to_dict_round_trips_through_json(sample):
-  settings = SamplingSettings.from_config(sample, sampler='dpmpp_2m', karras=True, timestep_spacing='trailing',
-                                          guidance_interval=(0.1, 0.9), negative_prompt='blurry', num_steps=7)
+  settings = SamplingSettings.from_config(
+    sample,
+    sampler='dpmpp_2m',
+    karras=True,
+    timestep_spacing='trailing',
+    guidance_interval=(0.1, 0.9),
+    negative_prompt='blurry',
+    num_steps=7,
+  )
   record = json.loads(json.dumps(settings.to_dict()))
   assert record['options'] == {'karras': True, 'timestep_spacing': 'trailing'} and record['num_steps'] == 7
   assert SamplingSettings.from_dict(record) == settings

@@ -14,11 +14,10 @@ import optax
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from support import LDM, load_config  # pylint: disable=g-import-not-at-top
-
 from diffusion import losses, process
 from diffusion.config import validate_config
 from diffusion.errors import ConfigError
+from support import LDM, load_config  # pylint: disable=g-import-not-at-top
 
 FLOW = {'diffusion.prediction_type': 'flow', 'diffusion.schedule': 'flow', 'sample.sampler': 'flow_euler'}
 
@@ -62,23 +61,39 @@ def _train(diffusion_config, steps=60):
 
 
 # Every prediction type and every weighting at least once (each case compiles its own train step).
-OBJECTIVES = [('eps', 'scaled_linear', 'uniform'), ('x0', 'cosine', 'min_snr'), ('v', 'scaled_linear', 'v_loss'),
-              ('v', 'edm', 'edm'), ('eps', 'scaled_linear', 'min_snr'), ('flow', 'flow', 'uniform'),
-              ('flow', 'flow', 'edm')]
+OBJECTIVES = [
+  ('eps', 'scaled_linear', 'uniform'),
+  ('x0', 'cosine', 'min_snr'),
+  ('v', 'scaled_linear', 'v_loss'),
+  ('v', 'edm', 'edm'),
+  ('eps', 'scaled_linear', 'min_snr'),
+  ('flow', 'flow', 'uniform'),
+  ('flow', 'flow', 'edm'),
+]
 
 
 @pytest.mark.parametrize('prediction_type,schedule,weighting', OBJECTIVES)
 def test_each_objective_trains(prediction_type, schedule, weighting):
-  config = dict(prediction_type=prediction_type, schedule=schedule, loss_weighting=weighting, min_snr_gamma=5.0,
-                edm_sigma_data=0.5, flow_t_sampling='logit_normal' if weighting == 'edm' else 'uniform')
+  config = dict(
+    prediction_type=prediction_type,
+    schedule=schedule,
+    loss_weighting=weighting,
+    min_snr_gamma=5.0,
+    edm_sigma_data=0.5,
+    flow_t_sampling='logit_normal' if weighting == 'edm' else 'uniform',
+  )
   before, after = _train(config)
   assert after < 0.8 * before, (before, after)
 
 
-@pytest.mark.parametrize('overrides,key', [
+@pytest.mark.parametrize(
+  'overrides,key',
+  [
     ({'diffusion.prediction_type': 'flow'}, 'diffusion.prediction_type'),
-    ({'diffusion.schedule': 'flow', 'diffusion.prediction_type': 'eps', 'sample.sampler': 'flow_euler'},
-     'diffusion.prediction_type'),
+    (
+      {'diffusion.schedule': 'flow', 'diffusion.prediction_type': 'eps', 'sample.sampler': 'flow_euler'},
+      'diffusion.prediction_type',
+    ),
     ({'diffusion.schedule': 'flow', 'diffusion.prediction_type': 'flow'}, 'sample.sampler'),
     ({'sample.sampler': 'flow_heun'}, 'sample.sampler'),
     ({'sample.karras': True}, 'sample.karras'),
@@ -89,20 +104,37 @@ def test_each_objective_trains(prediction_type, schedule, weighting):
     ({'diffusion.loss_weighting': 'snr'}, 'diffusion.loss_weighting'),
     ({'diffusion.flow_t_sampling': 'beta', **FLOW}, 'diffusion.flow_t_sampling'),
     ({'diffusion.edm_sigma_data': -1.0, 'diffusion.loss_weighting': 'edm'}, 'diffusion.edm_sigma_data'),
-])
+  ],
+)
 def test_config_rules(overrides, key):
   config = load_config('ldm_base', {}, '/nonexistent', **overrides)
   with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
     validate_config(config)
 
 
-@pytest.mark.parametrize('overrides', [
-    {'diffusion.prediction_type': 'v'}, FLOW,
+@pytest.mark.parametrize(
+  'overrides',
+  [
+    {'diffusion.prediction_type': 'v'},
+    FLOW,
     {**FLOW, 'diffusion.flow_t_sampling': 'logit_normal', 'diffusion.flow_shift': 3.0, 'sample.karras': True},
-    {'diffusion.schedule': 'edm', 'diffusion.prediction_type': 'v', 'diffusion.loss_weighting': 'edm',
-     'sample.sampler': 'heun', 'sample.karras': True, 'sample.s_churn': 10.0},
-    {'diffusion.rescale_zero_terminal_snr': True, 'diffusion.prediction_type': 'v', 'sample.sampler': 'dpmpp_2m_sde',
-     'sample.timestep_spacing': 'trailing', 'sample.guidance_rescale': 0.7}])
+    {
+      'diffusion.schedule': 'edm',
+      'diffusion.prediction_type': 'v',
+      'diffusion.loss_weighting': 'edm',
+      'sample.sampler': 'heun',
+      'sample.karras': True,
+      'sample.s_churn': 10.0,
+    },
+    {
+      'diffusion.rescale_zero_terminal_snr': True,
+      'diffusion.prediction_type': 'v',
+      'sample.sampler': 'dpmpp_2m_sde',
+      'sample.timestep_spacing': 'trailing',
+      'sample.guidance_rescale': 0.7,
+    },
+  ],
+)
 def test_quickstart_variants_are_valid_configs(overrides):
   validate_config(load_config('ldm_base', {}, '/nonexistent', **overrides))
 

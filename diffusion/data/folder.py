@@ -23,7 +23,7 @@ from absl import logging
 
 from diffusion.errors import UserError
 
-_CAPTION_FILES = ("metadata.jsonl", "metadata.csv")
+_CAPTION_FILES = ('metadata.jsonl', 'metadata.csv')
 
 
 class FolderNotFoundError(UserError, FileNotFoundError):
@@ -33,9 +33,9 @@ class FolderNotFoundError(UserError, FileNotFoundError):
 def _read_rows(captions_file: str) -> list[dict]:
   """Rows of a .jsonl or .csv captions file, each with at least file_name and text."""
   if not os.path.isfile(captions_file):
-    raise FolderNotFoundError(f"captions file not found: {captions_file!r} (data.folder.captions_file)")
-  with open(captions_file, newline="", encoding="utf-8") as f:
-    if captions_file.endswith(".jsonl") or captions_file.endswith(".json"):
+    raise FolderNotFoundError(f'captions file not found: {captions_file!r} (data.folder.captions_file)')
+  with open(captions_file, newline='', encoding='utf-8') as f:
+    if captions_file.endswith('.jsonl') or captions_file.endswith('.json'):
       rows = []
       for number, line in enumerate(f, 1):
         if not line.strip():
@@ -43,13 +43,13 @@ def _read_rows(captions_file: str) -> list[dict]:
         try:
           rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-          raise UserError(f"{captions_file} line {number} is not valid JSON ({e})") from None
-    elif captions_file.endswith(".csv"):
+          raise UserError(f'{captions_file} line {number} is not valid JSON ({e})') from None
+    elif captions_file.endswith('.csv'):
       rows = list(csv.DictReader(f))
     else:
-      raise UserError(f"captions file must be .jsonl or .csv: {captions_file}")
+      raise UserError(f'captions file must be .jsonl or .csv: {captions_file}')
   for i, row in enumerate(rows):
-    if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
+    if not isinstance(row, dict) or 'file_name' not in row or 'text' not in row:
       raise UserError(f"{captions_file} row {i} lacks 'file_name' or 'text': {row}")
   return rows
 
@@ -63,7 +63,7 @@ def _find_captions_file(directory: str, captions_file: str) -> str:
     candidate = os.path.join(directory, name)
     if os.path.exists(candidate):
       return candidate
-  raise FolderNotFoundError(f"no captions file ({' or '.join(_CAPTION_FILES)}) in {directory}")
+  raise FolderNotFoundError(f'no captions file ({" or ".join(_CAPTION_FILES)}) in {directory}')
 
 
 class FolderDataSource:
@@ -72,36 +72,34 @@ class FolderDataSource:
   Rows whose image file does not exist are dropped (and counted in `num_missing`) up front.
   """
 
-  def __init__(self, path: str, captions_file: str = "", split: str | None = None,
-               train_split: str = "train"):
+  def __init__(self, path: str, captions_file: str = '', split: str | None = None, train_split: str = 'train'):
     if not path or not os.path.isdir(path):
-      raise FolderNotFoundError(f"image folder not found: {path!r} (data.folder.path)")
+      raise FolderNotFoundError(f'image folder not found: {path!r} (data.folder.path)')
     directory = path
     if split and os.path.isdir(os.path.join(path, split)):
       directory = os.path.join(path, split)
     captions_path = _find_captions_file(directory, captions_file)
     rows = _read_rows(captions_path)
-    if split and directory == path and any("split" in r for r in rows):
-      rows = [r for r in rows if r.get("split") == split]
+    if split and directory == path and any('split' in r for r in rows):
+      rows = [r for r in rows if r.get('split') == split]
     elif split and directory == path and split != train_split:
-      logging.warning("Folder %s has no %r split: using all of its images.", path, split)
+      logging.warning('Folder %s has no %r split: using all of its images.', path, split)
     root = os.path.dirname(os.path.abspath(captions_path))
     self._files: list[str] = []
     self._captions: list = []
     self.num_missing = 0
     for row in rows:
-      file_path = os.path.join(root, row["file_name"])
+      file_path = os.path.join(root, row['file_name'])
       if not os.path.isfile(file_path):
         self.num_missing += 1
         continue
       self._files.append(file_path)
-      self._captions.append(row["text"])
+      self._captions.append(row['text'])
     if self.num_missing:
-      logging.warning("Folder %s: skipped %d rows whose image file is missing.", path,
-                      self.num_missing)
+      logging.warning('Folder %s: skipped %d rows whose image file is missing.', path, self.num_missing)
     if not self._files:
-      raise UserError(f"no images found for split {split!r} in {path} ({captions_path})")
-    self._desc = f"FolderDataSource(path={path!r}, split={split!r}, n={len(self._files)})"
+      raise UserError(f'no images found for split {split!r} in {path} ({captions_path})')
+    self._desc = f'FolderDataSource(path={path!r}, split={split!r}, n={len(self._files)})'
 
   def __len__(self) -> int:
     return len(self._files)
@@ -109,11 +107,11 @@ class FolderDataSource:
   def __getitem__(self, index: int) -> dict:
     file_path = self._files[index]
     try:
-      with open(file_path, "rb") as f:
+      with open(file_path, 'rb') as f:
         data = f.read()
     except OSError:
-      data = b""  # Unreadable: the decoder skips it like any undecodable file.
-    return {"image": data, "caption": self._captions[index], "file_name": file_path}
+      data = b''  # Unreadable: the decoder skips it like any undecodable file.
+    return {'image': data, 'caption': self._captions[index], 'file_name': file_path}
 
   def __repr__(self) -> str:
     return self._desc

@@ -21,7 +21,6 @@ import os
 from typing import Any
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 from flax import serialization
@@ -65,9 +64,14 @@ def expected_metadata(config: ml_collections.ConfigDict, split: str) -> dict:
   """The metadata fields a cache must have for `config` (model.vae already the VAE workdir's) to train from it."""
   vae = config.model.vae
   latent = config.data.image_size // models.vae_downsample_factor(vae)
-  return {'format': FORMAT, 'version': VERSION, 'image_size': config.data.image_size,
-          'latent_shape': [latent, latent, vae.latent_channels], 'dataset': _dataset_identity(config.data, split),
-          'vae_config': _architecture(vae)}
+  return {
+    'format': FORMAT,
+    'version': VERSION,
+    'image_size': config.data.image_size,
+    'latent_shape': [latent, latent, vae.latent_channels],
+    'dataset': _dataset_identity(config.data, split),
+    'vae_config': _architecture(vae),
+  }
 
 
 def load_metadata(cache_dir: str, split: str) -> dict:
@@ -76,18 +80,25 @@ def load_metadata(cache_dir: str, split: str) -> dict:
   path = os.path.join(directory, _METADATA)
   if not os.path.isfile(path):
     found = sorted(d for d in os.listdir(cache_dir) if has_split(cache_dir, d)) if os.path.isdir(cache_dir) else []
-    raise ConfigError('data.latent_cache', f'{cache_dir!r} holds no latent cache for split {split!r} (no {path}; '
-                      f'splits found: {found or "none"}); make one with scripts/precompute_latents.py')
+    raise ConfigError(
+      'data.latent_cache',
+      f'{cache_dir!r} holds no latent cache for split {split!r} (no {path}; '
+      f'splits found: {found or "none"}); make one with scripts/precompute_latents.py',
+    )
   try:
     with open(path) as f:
       meta = json.load(f)
   except json.JSONDecodeError as e:
     raise UserError(f'{path} is not valid JSON: {e}') from None
-  missing = [s for s in meta.get('shards', []) + meta.get('shard_stats', [])
-             if not os.path.isfile(os.path.join(directory, s))]
+  missing = [
+    s for s in meta.get('shards', []) + meta.get('shard_stats', []) if not os.path.isfile(os.path.join(directory, s))
+  ]
   if missing:
-    raise ConfigError('data.latent_cache', f'latent cache {directory!r} is incomplete: missing {missing[:3]} '
-                      '(a writing process has not finished, or failed)')
+    raise ConfigError(
+      'data.latent_cache',
+      f'latent cache {directory!r} is incomplete: missing {missing[:3]} '
+      '(a writing process has not finished, or failed)',
+    )
   return meta
 
 
@@ -108,22 +119,29 @@ def check_cache(config: ml_collections.ConfigDict, split: str, vae_params: Any =
   meta = load_metadata(cache_dir, split)
   problems = _mismatches(meta, expected_metadata(config, split))
   if config.data.random_flip and 'flipped' not in meta.get('variants', []):
-    problems.append(f'variants: cache has {meta.get("variants")}, data.random_flip=True needs the flipped variant '
-                    '(precompute with --flips both)')
+    problems.append(
+      f'variants: cache has {meta.get("variants")}, data.random_flip=True needs the flipped variant '
+      '(precompute with --flips both)'
+    )
   if vae_params is not None and meta.get('vae_params_sha256') != params_hash(vae_params):
-    problems.append(f'VAE params: the cache was encoded with the VAE of {meta.get("vae_workdir")!r} (params hash '
-                    f'{str(meta.get("vae_params_sha256"))[:12]}...), not this run\'s frozen VAE')
+    problems.append(
+      f'VAE params: the cache was encoded with the VAE of {meta.get("vae_workdir")!r} (params hash '
+      f"{str(meta.get('vae_params_sha256'))[:12]}...), not this run's frozen VAE"
+    )
   if problems:
-    raise ConfigError('data.latent_cache', f'{split_dir(cache_dir, split)!r} does not match the config: '
-                      + '; '.join(problems) + ' (rerun scripts/precompute_latents.py)')
+    raise ConfigError(
+      'data.latent_cache',
+      f'{split_dir(cache_dir, split)!r} does not match the config: '
+      + '; '.join(problems)
+      + ' (rerun scripts/precompute_latents.py)',
+    )
   return meta
 
 
 def check_training_cache(config: ml_collections.ConfigDict, vae_params: Any) -> None:
   """`check_cache` for the training split and, when the cache holds it, the evaluation split."""
   check_cache(config, config.data.train_split, vae_params)
-  if config.data.eval_split != config.data.train_split and has_split(config.data.latent_cache,
-                                                                      config.data.eval_split):
+  if config.data.eval_split != config.data.train_split and has_split(config.data.latent_cache, config.data.eval_split):
     check_cache(config, config.data.eval_split, vae_params)
 
 
@@ -139,8 +157,10 @@ def open_source(cache_dir: str, split: str) -> tuple[Any, dict]:
   meta = load_metadata(cache_dir, split)
   source = grain.sources.ArrayRecordDataSource(_shard_paths(cache_dir, split, meta))
   if len(source) != meta['dataset']['num_records']:
-    raise UserError(f'latent cache {split_dir(cache_dir, split)!r} holds {len(source)} records, its metadata says '
-                    f'{meta["dataset"]["num_records"]}')
+    raise UserError(
+      f'latent cache {split_dir(cache_dir, split)!r} holds {len(source)} records, its metadata says '
+      f'{meta["dataset"]["num_records"]}'
+    )
   return source, meta
 
 
@@ -175,42 +195,74 @@ class CachedAugment(grain.transforms.RandomMap):
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     s = self.image_size
-    choice, _, _, flip = data_pipeline.draw_augmentation(rng, len(element['captions']), s, s, s, False,
-                                                         self.random_flip)
+    choice, _, _, flip = data_pipeline.draw_augmentation(
+      rng, len(element['captions']), s, s, s, False, self.random_flip
+    )
     captions = element['flipped_captions'] if flip else element['captions']
-    return {'latent_mean': element['mean'][int(flip)], 'latent_logvar': element['logvar'][int(flip)],
-            'caption': captions[choice]}
+    return {
+      'latent_mean': element['mean'][int(flip)],
+      'latent_logvar': element['logvar'][int(flip)],
+      'caption': captions[choice],
+    }
 
 
 def _stack(elements: list[dict]) -> dict:
-  return {'latent_mean': np.stack([e['latent_mean'] for e in elements]).astype(np.float32),
-          'latent_logvar': np.stack([e['latent_logvar'] for e in elements]).astype(np.float32),
-          'caption': [e['caption'] for e in elements]}
+  return {
+    'latent_mean': np.stack([e['latent_mean'] for e in elements]).astype(np.float32),
+    'latent_logvar': np.stack([e['latent_logvar'] for e in elements]).astype(np.float32),
+    'caption': [e['caption'] for e in elements],
+  }
 
 
-def create_cached_pipeline(data_config: ml_collections.ConfigDict, split: str, *, tokenizer, batch_size: int,
-                           seed: int, shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
-                           process_count: int = 1, drop_remainder: bool = True) -> grain.DataLoader:
+def create_cached_pipeline(
+  data_config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  tokenizer,
+  batch_size: int,
+  seed: int,
+  shuffle: bool = True,
+  num_epochs: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  drop_remainder: bool = True,
+) -> grain.DataLoader:
   """This host's batches: dict(latent_mean, latent_logvar: float32 (B, h, w, c), input_ids: int32 (B, L)).
 
   Same sampler, sharding and augmentation draws as `pipeline.create_image_pipeline` on the image dataset.
   """
   if data_config.random_crop:
-    raise ConfigError('data.random_crop', 'random crops cannot be read from a latent cache (data.latent_cache); '
-                      'set data.random_crop=False or train on images')
+    raise ConfigError(
+      'data.random_crop',
+      'random crops cannot be read from a latent cache (data.latent_cache); '
+      'set data.random_crop=False or train on images',
+    )
   source, meta = open_source(data_config.latent_cache, split)
   if data_config.random_flip and 'flipped' not in meta['variants']:
-    raise ConfigError('data.latent_cache', f'split {split!r} has no flipped latents but data.random_flip=True '
-                      '(precompute with --flips both)')
-  sampler = data_pipeline.make_sampler(len(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                                       process_index=process_index, process_count=process_count,
-                                       drop_remainder=drop_remainder)
+    raise ConfigError(
+      'data.latent_cache',
+      f'split {split!r} has no flipped latents but data.random_flip=True (precompute with --flips both)',
+    )
+  sampler = data_pipeline.make_sampler(
+    len(source),
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    process_index=process_index,
+    process_count=process_count,
+    drop_remainder=drop_remainder,
+  )
   operations = [
-      _DecodeCached(),
-      _KeepValid(),
-      CachedAugment(data_config.image_size, data_config.random_flip),
-      grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder, batch_fn=_stack),
-      data_pipeline.Finalize(tokenizer, data_config.max_text_length),
+    _DecodeCached(),
+    _KeepValid(),
+    CachedAugment(data_config.image_size, data_config.random_flip),
+    grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder, batch_fn=_stack),
+    data_pipeline.Finalize(tokenizer, data_config.max_text_length),
   ]
-  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                          worker_count=data_config.worker_count, read_options=data_pipeline._READ_OPTIONS)  # pylint: disable=protected-access
+  return grain.DataLoader(
+    data_source=source,
+    sampler=sampler,
+    operations=operations,
+    worker_count=data_config.worker_count,
+    read_options=data_pipeline._READ_OPTIONS,
+  )  # pylint: disable=protected-access

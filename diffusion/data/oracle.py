@@ -38,13 +38,11 @@ def _rgb_hue(rgb: np.ndarray) -> np.ndarray:
   r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
   mx, mn = rgb.max(-1), rgb.min(-1)
   c = np.maximum(mx - mn, 1e-6)
-  hue = np.where(mx == r, ((g - b) / c) % 6.0,
-                 np.where(mx == g, (b - r) / c + 2.0, (r - g) / c + 4.0))
+  hue = np.where(mx == r, ((g - b) / c) % 6.0, np.where(mx == g, (b - r) / c + 2.0, (r - g) / c + 4.0))
   return (hue * 60.0) % 360.0
 
 
-_PALETTE_HUES = np.array([_rgb_hue(np.asarray(shapes_lib.PALETTE[c], np.float32) / 255.0)
-                          for c in COLOURS])
+_PALETTE_HUES = np.array([_rgb_hue(np.asarray(shapes_lib.PALETTE[c], np.float32) / 255.0) for c in COLOURS])
 
 
 def _hue_distance(hue: np.ndarray, ref: np.ndarray | float) -> np.ndarray:
@@ -56,7 +54,7 @@ def to_unit_rgb(image: np.ndarray) -> np.ndarray:
   """uint8 [0, 255] or float [-1, 1] (H, W, 3) -> float32 RGB in [0, 1]."""
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    raise ValueError(f'expected an (H, W, 3) image, got shape {image.shape}')
   if image.dtype == np.uint8:
     return image.astype(np.float32) / 255.0
   return np.clip((image.astype(np.float32) + 1.0) / 2.0, 0.0, 1.0)
@@ -65,14 +63,16 @@ def to_unit_rgb(image: np.ndarray) -> np.ndarray:
 def _window(mask: np.ndarray, pad: int) -> tuple[slice, slice]:
   ys, xs = np.nonzero(mask)
   h, w = mask.shape
-  return (slice(max(ys.min() - pad, 0), min(ys.max() + pad + 1, h)),
-          slice(max(xs.min() - pad, 0), min(xs.max() + pad + 1, w)))
+  return (
+    slice(max(ys.min() - pad, 0), min(ys.max() + pad + 1, h)),
+    slice(max(xs.min() - pad, 0), min(xs.max() + pad + 1, w)),
+  )
 
 
 def _classify_shape(alpha: np.ndarray, scale: float) -> str:
   """Shape whose area- and centroid-matched, blurred template best fits a soft mask."""
   mass = float(alpha.sum())
-  ys, xs = np.mgrid[:alpha.shape[0], :alpha.shape[1]]
+  ys, xs = np.mgrid[: alpha.shape[0], : alpha.shape[1]]
   cy = float((alpha * (ys + 0.5)).sum() / mass)
   cx = float((alpha * (xs + 0.5)).sum() / mass)
   best_shape, best_err = SHAPES[0], np.inf
@@ -81,7 +81,7 @@ def _classify_shape(alpha: np.ndarray, scale: float) -> str:
     box_cy = cy - shapes_lib.SHAPE_CENTROID_DY[shape] * r
     template = shapes_lib.shape_coverage(shape, cx, box_cy, r, *alpha.shape)
     for sigma in _BLUR_SIGMAS_32:
-      t = ndimage.gaussian_filter(template, sigma * scale, mode="constant") if sigma else template
+      t = ndimage.gaussian_filter(template, sigma * scale, mode='constant') if sigma else template
       err = float(np.abs(alpha - t).sum())
       if err < best_err:
         best_shape, best_err = shape, err
@@ -117,16 +117,21 @@ def detect_objects(image: np.ndarray) -> list[dict]:
       full = max(float(np.percentile(chroma[win][component[win]], 90)), _MIN_CHROMA)
       alpha = np.clip(chroma[win] / full, 0.0, 1.0) * (near & same_hue)
       ys, xs = np.nonzero(component)
-      found.append(dict(colour=colour, shape=_classify_shape(alpha, scale),
-                        x=float((xs.mean() + 0.5) / w), y=float((ys.mean() + 0.5) / h),
-                        area=area))
-  found.sort(key=lambda o: -o["area"])
+      found.append(
+        dict(
+          colour=colour,
+          shape=_classify_shape(alpha, scale),
+          x=float((xs.mean() + 0.5) / w),
+          y=float((ys.mean() + 0.5) / h),
+          area=area,
+        )
+      )
+  found.sort(key=lambda o: -o['area'])
   return found
 
 
-_OBJECT_RE = r"an? (\w+) (\w+)"
-_CAPTION_RE = re.compile(
-    rf"^\s*{_OBJECT_RE}(?:\s+to the (left|right) of\s+{_OBJECT_RE})?\s*\.?\s*$", re.IGNORECASE)
+_OBJECT_RE = r'an? (\w+) (\w+)'
+_CAPTION_RE = re.compile(rf'^\s*{_OBJECT_RE}(?:\s+to the (left|right) of\s+{_OBJECT_RE})?\s*\.?\s*$', re.IGNORECASE)
 
 
 def parse_caption(caption: str) -> tuple[list[tuple[str, str]], str | None]:
@@ -137,12 +142,12 @@ def parse_caption(caption: str) -> tuple[list[tuple[str, str]], str | None]:
   """
   m = _CAPTION_RE.match(caption)
   if not m:
-    raise ValueError(f"caption not in the shapes grammar: {caption!r}")
+    raise ValueError(f'caption not in the shapes grammar: {caption!r}')
   c1, s1, relation, c2, s2 = (g.lower() if g else g for g in m.groups())
   objects = [(c1, s1)] if relation is None else [(c1, s1), (c2, s2)]
   for colour, shape in objects:
     if colour not in COLOURS or shape not in SHAPES:
-      raise ValueError(f"unknown colour/shape in caption {caption!r}")
+      raise ValueError(f'unknown colour/shape in caption {caption!r}')
   return objects, relation
 
 
@@ -151,16 +156,16 @@ def _matches(objects: Sequence[dict], wanted: list[tuple[str, str]], relation: s
     return False
   if relation is None:
     top = objects[0]
-    others_small = all(o["area"] < _DOMINANCE * top["area"] for o in objects[1:])
-    return (top["colour"], top["shape"]) == wanted[0] and others_small
+    others_small = all(o['area'] < _DOMINANCE * top['area'] for o in objects[1:])
+    return (top['colour'], top['shape']) == wanted[0] and others_small
   if len(objects) < 2:
     return False
   a, b = objects[0], objects[1]
-  if (b["colour"], b["shape"]) == wanted[0] and (a["colour"], a["shape"]) == wanted[1]:
+  if (b['colour'], b['shape']) == wanted[0] and (a['colour'], a['shape']) == wanted[1]:
     a, b = b, a
-  if [(a["colour"], a["shape"]), (b["colour"], b["shape"])] != wanted:
+  if [(a['colour'], a['shape']), (b['colour'], b['shape'])] != wanted:
     return False
-  return a["x"] < b["x"] if relation == "left" else a["x"] > b["x"]
+  return a['x'] < b['x'] if relation == 'left' else a['x'] > b['x']
 
 
 def caption_matches(image: np.ndarray, caption: str) -> bool:
@@ -177,9 +182,9 @@ def caption_matches(image: np.ndarray, caption: str) -> bool:
 def caption_accuracy(images: np.ndarray | Sequence[np.ndarray], captions: Sequence[str]) -> float:
   """Fraction of (image, caption) pairs for which `caption_matches` holds."""
   if len(images) != len(captions):
-    raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    raise ValueError(f'{len(images)} images but {len(captions)} captions')
   if not len(captions):
-    raise ValueError("no images to score")
+    raise ValueError('no images to score')
   return float(np.mean([caption_matches(im, c) for im, c in zip(images, captions)]))
 
 
@@ -192,24 +197,24 @@ def blur_images(images: np.ndarray, sigma_at_32: float = 1.0) -> np.ndarray:
   """Gaussian blur per image and channel; sigma in pixels at 32 px, scaled with the resolution."""
   images = np.asarray(images)
   sigma = sigma_at_32 * images.shape[1] / 32.0
-  out = ndimage.gaussian_filter(images.astype(np.float32), (0, sigma, sigma, 0), mode="nearest")
+  out = ndimage.gaussian_filter(images.astype(np.float32), (0, sigma, sigma, 0), mode='nearest')
   return np.clip(np.round(out), 0, 255).astype(np.uint8) if images.dtype == np.uint8 else out
 
 
-def oracle_self_check(images: np.ndarray, captions: Sequence[str],
-                      seed: int = 0) -> dict[str, float]:
+def oracle_self_check(images: np.ndarray, captions: Sequence[str], seed: int = 0) -> dict[str, float]:
   """How well the oracle reads held-out real images: real, blurred (sigma 1 px at 32 px), and the
   same real images against shuffled captions (near chance: ~1/18 for single objects)."""
   perm = np.random.default_rng(seed).permutation(len(captions))
   return dict(
-      real=caption_accuracy(images, captions),
-      blurred=caption_accuracy(blur_images(images), captions),
-      shuffled=caption_accuracy(images, [captions[i] for i in perm]),
+    real=caption_accuracy(images, captions),
+    blurred=caption_accuracy(blur_images(images), captions),
+    shuffled=caption_accuracy(images, [captions[i] for i in perm]),
   )
 
 
-def self_check_on_shapes(num_images: int = 200, resolution: int = 32, max_objects: int = 1,
-                         seed: int = 12345) -> dict[str, float]:
+def self_check_on_shapes(
+  num_images: int = 200, resolution: int = 32, max_objects: int = 1, seed: int = 12345
+) -> dict[str, float]:
   """`oracle_self_check` on freshly generated held-out scenes (a stream unused by the splits)."""
   images, captions = shapes_lib.generate_arrays(num_images, resolution, max_objects, seed)
   return oracle_self_check(images, captions, seed)

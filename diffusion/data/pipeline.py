@@ -33,7 +33,7 @@ from diffusion.errors import UserError
 from diffusion.registry import Registry
 
 SourceFactory = Callable[[ml_collections.ConfigDict, str], Any]
-SOURCES: Registry[SourceFactory] = Registry("data source")
+SOURCES: Registry[SourceFactory] = Registry('data source')
 # Reader threads per process: enough to overlap file reads and image decoding, few enough that
 # small in-memory records do not lose to GIL contention (grain's default is 16).
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=128)
@@ -49,20 +49,24 @@ def known_sources() -> list[str]:
   return SOURCES.names()
 
 
-@register_source("shapes")
+@register_source('shapes')
 def _shapes_source(data_config: ml_collections.ConfigDict, split: str):
   opts = data_config.shapes
   builder = tfds_shapes.prepare_shapes(
-      data_config.data_dir or None, resolution=data_config.image_size,
-      max_objects=opts.max_objects, num_train=opts.num_train, num_eval=opts.num_eval)
+    data_config.data_dir or None,
+    resolution=data_config.image_size,
+    max_objects=opts.max_objects,
+    num_train=opts.num_train,
+    num_eval=opts.num_eval,
+  )
   return builder.as_data_source(split)
 
 
-@register_source("folder")
+@register_source('folder')
 def _folder_source(data_config: ml_collections.ConfigDict, split: str):
   return folder_lib.FolderDataSource(
-      data_config.folder.path, data_config.folder.captions_file, split=split,
-      train_split=data_config.train_split)
+    data_config.folder.path, data_config.folder.captions_file, split=split, train_split=data_config.train_split
+  )
 
 
 def _tfds_source(data_config: ml_collections.ConfigDict, split: str):
@@ -73,18 +77,18 @@ def _tfds_source(data_config: ml_collections.ConfigDict, split: str):
     source = tfds.data_source(data_config.name, **kwargs)
   except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError, AssertionError) as e:
     raise UserError(
-        f"unknown data.name {data_config.name!r}: not one of {known_sources()} and not a TFDS "
-        f"dataset prepared in ArrayRecord format under data_dir={data_config.data_dir!r} "
-        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+      f'unknown data.name {data_config.name!r}: not one of {known_sources()} and not a TFDS '
+      f'dataset prepared in ArrayRecord format under data_dir={data_config.data_dir!r} '
+      f'({str(e).splitlines()[0] if str(e) else type(e).__name__})'
     ) from e
-  decoders = _skip_image_decoding(getattr(source, "dataset_info", None), data_config.image_key)
+  decoders = _skip_image_decoding(getattr(source, 'dataset_info', None), data_config.image_key)
   return tfds.data_source(data_config.name, decoders=decoders, **kwargs) if decoders else source
 
 
 def _skip_image_decoding(info: Any, image_key: str) -> dict | None:
   """{'a': {'b': SkipDecoding()}} for image_key 'a/b' when that feature is a TFDS `Image`, else None."""
-  feature = getattr(info, "features", None)
-  for key in image_key.split("/"):
+  feature = getattr(info, 'features', None)
+  for key in image_key.split('/'):
     try:
       feature = feature[key]
     except (KeyError, TypeError):
@@ -92,7 +96,7 @@ def _skip_image_decoding(info: Any, image_key: str) -> dict | None:
   if not isinstance(feature, tfds.features.Image):
     return None
   decoders: Any = tfds.decode.SkipDecoding()
-  for key in reversed(image_key.split("/")):
+  for key in reversed(image_key.split('/')):
     decoders = {key: decoders}
   return decoders
 
@@ -106,15 +110,15 @@ def create_data_source(data_config: ml_collections.ConfigDict, split: str):
 def _lookup(record: Any, key_path: str) -> Any:
   """record['a']['b'] for 'a/b'; lists of dicts along the way are mapped over."""
   value = record
-  for key in key_path.split("/"):
+  for key in key_path.split('/'):
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], dict):
       value = [v[key] for v in value]
     elif isinstance(value, dict):
       if key not in value:
-        raise KeyError(f"record has no {key_path!r} (available: {sorted(value)})")
+        raise KeyError(f'record has no {key_path!r} (available: {sorted(value)})')
       value = value[key]
     else:
-      raise KeyError(f"cannot look up {key_path!r} in a {type(value).__name__}")
+      raise KeyError(f'cannot look up {key_path!r} in a {type(value).__name__}')
   return value
 
 
@@ -128,7 +132,7 @@ def record_caption(record: Any, data_config: ml_collections.ConfigDict) -> str:
 
 def _as_text(value: Any) -> str:
   if isinstance(value, bytes):
-    return value.decode("utf-8")
+    return value.decode('utf-8')
   if isinstance(value, np.ndarray) and value.ndim == 0:
     return _as_text(value.item())
   return str(value)
@@ -143,9 +147,9 @@ class DataStats:
   kind of problem is also logged when it happens.
   """
 
-  KINDS = ("undecodable", "bad_shape", "grey", "grey_alpha", "rgba", "empty_caption", "truncated")
+  KINDS = ('undecodable', 'bad_shape', 'grey', 'grey_alpha', 'rgba', 'empty_caption', 'truncated')
 
-  def __init__(self, name: str = "data", num_records: int | None = None):
+  def __init__(self, name: str = 'data', num_records: int | None = None):
     self.name, self.num_records = name, num_records
     self.seen = 0
     self.counts = dict.fromkeys(self.KINDS, 0)
@@ -153,19 +157,23 @@ class DataStats:
     self._lock = threading.Lock()
 
   def __getstate__(self) -> dict:  # Picklable for grain worker processes (each then counts its own records).
-    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+    return {k: v for k, v in self.__dict__.items() if k != '_lock'}
 
   def __setstate__(self, state: dict) -> None:
     self.__dict__.update(state, _lock=threading.Lock())
 
-  def add(self, kind: str, n: int = 1, example: str = "") -> None:
+  def add(self, kind: str, n: int = 1, example: str = '') -> None:
     """Counts `n` problems of `kind`; logs the first one (with `example`), later ones only in the summary."""
     with self._lock:
       first = self.counts[kind] == 0
       self.counts[kind] += n
     if first and n:
-      logging.warning("%s: %s%s (logged once; the count goes on and is reported after one pass over the data)",
-                      self.name, _MESSAGES[kind], f": {example}" if example else "")
+      logging.warning(
+        '%s: %s%s (logged once; the count goes on and is reported after one pass over the data)',
+        self.name,
+        _MESSAGES[kind],
+        f': {example}' if example else '',
+      )
 
   def record_seen(self) -> None:
     with self._lock:
@@ -173,54 +181,56 @@ class DataStats:
       done = self.num_records is not None and self.seen == self.num_records and not self.reported
       self.reported = self.reported or done
     if done:  # A warning when something was dropped or fixed, else info (clean data is not news).
-      (logging.warning if any(self.counts.values()) else logging.info)("%s", self.summary())
+      (logging.warning if any(self.counts.values()) else logging.info)('%s', self.summary())
       if self.dropped == self.num_records:
-        raise UserError(f"{self.name}: none of the {self.num_records} records has a usable image ({self.summary()})")
+        raise UserError(f'{self.name}: none of the {self.num_records} records has a usable image ({self.summary()})')
 
   @property
   def dropped(self) -> int:
-    return self.counts["undecodable"] + self.counts["bad_shape"]
+    return self.counts['undecodable'] + self.counts['bad_shape']
 
   def summary(self) -> str:
     """One line: what was dropped (and the effective size), converted and fixed."""
     c = self.counts
     total = self.num_records if self.num_records is not None else self.seen
-    parts = [f"{self.name}: read {self.seen} records; dropped {self.dropped} ({c['undecodable']} that do not "
-             f"decode, {c['bad_shape']} of an unusable shape) -> effective size {total - self.dropped} of {total}"]
-    converted = {k: c[k] for k in ("grey", "grey_alpha", "rgba") if c[k]}
+    parts = [
+      f'{self.name}: read {self.seen} records; dropped {self.dropped} ({c["undecodable"]} that do not '
+      f'decode, {c["bad_shape"]} of an unusable shape) -> effective size {total - self.dropped} of {total}'
+    ]
+    converted = {k: c[k] for k in ('grey', 'grey_alpha', 'rgba') if c[k]}
     if converted:
-      parts.append("converted to RGB: " + ", ".join(f"{n} {k.replace('_', '+')}" for k, n in converted.items()))
-    parts.append(f"{c['empty_caption']} empty captions kept as unconditional examples")
-    parts.append(f"{c['truncated']} captions truncated so far")
-    return "; ".join(parts)
+      parts.append('converted to RGB: ' + ', '.join(f'{n} {k.replace("_", "+")}' for k, n in converted.items()))
+    parts.append(f'{c["empty_caption"]} empty captions kept as unconditional examples')
+    parts.append(f'{c["truncated"]} captions truncated so far')
+    return '; '.join(parts)
 
 
 _MESSAGES = {
-    "undecodable": "skipping an undecodable image",
-    "bad_shape": "skipping an image whose shape is not (H, W), (H, W, 1|2|3|4)",
-    "grey": "converting a greyscale image to RGB",
-    "grey_alpha": "converting a greyscale+alpha image to RGB (alpha dropped)",
-    "rgba": "converting an RGBA image to RGB (alpha dropped)",
-    "empty_caption": "an example has no (or only empty) captions; it is kept as an unconditional example",
-    "truncated": "a caption longer than data.max_text_length tokens is truncated",
+  'undecodable': 'skipping an undecodable image',
+  'bad_shape': 'skipping an image whose shape is not (H, W), (H, W, 1|2|3|4)',
+  'grey': 'converting a greyscale image to RGB',
+  'grey_alpha': 'converting a greyscale+alpha image to RGB (alpha dropped)',
+  'rgba': 'converting an RGBA image to RGB (alpha dropped)',
+  'empty_caption': 'an example has no (or only empty) captions; it is kept as an unconditional example',
+  'truncated': 'a caption longer than data.max_text_length tokens is truncated',
 }
-_CHANNEL_KINDS = {1: "grey", 2: "grey_alpha", 4: "rgba"}
+_CHANNEL_KINDS = {1: 'grey', 2: 'grey_alpha', 4: 'rgba'}
 
 
 def _as_rgb(image: np.ndarray, stats: DataStats | None = None) -> np.ndarray | None:
   """uint8 (H, W, 3) from grey (H, W[, 1]), grey+alpha, RGB or RGBA arrays; None (counted) for any other shape."""
   image = np.asarray(image)
   if image.dtype != np.uint8:
-    raise UserError(f"expected uint8 images, got {image.dtype}")
+    raise UserError(f'expected uint8 images, got {image.dtype}')
   if image.ndim == 2:
     image = image[..., None]
   channels = image.shape[-1] if image.ndim == 3 else 0
   if channels not in (1, 2, 3, 4) or 0 in image.shape:
     if stats is not None:
-      stats.add("bad_shape", example=f"shape {image.shape}")
+      stats.add('bad_shape', example=f'shape {image.shape}')
     return None
   if channels != 3 and stats is not None:
-    stats.add(_CHANNEL_KINDS[channels], example=f"shape {image.shape}")
+    stats.add(_CHANNEL_KINDS[channels], example=f'shape {image.shape}')
   if channels in (1, 2):
     return np.repeat(image[..., :1], 3, axis=-1)
   return image[..., :3]
@@ -255,24 +265,24 @@ class DecodeRecord(grain.transforms.Map):
     captions = [_as_text(c) for c in caption] if isinstance(caption, (list, tuple)) else [_as_text(caption)]
     captions = [c for c in captions if c.strip()]
     if not captions:
-      self.stats.add("empty_caption", example=str(record.get("file_name", ""))[:200])
-      captions = [""]
+      self.stats.add('empty_caption', example=str(record.get('file_name', ''))[:200])
+      captions = ['']
     self.stats.record_seen()
-    return {"image": image, "captions": captions}
+    return {'image': image, 'captions': captions}
 
   def _decode(self, data: bytes, record: dict) -> np.ndarray | None:
     try:
       with Image.open(io.BytesIO(data)) as im:
         im.load()
         mode = im.mode
-        rgb = np.asarray(im.convert("RGB"))
+        rgb = np.asarray(im.convert('RGB'))
     except Exception as e:  # pylint: disable=broad-except  # Any undecodable file is skipped.
-      name = record.get("file_name", "?") if isinstance(record, dict) else "?"
-      self.stats.add("undecodable", example=f"{name} ({type(e).__name__}: {str(e)[:100]})")
+      name = record.get('file_name', '?') if isinstance(record, dict) else '?'
+      self.stats.add('undecodable', example=f'{name} ({type(e).__name__}: {str(e)[:100]})')
       return None
-    kind = {"L": "grey", "I": "grey", "I;16": "grey", "LA": "grey_alpha", "RGBA": "rgba", "P": None}.get(mode)
+    kind = {'L': 'grey', 'I': 'grey', 'I;16': 'grey', 'LA': 'grey_alpha', 'RGBA': 'rgba', 'P': None}.get(mode)
     if kind:
-      self.stats.add(kind, example=f"mode {mode}")
+      self.stats.add(kind, example=f'mode {mode}')
     return rgb
 
 
@@ -280,17 +290,19 @@ class KeepDecoded(grain.transforms.Filter):
   """Drops records whose image could not be decoded or has an unusable shape (counted by `DecodeRecord`)."""
 
   def filter(self, element: dict) -> bool:
-    return element["image"] is not None
+    return element['image'] is not None
 
 
-_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+_LEFT_RIGHT = re.compile(r'\b(left|right)\b', re.IGNORECASE)
 
 
 def swap_left_right(caption: str) -> str:
   """'a red circle to the left of ...' -> '... to the right of ...' (for flipped images)."""
+
   def swap(m: re.Match) -> str:
-    word = {"left": "right", "right": "left"}[m.group(1).lower()]
+    word = {'left': 'right', 'right': 'left'}[m.group(1).lower()]
     return word.capitalize() if m.group(1)[0].isupper() else word
+
   return _LEFT_RIGHT.sub(swap, caption)
 
 
@@ -314,21 +326,22 @@ class Augment(grain.transforms.RandomMap):
     self.image_size, self.random_crop, self.random_flip = image_size, random_crop, random_flip
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    captions = element["captions"]
-    image = resize_shorter_side(element["image"], self.image_size)
+    captions = element['captions']
+    image = resize_shorter_side(element['image'], self.image_size)
     h, w = image.shape[:2]
     s = self.image_size
     choice, top, left, flip = draw_augmentation(rng, len(captions), h, w, s, self.random_crop, self.random_flip)
     caption = captions[choice]
-    image = image[top:top + s, left:left + s]
+    image = image[top : top + s, left : left + s]
     if flip:
       image = image[:, ::-1]
       caption = swap_left_right(caption)
-    return {"image": image, "caption": caption}
+    return {'image': image, 'caption': caption}
 
 
-def draw_augmentation(rng: np.random.Generator, num_captions: int, height: int, width: int, size: int,
-                      random_crop: bool, random_flip: bool) -> tuple[int, int, int, bool]:
+def draw_augmentation(
+  rng: np.random.Generator, num_captions: int, height: int, width: int, size: int, random_crop: bool, random_flip: bool
+) -> tuple[int, int, int, bool]:
   """(caption index, crop top, crop left, flip): `Augment`'s random draws, in its order.
 
   The latent-cache pipeline replays these draws with the same per-example generator, so an example gets the
@@ -349,8 +362,7 @@ def normalize_images(images: np.ndarray) -> np.ndarray:
 
 def _stack(elements: list[dict]) -> dict:
   """Batches uint8 images and keeps captions as a list (tokenized once per batch)."""
-  return {"image": np.stack([e["image"] for e in elements]),
-          "caption": [e["caption"] for e in elements]}
+  return {'image': np.stack([e['image'] for e in elements]), 'caption': [e['caption'] for e in elements]}
 
 
 class Finalize(grain.transforms.Map):
@@ -365,16 +377,16 @@ class Finalize(grain.transforms.Map):
 
   @property
   def num_truncated(self) -> int:
-    return self.stats.counts["truncated"]
+    return self.stats.counts['truncated']
 
   def map(self, element: dict) -> dict:
-    out = {k: v for k, v in element.items() if k != "caption"}
-    if "image" in out:
-      out["image"] = normalize_images(out["image"])
+    out = {k: v for k, v in element.items() if k != 'caption'}
+    if 'image' in out:
+      out['image'] = normalize_images(out['image'])
     if self.tokenizer is None:  # Image-only consumers (the VAE stage).
       return out
-    self._count_truncated(element["caption"])
-    out["input_ids"] = tokenizer_lib.tokenize(self.tokenizer, element["caption"], self.max_length)
+    self._count_truncated(element['caption'])
+    out['input_ids'] = tokenizer_lib.tokenize(self.tokenizer, element['caption'], self.max_length)
     return out
 
   def _count_truncated(self, captions: list[str]) -> None:
@@ -382,16 +394,25 @@ class Finalize(grain.transforms.Map):
     maybe_long = [c for c in captions if len(c.split()) + 2 > self.max_length // 2]
     if not maybe_long:
       return
-    lengths = [len(ids) for ids in self.tokenizer(maybe_long, truncation=False)["input_ids"]]
+    lengths = [len(ids) for ids in self.tokenizer(maybe_long, truncation=False)['input_ids']]
     long = [c for c, n in zip(maybe_long, lengths) if n > self.max_length]
     if long:
-      self.stats.add("truncated", len(long), example=f"data.max_text_length={self.max_length}: {long[0][:200]!r}")
+      self.stats.add('truncated', len(long), example=f'data.max_text_length={self.max_length}: {long[0][:200]!r}')
 
 
-def create_image_pipeline(data_config: ml_collections.ConfigDict, split: str, *, tokenizer,
-                          batch_size: int, seed: int, shuffle: bool = True,
-                          num_epochs: int | None = None, process_index: int = 0,
-                          process_count: int = 1, drop_remainder: bool = True) -> grain.DataLoader:
+def create_image_pipeline(
+  data_config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  tokenizer,
+  batch_size: int,
+  seed: int,
+  shuffle: bool = True,
+  num_epochs: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  drop_remainder: bool = True,
+) -> grain.DataLoader:
   """This host's batches: dict(image=float32 (B, H, W, 3) in [-1, 1], input_ids=int32 (B, L)).
 
   `batch_size` is per host. `num_epochs=None` repeats forever. Iterate with `iter(loader)`; the
@@ -401,20 +422,33 @@ def create_image_pipeline(data_config: ml_collections.ConfigDict, split: str, *,
   config names one.
   """
   source = create_data_source(data_config, split)
-  sampler = make_sampler(len(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                         process_index=process_index, process_count=process_count, drop_remainder=drop_remainder)
-  stats = DataStats(f"data {data_config.name}/{split}",
-                    num_records=_shard_size(len(source), process_index, process_count, drop_remainder))
+  sampler = make_sampler(
+    len(source),
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    process_index=process_index,
+    process_count=process_count,
+    drop_remainder=drop_remainder,
+  )
+  stats = DataStats(
+    f'data {data_config.name}/{split}',
+    num_records=_shard_size(len(source), process_index, process_count, drop_remainder),
+  )
   operations = [
-      DecodeRecord(data_config.image_key, data_config.caption_key, stats),
-      KeepDecoded(),
-      Augment(data_config.image_size, data_config.random_crop, data_config.random_flip),
-      grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder,
-                             batch_fn=_stack),
-      Finalize(tokenizer, data_config.max_text_length, stats),
+    DecodeRecord(data_config.image_key, data_config.caption_key, stats),
+    KeepDecoded(),
+    Augment(data_config.image_size, data_config.random_crop, data_config.random_flip),
+    grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder, batch_fn=_stack),
+    Finalize(tokenizer, data_config.max_text_length, stats),
   ]
-  loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                            worker_count=data_config.worker_count, read_options=_READ_OPTIONS)
+  loader = grain.DataLoader(
+    data_source=source,
+    sampler=sampler,
+    operations=operations,
+    worker_count=data_config.worker_count,
+    read_options=_READ_OPTIONS,
+  )
   loader.data_stats = stats  # Live counts with worker_count=0; each worker process counts its own otherwise.
   return loader
 
@@ -426,10 +460,20 @@ def _shard_size(num_records: int, process_index: int, process_count: int, drop_r
   return len(range(process_index, num_records, process_count))
 
 
-def make_sampler(num_records: int, *, seed: int, shuffle: bool, num_epochs: int | None, process_index: int,
-                 process_count: int, drop_remainder: bool) -> grain.samplers.IndexSampler:
+def make_sampler(
+  num_records: int,
+  *,
+  seed: int,
+  shuffle: bool,
+  num_epochs: int | None,
+  process_index: int,
+  process_count: int,
+  drop_remainder: bool,
+) -> grain.samplers.IndexSampler:
   """This host's example order; grain derives each example's augmentation generator from (seed, position)."""
-  shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
-                                      drop_remainder=drop_remainder)
-  return grain.samplers.IndexSampler(num_records=num_records, shard_options=shard, shuffle=shuffle,
-                                     num_epochs=num_epochs, seed=seed)
+  shard = grain.sharding.ShardOptions(
+    shard_index=process_index, shard_count=process_count, drop_remainder=drop_remainder
+  )
+  return grain.samplers.IndexSampler(
+    num_records=num_records, shard_options=shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed
+  )

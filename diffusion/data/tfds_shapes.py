@@ -21,7 +21,7 @@ from diffusion.data import shapes as shapes_lib
 
 DEFAULT_NUM_TRAIN = 20_000
 DEFAULT_NUM_EVAL = 1_000
-_SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
+_SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2}
 
 
 @dataclasses.dataclass
@@ -35,39 +35,49 @@ class ShapesConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-def config_name(resolution: int, max_objects: int, num_train: int = DEFAULT_NUM_TRAIN,
-                num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0) -> str:
+def config_name(
+  resolution: int, max_objects: int, num_train: int = DEFAULT_NUM_TRAIN, num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0
+) -> str:
   """'r32_o1' for the default sizes; non-default sizes/seeds get their own name (and directory)."""
-  name = f"r{resolution}_o{max_objects}"
+  name = f'r{resolution}_o{max_objects}'
   if (num_train, num_eval) != (DEFAULT_NUM_TRAIN, DEFAULT_NUM_EVAL):
-    name += f"_n{num_train}_e{num_eval}"
+    name += f'_n{num_train}_e{num_eval}'
   if seed:
-    name += f"_s{seed}"
+    name += f'_s{seed}'
   return name
 
 
-def make_config(resolution: int = 32, max_objects: int = 1, num_train: int = DEFAULT_NUM_TRAIN,
-                num_eval: int = DEFAULT_NUM_EVAL, seed: int = 0) -> ShapesConfig:
+def make_config(
+  resolution: int = 32,
+  max_objects: int = 1,
+  num_train: int = DEFAULT_NUM_TRAIN,
+  num_eval: int = DEFAULT_NUM_EVAL,
+  seed: int = 0,
+) -> ShapesConfig:
   """A named `ShapesConfig`; see `config_name`."""
   return ShapesConfig(
-      name=config_name(resolution, max_objects, num_train, num_eval, seed),
-      description=f"{resolution}px scenes with 1..{max_objects} objects",
-      resolution=resolution, max_objects=max_objects, num_train=num_train, num_eval=num_eval,
-      seed=seed)
+    name=config_name(resolution, max_objects, num_train, num_eval, seed),
+    description=f'{resolution}px scenes with 1..{max_objects} objects',
+    resolution=resolution,
+    max_objects=max_objects,
+    num_train=num_train,
+    num_eval=num_eval,
+    seed=seed,
+  )
 
 
 def _png(image: np.ndarray) -> bytes:
   buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format="PNG")
+  Image.fromarray(image).save(buf, format='PNG')
   return buf.getvalue()
 
 
 class ShapesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Captioned coloured-shape scenes; splits train / validation / test."""
 
-  name = "shapes"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  name = 'shapes'
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [make_config(r, k) for r in (32, 64) for k in (1, 2)]
 
   @tfds.core.utils.classproperty
@@ -79,57 +89,67 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     res = self.builder_config.resolution
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Coloured circles, squares and triangles on grey, with generated captions.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(res, res, 3), encoding_format="png"),
-            "caption": tfds.features.Text(),
-            "objects": tfds.features.Sequence({
-                "colour": tfds.features.ClassLabel(names=shapes_lib.COLOURS),
-                "shape": tfds.features.ClassLabel(names=shapes_lib.SHAPES),
-                "x": np.float32, "y": np.float32, "size": np.float32,
-            }),
-        }),
-        supervised_keys=("image", "caption"),
+      builder=self,
+      description='Coloured circles, squares and triangles on grey, with generated captions.',
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(res, res, 3), encoding_format='png'),
+          'caption': tfds.features.Text(),
+          'objects': tfds.features.Sequence(
+            {
+              'colour': tfds.features.ClassLabel(names=shapes_lib.COLOURS),
+              'shape': tfds.features.ClassLabel(names=shapes_lib.SHAPES),
+              'x': np.float32,
+              'y': np.float32,
+              'size': np.float32,
+            }
+          ),
+        }
+      ),
+      supervised_keys=('image', 'caption'),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     cfg = self.builder_config
-    sizes = {"train": cfg.num_train, "validation": cfg.num_eval, "test": cfg.num_eval}
+    sizes = {'train': cfg.num_train, 'validation': cfg.num_eval, 'test': cfg.num_eval}
     return {split: self._generate_examples(split, n) for split, n in sizes.items()}
 
   def _generate_examples(self, split: str, num_examples: int):
     cfg = self.builder_config
     stream = (cfg.seed, _SPLIT_IDS[split])  # Disjoint random streams per split.
-    for index, image, scene in shapes_lib.generate(num_examples, cfg.resolution,
-                                                   cfg.max_objects, stream):
-      yield index, {
-          "image": _png(image),
-          "caption": scene.caption,
-          "objects": {
-              "colour": [o.colour for o in scene.objects],
-              "shape": [o.shape for o in scene.objects],
-              "x": [o.cx for o in scene.objects],
-              "y": [o.cy for o in scene.objects],
-              "size": [2 * o.r for o in scene.objects],
+    for index, image, scene in shapes_lib.generate(num_examples, cfg.resolution, cfg.max_objects, stream):
+      yield (
+        index,
+        {
+          'image': _png(image),
+          'caption': scene.caption,
+          'objects': {
+            'colour': [o.colour for o in scene.objects],
+            'shape': [o.shape for o in scene.objects],
+            'x': [o.cx for o in scene.objects],
+            'y': [o.cy for o in scene.objects],
+            'size': [2 * o.r for o in scene.objects],
           },
-      }
+        },
+      )
 
 
 def shapes_builder(data_dir: str | os.PathLike | None = None, **config_kwargs) -> ShapesBuilder:
   """Builder for `make_config(**config_kwargs)` under data_dir (None or '': the TFDS default)."""
   config = make_config(**config_kwargs)
   predefined = {c.name for c in ShapesBuilder.BUILDER_CONFIGS}
-  return ShapesBuilder(config=config.name if config.name in predefined else config,
-                       data_dir=os.fspath(data_dir) if data_dir else None,
-                       file_format="array_record")
+  return ShapesBuilder(
+    config=config.name if config.name in predefined else config,
+    data_dir=os.fspath(data_dir) if data_dir else None,
+    file_format='array_record',
+  )
 
 
 def prepare_shapes(data_dir: str | os.PathLike | None = None, **config_kwargs) -> ShapesBuilder:
   """Prepares the dataset on first use (a no-op when already prepared) and returns its builder."""
   builder = shapes_builder(data_dir, **config_kwargs)
   builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    file_format='array_record', download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+  )
   return builder

@@ -15,7 +15,7 @@ import tokenizers
 import transformers
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+PAD, BOS, EOS, UNK = '<pad>', '<bos>', '<eos>', '<unk>'
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK)  # Ids 0, 1, 2, 3 in this order.
 
 
@@ -36,8 +36,7 @@ def _split_words(texts: Iterable[str]) -> list[str]:
   return sorted(words)
 
 
-def build_word_tokenizer(words_or_texts: Iterable[str],
-                         max_length: int) -> transformers.PreTrainedTokenizerFast:
+def build_word_tokenizer(words_or_texts: Iterable[str], max_length: int) -> transformers.PreTrainedTokenizerFast:
   """Word-level tokenizer over every word in `words_or_texts` (words or whole captions).
 
   Lowercases, splits on whitespace/punctuation, maps unseen words to <unk>, wraps each text as
@@ -45,7 +44,7 @@ def build_word_tokenizer(words_or_texts: Iterable[str],
   the <eos> (the position a text encoder pools at).
   """
   if max_length < 2:
-    raise ValueError(f"max_length must leave room for <bos> and <eos>, got {max_length}")
+    raise ValueError(f'max_length must leave room for <bos> and <eos>, got {max_length}')
   vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
   for word in _split_words(words_or_texts):
     vocab.setdefault(word, len(vocab))
@@ -53,16 +52,22 @@ def build_word_tokenizer(words_or_texts: Iterable[str],
   tok.normalizer = _normalizer()
   tok.pre_tokenizer = _pre_tokenizer()
   tok.post_processor = processors.TemplateProcessing(
-      single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B {EOS}",
-      special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])])
-  tok.decoder = tokenizers.decoders.WordPiece(prefix="##", cleanup=False)  # Joins with spaces.
+    single=f'{BOS} $A {EOS}', pair=f'{BOS} $A {EOS} $B {EOS}', special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+  )
+  tok.decoder = tokenizers.decoders.WordPiece(prefix='##', cleanup=False)  # Joins with spaces.
   return transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
-      model_max_length=max_length, padding_side="right", truncation_side="right")
+    tokenizer_object=tok,
+    bos_token=BOS,
+    eos_token=EOS,
+    unk_token=UNK,
+    pad_token=PAD,
+    model_max_length=max_length,
+    padding_side='right',
+    truncation_side='right',
+  )
 
 
-def save_tokenizer(tokenizer: transformers.PreTrainedTokenizerBase,
-                   directory: str | os.PathLike) -> None:
+def save_tokenizer(tokenizer: transformers.PreTrainedTokenizerBase, directory: str | os.PathLike) -> None:
   """Writes the tokenizer in `save_pretrained` format (readable by `load_tokenizer`)."""
   tokenizer.save_pretrained(os.fspath(directory))
 
@@ -73,9 +78,9 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike) -> transformers.PreTrained
   return transformers.AutoTokenizer.from_pretrained(os.fspath(path_or_hub_id))
 
 
-def tokenize(tokenizer: transformers.PreTrainedTokenizerBase, captions: Sequence[str],
-             max_length: int) -> np.ndarray:
+def tokenize(tokenizer: transformers.PreTrainedTokenizerBase, captions: Sequence[str], max_length: int) -> np.ndarray:
   """Token ids int32 (len(captions), max_length): specials added, padded and truncated."""
-  out = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_length,
-                  return_attention_mask=False)
-  return np.asarray(out["input_ids"], np.int32).reshape(len(captions), max_length)
+  out = tokenizer(
+    list(captions), padding='max_length', truncation=True, max_length=max_length, return_attention_mask=False
+  )
+  return np.asarray(out['input_ids'], np.int32).reshape(len(captions), max_length)

@@ -22,5 +22,15 @@ def build_suite(config: ml_collections.ConfigDict, workdir: str, pipeline: Any) 
   return EvalSuite(specs, config, workdir, pipeline) if specs else None
 
 
-__all__ = ['METRICS', 'EvalContext', 'EvalSuite', 'EvaluatorSpec', 'Metric', 'build_suite', 'parse_evals',
-           'parse_evaluator', 'sum_across_processes', 'validate_evals']
+__all__ = [
+  'METRICS',
+  'EvalContext',
+  'EvalSuite',
+  'EvaluatorSpec',
+  'Metric',
+  'build_suite',
+  'parse_evals',
+  'parse_evaluator',
+  'sum_across_processes',
+  'validate_evals',
+]

@@ -80,8 +80,9 @@ class FeatureSums:
     return (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6,
-                     method: str = 'eigh') -> float:
+def frechet_distance(
+  mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6, method: str = 'eigh'
+) -> float:
   """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, with pytorch-fid's numerical guard.
 
   `method='sqrtm'` is pytorch-fid's computation (scipy's Schur `sqrtm` of the non-symmetric product; minutes for
@@ -132,8 +133,10 @@ def _trace_sqrt_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
   if not np.isfinite(eigenvalues).all():
     return float('nan')
   if eigenvalues.min() < -1e-6 * max(1.0, eigenvalues.max()):
-    raise ValueError(f'FID: covariances are not positive semi-definite (eigenvalue {eigenvalues.min():.3g}); '
-                     'the square root would have an imaginary component')
+    raise ValueError(
+      f'FID: covariances are not positive semi-definite (eigenvalue {eigenvalues.min():.3g}); '
+      'the square root would have an imaginary component'
+    )
   return float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
 
 
@@ -158,8 +161,10 @@ def load_stats(path: str, dims: int | None = 2048) -> tuple[np.ndarray, np.ndarr
   d = mu.shape[0] if mu.ndim == 1 else None
   if d is None or sigma.shape != (d, d) or (dims is not None and d != dims):
     want = f'({dims},) and ({dims}, {dims})' if dims else '(D,) and (D, D)'
-    raise UserError(f'FID stats {path} have mu of shape {mu.shape} and sigma of shape {sigma.shape}; expected '
-                    f'{want} (Inception {"pool3" if dims == 2048 else "block"} features)')
+    raise UserError(
+      f'FID stats {path} have mu of shape {mu.shape} and sigma of shape {sigma.shape}; expected '
+      f'{want} (Inception {"pool3" if dims == 2048 else "block"} features)'
+    )
   return mu.astype(np.float64), sigma.astype(np.float64)
 
 
@@ -171,8 +176,11 @@ def list_images(folder: str) -> list[str]:
   """Image files directly in `folder` (pytorch-fid's extensions, any case), sorted."""
   if not os.path.isdir(folder):
     raise UserError(f'{folder!r} is not a folder of images or an .npz stats file')
-  return sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                if name.rsplit('.', 1)[-1].lower() in IMAGE_EXTENSIONS and '.' in name)
+  return sorted(
+    os.path.join(folder, name)
+    for name in os.listdir(folder)
+    if name.rsplit('.', 1)[-1].lower() in IMAGE_EXTENSIONS and '.' in name
+  )
 
 
 def _read_rgb(path: str) -> np.ndarray | None:
@@ -192,14 +200,15 @@ class ImageCounts:
   skipped_files: list[str] = dataclasses.field(default_factory=list)
 
 
-def iter_image_batches(files: Sequence[str], batch_size: int, counts: ImageCounts | None = None,
-                       num_threads: int = 4) -> Iterator[np.ndarray]:
+def iter_image_batches(
+  files: Sequence[str], batch_size: int, counts: ImageCounts | None = None, num_threads: int = 4
+) -> Iterator[np.ndarray]:
   """uint8 batches (B, H, W, 3) of the readable files, in order; a batch ends early when the image size changes."""
   counts = counts if counts is not None else ImageCounts()
   batch: list[np.ndarray] = []
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     for start in range(0, len(files), 4 * batch_size):
-      chunk = files[start:start + 4 * batch_size]
+      chunk = files[start : start + 4 * batch_size]
       for path, image in zip(chunk, pool.map(_read_rgb, chunk)):
         if image is None:
           counts.skipped += 1
@@ -244,7 +253,7 @@ def folder_statistics(folder: str, extractor, batch_size: int = 50) -> tuple[np.
   if not files:
     raise UserError(f'no images in {folder!r} (extensions: {", ".join(IMAGE_EXTENSIONS)})')
   counts = ImageCounts()
-  mine = files[jax.process_index()::jax.process_count()]
+  mine = files[jax.process_index() :: jax.process_count()]
   sums = accumulate(iter_image_batches(mine, batch_size, counts), extractor, batch_size).combined()
   read, skipped = (int(v) for v in base.sum_across_processes(np.asarray([counts.read, counts.skipped])))
   counts.read, counts.skipped = read, skipped
@@ -256,8 +265,9 @@ def folder_statistics(folder: str, extractor, batch_size: int = 50) -> tuple[np.
   return sums.mu, sums.sigma, counts
 
 
-def path_statistics(path: str, extractor_fn: Callable[[], object], batch_size: int = 50,
-                    dims: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def path_statistics(
+  path: str, extractor_fn: Callable[[], object], batch_size: int = 50, dims: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
   """Statistics of a folder of images or an `.npz` file (as pytorch-fid's `compute_statistics_of_path`)."""
   if path.endswith('.npz'):
     if not os.path.isfile(path):
@@ -310,9 +320,11 @@ class FIDMetric:
     else:
       variables = _random_variables(context)
       self.key, tag = 'fid_random_inception', f'random-seed{context.seed}'
-      self.weights = (f'RANDOM Inception weights (seed {context.seed}, BatchNorm calibrated on up to '
-                      f'{NUM_CALIBRATION_IMAGES} reference images): comparable only between checkpoints '
-                      'evaluated with the same reference, not with published FID')
+      self.weights = (
+        f'RANDOM Inception weights (seed {context.seed}, BatchNorm calibrated on up to '
+        f'{NUM_CALIBRATION_IMAGES} reference images): comparable only between checkpoints '
+        'evaluated with the same reference, not with published FID'
+      )
     self.extractor = inception.FeatureExtractor(variables)
     self.stats_path = os.path.join(context.cache_dir, f'fid_reference_{context.reference_name}_{tag}.npz')
     self.reference = self._reference_stats()
@@ -322,8 +334,11 @@ class FIDMetric:
     if base.on_every_process(os.path.isfile(self.stats_path)):
       return load_stats(self.stats_path, self.extractor.dims)
     if base.is_lead():
-      print(f'computing FID reference statistics of {self.context.reference_name} -> {self.stats_path}',
-            file=sys.stderr, flush=True)
+      print(
+        f'computing FID reference statistics of {self.context.reference_name} -> {self.stats_path}',
+        file=sys.stderr,
+        flush=True,
+      )
     bs = self.context.batch_size
     sums = accumulate(self.context.reference_images(bs), self.extractor, bs).combined()  # Each its share.
     mu, sigma = sums.mu, sums.sigma
@@ -347,9 +362,13 @@ class FIDMetric:
     return {self.key: frechet_distance(*self.statistics(), *self.reference)}
 
   def describe(self) -> dict[str, Any]:
-    return {'metric': self.key, 'inception_weights': self.weights, 'random_weights': self.key != 'fid',
-            'reference': self.context.reference_name,
-            'reference_stats': os.path.relpath(self.stats_path, self.context.workdir)}
+    return {
+      'metric': self.key,
+      'inception_weights': self.weights,
+      'random_weights': self.key != 'fid',
+      'reference': self.context.reference_name,
+      'reference_stats': os.path.relpath(self.stats_path, self.context.workdir),
+    }
 
 
 base.METRICS.add('fid', FIDMetric)

@@ -54,8 +54,9 @@ def random_variables(seed: int, calibration_images: np.ndarray, resize_to: int |
 
 @jax.jit
 def _calibrate(params: Variables, batch_stats: Variables, x: jax.Array) -> tuple[Any, Variables]:
-  return net.InceptionV3(calibrate=True).apply({'params': params, 'batch_stats': batch_stats}, x,
-                                               mutable=['batch_stats'])
+  return net.InceptionV3(calibrate=True).apply(
+    {'params': params, 'batch_stats': batch_stats}, x, mutable=['batch_stats']
+  )
 
 
 @functools.partial(jax.jit, static_argnames=('resize_to',))
@@ -78,14 +79,19 @@ class FeatureExtractor:
   network once per batch size.
   """
 
-  def __init__(self, variables: Variables, block: str = 'pool3', resize_to: int | None = INPUT_SIZE,
-               devices: Iterable[Any] | None = None):
+  def __init__(
+    self,
+    variables: Variables,
+    block: str = 'pool3',
+    resize_to: int | None = INPUT_SIZE,
+    devices: Iterable[Any] | None = None,
+  ):
     if block not in BLOCKS:
       raise UserError(f'unknown Inception block {block!r}; known: {", ".join(BLOCKS)}')
     self.block, self.resize_to = block, resize_to
     devices = list(devices) if devices is not None else jax.local_devices()
     if any(d.process_index != jax.process_index() for d in devices):
-      raise ValueError('FeatureExtractor runs on this process\'s devices only')
+      raise ValueError("FeatureExtractor runs on this process's devices only")
     mesh = parallel.create_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}), devices)
     self.num_local_devices = len(devices)
     self._sharding = parallel.batch_sharding(mesh)

@@ -22,8 +22,9 @@ class OracleMetric:
 
   def __init__(self, context: base.EvalContext):
     if context.config is not None and context.config.data.name != 'shapes':
-      raise UserError(f'metric oracle: {context.workdir!r} was not trained on the shapes dataset; the oracle only '
-                      'reads shapes scenes')
+      raise UserError(
+        f'metric oracle: {context.workdir!r} was not trained on the shapes dataset; the oracle only reads shapes scenes'
+      )
     vocabulary = sorted(set(context.prompts))
     permuted = np.random.default_rng(context.seed).permutation(len(vocabulary))
     self.control_prompt = {p: vocabulary[j] for p, j in zip(vocabulary, permuted)}
@@ -49,8 +50,10 @@ class OracleMetric:
     return {'oracle_caption_accuracy': float(matches / images), 'oracle_shuffled_prompts': float(control / images)}
 
   def describe(self) -> dict[str, Any]:
-    return {'metric': 'oracle_caption_accuracy', 'control': 'oracle_shuffled_prompts (each image against another '
-            'prompt of the evaluation: chance level)'}
+    return {
+      'metric': 'oracle_caption_accuracy',
+      'control': 'oracle_shuffled_prompts (each image against another prompt of the evaluation: chance level)',
+    }
 
 
 base.METRICS.add('oracle', OracleMetric)

@@ -25,10 +25,22 @@ from diffusion.errors import ConfigError, UserError
 from diffusion.evaluation.base import METRICS
 
 DEFAULTS: dict[str, Any] = {
-    'type': '', 'every': 0, 'num_samples': 1000, 'batch_size': 50, 'seed': None,
-    'guidance_scale': None, 'num_steps': None, 'sampler': None, 'negative_prompt': None,
-    'prompts': (), 'prompts_file': '', 'split': '', 'num_reference': 10000,
-    'inception_weights': '', 'clip_model': '', 'resize_backend': '',
+  'type': '',
+  'every': 0,
+  'num_samples': 1000,
+  'batch_size': 50,
+  'seed': None,
+  'guidance_scale': None,
+  'num_steps': None,
+  'sampler': None,
+  'negative_prompt': None,
+  'prompts': (),
+  'prompts_file': '',
+  'split': '',
+  'num_reference': 10000,
+  'inception_weights': '',
+  'clip_model': '',
+  'resize_backend': '',
 }
 SAMPLING_KEYS = ('guidance_scale', 'num_steps', 'sampler', 'negative_prompt')
 OPTION_KEYS = ('inception_weights', 'clip_model', 'resize_backend')
@@ -107,11 +119,19 @@ def parse_evaluator(name: str, entry: Mapping[str, Any], config: ml_collections.
   sampling = {k: values[k] for k in SAMPLING_KEYS if values[k] is not None}
   _sampling(config, name, sampling)
   return EvaluatorSpec(
-      name=name, type=metric, every=values['every'], num_samples=values['num_samples'],
-      batch_size=values['batch_size'], seed=config.seed if values['seed'] is None else values['seed'],
-      sampling=sampling, prompts=tuple(values['prompts']), prompts_file=values['prompts_file'],
-      split=values['split'] or config.data.train_split, num_reference=values['num_reference'],
-      options={k: values[k] for k in OPTION_KEYS if values[k]})
+    name=name,
+    type=metric,
+    every=values['every'],
+    num_samples=values['num_samples'],
+    batch_size=values['batch_size'],
+    seed=config.seed if values['seed'] is None else values['seed'],
+    sampling=sampling,
+    prompts=tuple(values['prompts']),
+    prompts_file=values['prompts_file'],
+    split=values['split'] or config.data.train_split,
+    num_reference=values['num_reference'],
+    options={k: values[k] for k in OPTION_KEYS if values[k]},
+  )
 
 
 def parse_evals(config: ml_collections.ConfigDict) -> list[EvaluatorSpec]:

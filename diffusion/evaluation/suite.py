@@ -47,13 +47,16 @@ class Evaluator:
     return {f'{self.spec.name}/{k}': v for k, v in results.items()}
 
 
-def sample_noise(num_samples: int, num_prompts: int, seed: int,
-                 prompt_seeds: Sequence[int | None]) -> list[tuple[int, int]]:
+def sample_noise(
+  num_samples: int, num_prompts: int, seed: int, prompt_seeds: Sequence[int | None]
+) -> list[tuple[int, int]]:
   """(root seed, index) of each sample; sample i has prompt i % num_prompts. Without a per-prompt seed, sample i
   starts from fold_in(PRNGKey(seed), i); with one (a `prompt<TAB>seed` line), the j-th sample of that prompt from
   fold_in(PRNGKey(prompt_seed), j), as in sample.py."""
-  return [(seed, i) if prompt_seeds[i % num_prompts] is None else (int(prompt_seeds[i % num_prompts]),
-                                                                     i // num_prompts) for i in range(num_samples)]
+  return [
+    (seed, i) if prompt_seeds[i % num_prompts] is None else (int(prompt_seeds[i % num_prompts]), i // num_prompts)
+    for i in range(num_samples)
+  ]
 
 
 class EvalSuite:
@@ -82,20 +85,35 @@ class EvalSuite:
   def _build(self, s: EvaluatorSpec) -> Evaluator:
     processes = jax.process_count()
     if s.batch_size % processes:
-      raise ConfigError(f'evals.{s.name}.batch_size', f'{s.batch_size} (global) is not divisible by the '
-                        f'{processes} processes')
+      raise ConfigError(
+        f'evals.{s.name}.batch_size', f'{s.batch_size} (global) is not divisible by the {processes} processes'
+      )
     prompts, seeds, source = self._prompts(s)
     if not prompts:
       raise UserError(f'evaluator {s.name}: no prompts ({source} is empty)')
     settings = self.pipeline.sampling_settings(**s.sampling)
-    evaluator = Evaluator(s, settings, [prompts[i % len(prompts)] for i in range(s.num_samples)],
-                          sample_noise(s.num_samples, len(prompts), s.seed, seeds), source, s.batch_size // processes)
+    evaluator = Evaluator(
+      s,
+      settings,
+      [prompts[i % len(prompts)] for i in range(s.num_samples)],
+      sample_noise(s.num_samples, len(prompts), s.seed, seeds),
+      source,
+      s.batch_size // processes,
+    )
     factory = base.METRICS.get(s.type)
     data = self._reference(s.split, s.num_reference) if getattr(factory, 'needs_reference', False) else None
     context = base.EvalContext(
-        self.workdir, self.config, data.batches if data else None, data.name if data else '', evaluator.local_batch,
-        s.options.get('inception_weights'), s.seed, options=dict(s.options),
-        calibration_images=data.first_images if data else None, prompts=evaluator.prompts)
+      self.workdir,
+      self.config,
+      data.batches if data else None,
+      data.name if data else '',
+      evaluator.local_batch,
+      s.options.get('inception_weights'),
+      s.seed,
+      options=dict(s.options),
+      calibration_images=data.first_images if data else None,
+      prompts=evaluator.prompts,
+    )
     evaluator.metric = factory(context)
     return evaluator
 
@@ -137,16 +155,31 @@ class EvalSuite:
     out: list[Any] = [None] * len(prompts)
     for root in dict.fromkeys(r for r, _ in noise):  # One call per root seed (one, unless prompts have seeds).
       rows = [i for i, (r, _) in enumerate(noise) if r == root]
-      images = self.pipeline.generate([prompts[i] for i in rows], e.settings, seed=root,
-                                      indices=[noise[i][1] for i in rows], batch_size=e.local_batch, params=params)
+      images = self.pipeline.generate(
+        [prompts[i] for i in rows],
+        e.settings,
+        seed=root,
+        indices=[noise[i][1] for i in rows],
+        batch_size=e.local_batch,
+        params=params,
+      )
       for i, image in zip(rows, images):
         out[i] = image
     return np.stack(out[:n])
 
   def describe(self) -> dict[str, Any]:
     """What each evaluator measures, for records: sampling settings, seed, prompts, metric information."""
-    return {e.spec.name: {'type': e.spec.type, 'num_samples': e.spec.num_samples, 'seed': e.spec.seed,
-                          'batch_size': e.spec.batch_size, 'every': e.spec.every, 'prompts': e.prompt_source,
-                          'sampling': e.settings.to_dict(), 'use_ema': True, **e.metric.describe()}
-            for e in self.evaluators}
-
+    return {
+      e.spec.name: {
+        'type': e.spec.type,
+        'num_samples': e.spec.num_samples,
+        'seed': e.spec.seed,
+        'batch_size': e.spec.batch_size,
+        'every': e.spec.every,
+        'prompts': e.prompt_source,
+        'sampling': e.settings.to_dict(),
+        'use_ema': True,
+        **e.metric.describe(),
+      }
+      for e in self.evaluators
+    }

@@ -10,8 +10,26 @@ Conversions are table-driven (`naming`), all or nothing: a load fails listing mi
 mis-shaped tensors rather than filling part of a model.
 """
 
-from diffusion.interop.loaders import (load_text_encoder, load_text_encoder_config, load_unet, load_unet_config,
-                                       load_vae, load_vae_config, save_text_encoder, save_unet, save_vae)
+from diffusion.interop.loaders import (
+  load_text_encoder,
+  load_text_encoder_config,
+  load_unet,
+  load_unet_config,
+  load_vae,
+  load_vae_config,
+  save_text_encoder,
+  save_unet,
+  save_vae,
+)
 
-__all__ = ['load_text_encoder', 'load_text_encoder_config', 'load_unet',
-           'load_unet_config', 'load_vae', 'load_vae_config', 'save_text_encoder', 'save_unet', 'save_vae']
+__all__ = [
+  'load_text_encoder',
+  'load_text_encoder_config',
+  'load_unet',
+  'load_unet_config',
+  'load_vae',
+  'load_vae_config',
+  'save_text_encoder',
+  'save_unet',
+  'save_vae',
+]

@@ -18,37 +18,79 @@ DIFFUSERS_VERSION = '0.39.0'  # Written into exported configs (the format they f
 
 # diffusers UNet2DConditionModel options: defaults of the ones we read.
 _UNET_DEFAULTS = {
-    'sample_size': None, 'in_channels': 4, 'out_channels': 4, 'flip_sin_to_cos': True, 'freq_shift': 0,
-    'down_block_types': ('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
-    'mid_block_type': 'UNetMidBlock2DCrossAttn', 'up_block_types': ('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
-    'block_out_channels': (320, 640, 1280, 1280), 'layers_per_block': 2, 'act_fn': 'silu', 'norm_num_groups': 32,
-    'norm_eps': 1e-5, 'cross_attention_dim': 1280, 'transformer_layers_per_block': 1, 'attention_head_dim': 8,
-    'num_attention_heads': None, 'use_linear_projection': False,
+  'sample_size': None,
+  'in_channels': 4,
+  'out_channels': 4,
+  'flip_sin_to_cos': True,
+  'freq_shift': 0,
+  'down_block_types': ('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+  'mid_block_type': 'UNetMidBlock2DCrossAttn',
+  'up_block_types': ('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
+  'block_out_channels': (320, 640, 1280, 1280),
+  'layers_per_block': 2,
+  'act_fn': 'silu',
+  'norm_num_groups': 32,
+  'norm_eps': 1e-5,
+  'cross_attention_dim': 1280,
+  'transformer_layers_per_block': 1,
+  'attention_head_dim': 8,
+  'num_attention_heads': None,
+  'use_linear_projection': False,
 }
 # Options our U-Net implements at these values only (diffusers' defaults; SDXL's added embeddings etc.).
 _UNET_FIXED = {
-    'center_input_sample': (False,), 'only_cross_attention': (False,), 'dual_cross_attention': (False,),
-    'class_embed_type': (None,), 'addition_embed_type': (None,), 'num_class_embeds': (None,),
-    'resnet_time_scale_shift': ('default',), 'resnet_skip_time_act': (False,), 'resnet_out_scale_factor': (1.0,),
-    'time_embedding_type': ('positional',), 'time_embedding_dim': (None,), 'time_embedding_act_fn': (None,),
-    'timestep_post_act': (None,), 'time_cond_proj_dim': (None,), 'conv_in_kernel': (3,), 'conv_out_kernel': (3,),
-    'encoder_hid_dim': (None,), 'encoder_hid_dim_type': (None,), 'downsample_padding': (1,),
-    'mid_block_scale_factor': (1.0,), 'attention_type': ('default',), 'class_embeddings_concat': (False,),
-    'mid_block_only_cross_attention': (None, False), 'cross_attention_norm': (None,),
-    'reverse_transformer_layers_per_block': (None,), 'projection_class_embeddings_input_dim': (None,),
-    'addition_time_embed_dim': (None,),
+  'center_input_sample': (False,),
+  'only_cross_attention': (False,),
+  'dual_cross_attention': (False,),
+  'class_embed_type': (None,),
+  'addition_embed_type': (None,),
+  'num_class_embeds': (None,),
+  'resnet_time_scale_shift': ('default',),
+  'resnet_skip_time_act': (False,),
+  'resnet_out_scale_factor': (1.0,),
+  'time_embedding_type': ('positional',),
+  'time_embedding_dim': (None,),
+  'time_embedding_act_fn': (None,),
+  'timestep_post_act': (None,),
+  'time_cond_proj_dim': (None,),
+  'conv_in_kernel': (3,),
+  'conv_out_kernel': (3,),
+  'encoder_hid_dim': (None,),
+  'encoder_hid_dim_type': (None,),
+  'downsample_padding': (1,),
+  'mid_block_scale_factor': (1.0,),
+  'attention_type': ('default',),
+  'class_embeddings_concat': (False,),
+  'mid_block_only_cross_attention': (None, False),
+  'cross_attention_norm': (None,),
+  'reverse_transformer_layers_per_block': (None,),
+  'projection_class_embeddings_input_dim': (None,),
+  'addition_time_embed_dim': (None,),
 }
 # Options that do not change our computation: dropout (inference / our training has none), attention upcasting
 # (our softmax is always float32), SDXL's head count of an embedding we do not build.
 _UNET_IGNORED = ('dropout', 'upcast_attention', 'addition_embed_type_num_heads')
 
 _VAE_DEFAULTS = {
-    'in_channels': 3, 'out_channels': 3, 'down_block_types': ('DownEncoderBlock2D',),
-    'up_block_types': ('UpDecoderBlock2D',), 'block_out_channels': (64,), 'layers_per_block': 1, 'act_fn': 'silu',
-    'latent_channels': 4, 'norm_num_groups': 32, 'scaling_factor': 0.18215, 'mid_block_add_attention': True,
+  'in_channels': 3,
+  'out_channels': 3,
+  'down_block_types': ('DownEncoderBlock2D',),
+  'up_block_types': ('UpDecoderBlock2D',),
+  'block_out_channels': (64,),
+  'layers_per_block': 1,
+  'act_fn': 'silu',
+  'latent_channels': 4,
+  'norm_num_groups': 32,
+  'scaling_factor': 0.18215,
+  'mid_block_add_attention': True,
 }
-_VAE_FIXED = {'shift_factor': (None,), 'latents_mean': (None,), 'latents_std': (None,), 'use_quant_conv': (True,),
-              'use_post_quant_conv': (True,)}
+_VAE_FIXED = {
+  'shift_factor': (None,),
+  'latents_mean': (None,),
+  'latents_std': (None,),
+  'use_quant_conv': (True,),
+  'use_post_quant_conv': (True,),
+}
 _VAE_IGNORED = ('sample_size', 'force_upcast')
 
 # diffusers scheduler beta_schedule / prediction_type <-> ours.
@@ -66,8 +108,9 @@ def _check_keys(config: dict[str, Any], source: str, defaults: dict, fixed: dict
     allowed = fixed[key]
     values = value if isinstance(value, list) and key == 'only_cross_attention' else [value]
     if any(v not in allowed for v in values):
-      raise UserError(f'{source}: {key}={value!r} is not supported (supported: '
-                      f'{" or ".join(repr(a) for a in allowed)})')
+      raise UserError(
+        f'{source}: {key}={value!r} is not supported (supported: {" or ".join(repr(a) for a in allowed)})'
+      )
   return {**defaults, **{k: v for k, v in config.items() if k in defaults}}
 
 
@@ -108,8 +151,10 @@ def unet_from_diffusers(config: dict[str, Any], source: str) -> dict[str, Any]:
       if t not in known:
         raise UserError(f'{source}: {key} has unknown block type {t!r}; known: {", ".join(known)}')
   if c['mid_block_type'] not in MID_BLOCK_TYPES:
-    raise UserError(f'{source}: mid_block_type={c["mid_block_type"]!r} is not supported; known: '
-                    f'{", ".join(repr(t) for t in MID_BLOCK_TYPES)}')
+    raise UserError(
+      f'{source}: mid_block_type={c["mid_block_type"]!r} is not supported; known: '
+      f'{", ".join(repr(t) for t in MID_BLOCK_TYPES)}'
+    )
   if c['norm_num_groups'] is None:
     raise UserError(f'{source}: norm_num_groups=None (no output norm) is not supported')
   _check_activation(c['act_fn'], 'act_fn', source)
@@ -125,18 +170,26 @@ def unet_from_diffusers(config: dict[str, Any], source: str) -> dict[str, Any]:
       raise UserError(f'{source}: sample_size={sample_size!r} is not square (not supported)')
     sample_size = sample_size[0]
   return {
-      'sample_size': sample_size, 'in_channels': c['in_channels'], 'out_channels': c['out_channels'],
-      'block_out_channels': channels,
-      'layers_per_block': _int_or_tuple(c['layers_per_block'], 'layers_per_block', source, levels),
-      'down_block_types': tuple(c['down_block_types']), 'up_block_types': tuple(c['up_block_types']),
-      'mid_block_type': c['mid_block_type'],
-      'attention_head_dim': _int_or_tuple(heads, 'attention_head_dim', source, levels),
-      'num_attention_heads': None, 'cross_attention_dim': int(cross),
-      'transformer_layers_per_block': _int_or_tuple(c['transformer_layers_per_block'],
-                                                    'transformer_layers_per_block', source, levels),
-      'use_linear_projection': bool(c['use_linear_projection']), 'flip_sin_to_cos': bool(c['flip_sin_to_cos']),
-      'freq_shift': int(c['freq_shift']), 'norm_num_groups': int(c['norm_num_groups']),
-      'norm_eps': float(c['norm_eps']), 'act_fn': c['act_fn'],
+    'sample_size': sample_size,
+    'in_channels': c['in_channels'],
+    'out_channels': c['out_channels'],
+    'block_out_channels': channels,
+    'layers_per_block': _int_or_tuple(c['layers_per_block'], 'layers_per_block', source, levels),
+    'down_block_types': tuple(c['down_block_types']),
+    'up_block_types': tuple(c['up_block_types']),
+    'mid_block_type': c['mid_block_type'],
+    'attention_head_dim': _int_or_tuple(heads, 'attention_head_dim', source, levels),
+    'num_attention_heads': None,
+    'cross_attention_dim': int(cross),
+    'transformer_layers_per_block': _int_or_tuple(
+      c['transformer_layers_per_block'], 'transformer_layers_per_block', source, levels
+    ),
+    'use_linear_projection': bool(c['use_linear_projection']),
+    'flip_sin_to_cos': bool(c['flip_sin_to_cos']),
+    'freq_shift': int(c['freq_shift']),
+    'norm_num_groups': int(c['norm_num_groups']),
+    'norm_eps': float(c['norm_eps']),
+    'act_fn': c['act_fn'],
   }
 
 
@@ -146,8 +199,14 @@ def unet_to_diffusers(unet: Any) -> dict[str, Any]:
   listify = lambda v: list(v) if isinstance(v, (list, tuple)) else v
   heads = unet['num_attention_heads'] or unet['attention_head_dim']
   config = {k: listify(unet[k]) for k in _UNET_DEFAULTS if k not in ('attention_head_dim', 'num_attention_heads')}
-  config.update({'_class_name': 'UNet2DConditionModel', '_diffusers_version': DIFFUSERS_VERSION,
-                 'attention_head_dim': listify(heads), 'num_attention_heads': None})
+  config.update(
+    {
+      '_class_name': 'UNet2DConditionModel',
+      '_diffusers_version': DIFFUSERS_VERSION,
+      'attention_head_dim': listify(heads),
+      'num_attention_heads': None,
+    }
+  )
   config.update({k: v[0] for k, v in _UNET_FIXED.items()})
   return config
 
@@ -168,24 +227,46 @@ def vae_from_diffusers(config: dict[str, Any], source: str) -> dict[str, Any]:
   if not isinstance(c['layers_per_block'], int):
     raise UserError(f'{source}: layers_per_block={c["layers_per_block"]!r} must be an int')
   return {
-      'in_channels': c['in_channels'], 'out_channels': c['out_channels'], 'block_out_channels': channels,
-      'layers_per_block': c['layers_per_block'], 'latent_channels': c['latent_channels'],
-      'norm_num_groups': c['norm_num_groups'], 'act_fn': c['act_fn'],
-      'mid_block_add_attention': bool(c['mid_block_add_attention']), 'scaling_factor': float(c['scaling_factor']),
+    'in_channels': c['in_channels'],
+    'out_channels': c['out_channels'],
+    'block_out_channels': channels,
+    'layers_per_block': c['layers_per_block'],
+    'latent_channels': c['latent_channels'],
+    'norm_num_groups': c['norm_num_groups'],
+    'act_fn': c['act_fn'],
+    'mid_block_add_attention': bool(c['mid_block_add_attention']),
+    'scaling_factor': float(c['scaling_factor']),
   }
 
 
 def vae_to_diffusers(vae: Any) -> dict[str, Any]:
   """Our `config.model.vae` -> a diffusers AutoencoderKL config."""
   levels = len(vae['block_out_channels'])
-  config = {k: vae[k] for k in ('in_channels', 'out_channels', 'layers_per_block', 'act_fn', 'latent_channels',
-                                'norm_num_groups', 'mid_block_add_attention')}
+  config = {
+    k: vae[k]
+    for k in (
+      'in_channels',
+      'out_channels',
+      'layers_per_block',
+      'act_fn',
+      'latent_channels',
+      'norm_num_groups',
+      'mid_block_add_attention',
+    )
+  }
   scale = float(vae['scaling_factor'])
-  config.update({'_class_name': 'AutoencoderKL', '_diffusers_version': DIFFUSERS_VERSION,
-                 'block_out_channels': list(vae['block_out_channels']),
-                 'down_block_types': ['DownEncoderBlock2D'] * levels, 'up_block_types': ['UpDecoderBlock2D'] * levels,
-                 'scaling_factor': scale if scale > 0 else _VAE_DEFAULTS['scaling_factor'],
-                 'use_quant_conv': True, 'use_post_quant_conv': True})
+  config.update(
+    {
+      '_class_name': 'AutoencoderKL',
+      '_diffusers_version': DIFFUSERS_VERSION,
+      'block_out_channels': list(vae['block_out_channels']),
+      'down_block_types': ['DownEncoderBlock2D'] * levels,
+      'up_block_types': ['UpDecoderBlock2D'] * levels,
+      'scaling_factor': scale if scale > 0 else _VAE_DEFAULTS['scaling_factor'],
+      'use_quant_conv': True,
+      'use_post_quant_conv': True,
+    }
+  )
   return config
 
 
@@ -212,11 +293,16 @@ def text_from_transformers(config: dict[str, Any], source: str, has_projection: 
   _check_activation(text.hidden_act, 'hidden_act', source)
   eos = text.eos_token_id
   return {
-      'vocab_size': text.vocab_size, 'hidden_size': text.hidden_size, 'intermediate_size': text.intermediate_size,
-      'num_hidden_layers': text.num_hidden_layers, 'num_attention_heads': text.num_attention_heads,
-      'max_position_embeddings': text.max_position_embeddings, 'hidden_act': text.hidden_act,
-      'layer_norm_eps': float(text.layer_norm_eps), 'eos_token_id': -1 if eos in (None, 2) else int(eos),
-      'projection_dim': int(projection_dim) if has_projection else None,
+    'vocab_size': text.vocab_size,
+    'hidden_size': text.hidden_size,
+    'intermediate_size': text.intermediate_size,
+    'num_hidden_layers': text.num_hidden_layers,
+    'num_attention_heads': text.num_attention_heads,
+    'max_position_embeddings': text.max_position_embeddings,
+    'hidden_act': text.hidden_act,
+    'layer_norm_eps': float(text.layer_norm_eps),
+    'eos_token_id': -1 if eos in (None, 2) else int(eos),
+    'projection_dim': int(projection_dim) if has_projection else None,
   }
 
 
@@ -231,13 +317,20 @@ def text_to_transformers(text: Any, special_ids: dict[str, int] | None = None) -
   ids = dict(special_ids or {})
   projection = text['projection_dim']
   return transformers.CLIPTextConfig(
-      vocab_size=text['vocab_size'], hidden_size=text['hidden_size'], intermediate_size=text['intermediate_size'],
-      projection_dim=projection or text['hidden_size'], num_hidden_layers=text['num_hidden_layers'],
-      num_attention_heads=text['num_attention_heads'], max_position_embeddings=text['max_position_embeddings'],
-      hidden_act=text['hidden_act'], layer_norm_eps=text['layer_norm_eps'],
-      eos_token_id=2 if eos is None or eos < 0 else int(eos), bos_token_id=ids.get('bos', 49406),
-      pad_token_id=ids.get('pad', 1),
-      architectures=['CLIPTextModelWithProjection' if projection else 'CLIPTextModel'])
+    vocab_size=text['vocab_size'],
+    hidden_size=text['hidden_size'],
+    intermediate_size=text['intermediate_size'],
+    projection_dim=projection or text['hidden_size'],
+    num_hidden_layers=text['num_hidden_layers'],
+    num_attention_heads=text['num_attention_heads'],
+    max_position_embeddings=text['max_position_embeddings'],
+    hidden_act=text['hidden_act'],
+    layer_norm_eps=text['layer_norm_eps'],
+    eos_token_id=2 if eos is None or eos < 0 else int(eos),
+    bos_token_id=ids.get('bos', 49406),
+    pad_token_id=ids.get('pad', 1),
+    architectures=['CLIPTextModelWithProjection' if projection else 'CLIPTextModel'],
+  )
 
 
 def eos_id_representable(text: Any) -> bool:
@@ -254,13 +347,14 @@ def diffusion_from_scheduler(config: dict[str, Any], source: str) -> dict[str, A
     raise UserError(f'{source}: beta_schedule={schedule!r} is not supported; known: {", ".join(BETA_SCHEDULES)}')
   prediction = config.get('prediction_type', 'epsilon')
   if prediction not in PREDICTION_TYPES:
-    raise UserError(f'{source}: prediction_type={prediction!r} is not supported; known: '
-                    f'{", ".join(PREDICTION_TYPES)}')
+    raise UserError(f'{source}: prediction_type={prediction!r} is not supported; known: {", ".join(PREDICTION_TYPES)}')
   return {
-      'schedule': BETA_SCHEDULES[schedule], 'prediction_type': PREDICTION_TYPES[prediction],
-      'num_train_timesteps': int(config.get('num_train_timesteps', 1000)),
-      'beta_start': float(config.get('beta_start', 0.0001)), 'beta_end': float(config.get('beta_end', 0.02)),
-      'rescale_zero_terminal_snr': bool(config.get('rescale_betas_zero_snr', False)),
+    'schedule': BETA_SCHEDULES[schedule],
+    'prediction_type': PREDICTION_TYPES[prediction],
+    'num_train_timesteps': int(config.get('num_train_timesteps', 1000)),
+    'beta_start': float(config.get('beta_start', 0.0001)),
+    'beta_end': float(config.get('beta_end', 0.02)),
+    'rescale_zero_terminal_snr': bool(config.get('rescale_betas_zero_snr', False)),
   }
 
 
@@ -270,13 +364,21 @@ def scheduler_from_diffusion(diffusion: Any) -> dict[str, Any]:
   predictions = {v: k for k, v in PREDICTION_TYPES.items()}
   for key, table in (('schedule', schedules), ('prediction_type', predictions)):
     if diffusion[key] not in table:
-      raise UserError(f'config.diffusion.{key}={diffusion[key]!r} has no diffusers equivalent; '
-                      f'known: {", ".join(table)}')
+      raise UserError(
+        f'config.diffusion.{key}={diffusion[key]!r} has no diffusers equivalent; known: {", ".join(table)}'
+      )
   return {
-      '_class_name': 'DDIMScheduler', '_diffusers_version': DIFFUSERS_VERSION,
-      'beta_schedule': schedules[diffusion['schedule']], 'beta_start': float(diffusion['beta_start']),
-      'beta_end': float(diffusion['beta_end']), 'num_train_timesteps': int(diffusion['num_train_timesteps']),
-      'prediction_type': predictions[diffusion['prediction_type']],
-      'rescale_betas_zero_snr': bool(diffusion['rescale_zero_terminal_snr']), 'clip_sample': False,
-      'set_alpha_to_one': False, 'steps_offset': 1, 'timestep_spacing': 'leading', 'trained_betas': None,
+    '_class_name': 'DDIMScheduler',
+    '_diffusers_version': DIFFUSERS_VERSION,
+    'beta_schedule': schedules[diffusion['schedule']],
+    'beta_start': float(diffusion['beta_start']),
+    'beta_end': float(diffusion['beta_end']),
+    'num_train_timesteps': int(diffusion['num_train_timesteps']),
+    'prediction_type': predictions[diffusion['prediction_type']],
+    'rescale_betas_zero_snr': bool(diffusion['rescale_zero_terminal_snr']),
+    'clip_sample': False,
+    'set_alpha_to_one': False,
+    'steps_offset': 1,
+    'timestep_spacing': 'leading',
+    'trained_betas': None,
   }

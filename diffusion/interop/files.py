@@ -26,11 +26,14 @@ def hub_download(repo_id: str, patterns: list[str]) -> str:
   """A local snapshot of the files of `repo_id` matching `patterns` (cached by huggingface_hub)."""
   try:
     import huggingface_hub  # pylint: disable=import-outside-toplevel
+
     return huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns)
   except Exception as e:  # Offline, unknown repo, gated repo: all are the user's to fix.
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise UserError(f'{repo_id!r} is not a local directory and could not be fetched from the Hugging Face hub '
-                    f'({type(e).__name__}: {message})') from None
+    raise UserError(
+      f'{repo_id!r} is not a local directory and could not be fetched from the Hugging Face hub '
+      f'({type(e).__name__}: {message})'
+    ) from None
 
 
 def model_directory(path: str, subfolder: str, stem: str) -> str:
@@ -48,8 +51,12 @@ def model_directory(path: str, subfolder: str, stem: str) -> str:
   if not looks_like_hub_id(path):
     raise UserError(f'{path!r} does not exist')
   for prefix in ('', f'{subfolder}/'):
-    patterns = [f'{prefix}config.json', f'{prefix}{stem}.safetensors', f'{prefix}{stem}*.safetensors.index.json',
-                f'{prefix}{stem}-*.safetensors']
+    patterns = [
+      f'{prefix}config.json',
+      f'{prefix}{stem}.safetensors',
+      f'{prefix}{stem}*.safetensors.index.json',
+      f'{prefix}{stem}-*.safetensors',
+    ]
     root = hub_download(path, patterns)
     directory = os.path.join(root, prefix)
     if os.path.isfile(os.path.join(directory, 'config.json')):
@@ -110,8 +117,10 @@ def read_state_dict(directory: str, stem: str) -> dict[str, np.ndarray]:
     return state
   binary = os.path.join(directory, _BIN_NAMES[stem])
   if not os.path.isfile(binary):
-    raise UserError(f'{directory} has no weights: expected {stem}.safetensors, a sharded '
-                    f'{stem}.safetensors.index.json, or {_BIN_NAMES[stem]}')
+    raise UserError(
+      f'{directory} has no weights: expected {stem}.safetensors, a sharded '
+      f'{stem}.safetensors.index.json, or {_BIN_NAMES[stem]}'
+    )
   return _read_torch_bin(binary)
 
 
@@ -140,8 +149,11 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
   except Exception as e:  # Corrupt or not a state dict.
     raise UserError(f'cannot read {path}: {e}') from None
   state = state.get('state_dict', state)
-  return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()
-          if isinstance(v, torch.Tensor)}
+  return {
+    k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+    for k, v in state.items()
+    if isinstance(v, torch.Tensor)
+  }
 
 
 def write_state_dict(directory: str, stem: str, state: dict[str, np.ndarray]) -> str:

@@ -23,8 +23,9 @@ import numpy as np
 from diffusion.errors import UserError
 from diffusion.models import inception
 
-FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
-                   'pt_inception-2015-12-05-6726825d.pth')
+FID_WEIGHTS_URL = (
+  'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
+)
 FID_WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 FID_WEIGHTS_SHA256_PREFIX = '6726825d'
 
@@ -33,10 +34,15 @@ def _flax_path(torch_key: str) -> tuple[str, tuple[str, ...], bool]:
   """'Mixed_5b.branch1x1.conv.weight' -> ('params', ('Mixed_5b', 'branch1x1', 'conv', 'kernel'), transpose)."""
   *modules, leaf = torch_key.split('.')
   layer = modules[-1] if modules else ''
-  table = {('conv', 'weight'): ('params', 'kernel'), ('bn', 'weight'): ('params', 'scale'),
-           ('bn', 'bias'): ('params', 'bias'), ('bn', 'running_mean'): ('batch_stats', 'mean'),
-           ('bn', 'running_var'): ('batch_stats', 'var'), ('fc', 'weight'): ('params', 'kernel'),
-           ('fc', 'bias'): ('params', 'bias')}
+  table = {
+    ('conv', 'weight'): ('params', 'kernel'),
+    ('bn', 'weight'): ('params', 'scale'),
+    ('bn', 'bias'): ('params', 'bias'),
+    ('bn', 'running_mean'): ('batch_stats', 'mean'),
+    ('bn', 'running_var'): ('batch_stats', 'var'),
+    ('fc', 'weight'): ('params', 'kernel'),
+    ('fc', 'bias'): ('params', 'bias'),
+  }
   if (layer, leaf) not in table:
     raise KeyError(torch_key)
   collection, name = table[(layer, leaf)]
@@ -49,8 +55,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], dtype: Any = np.float32) -
   Strict: every expected parameter must be present with the expected shape, and no unknown key is accepted
   (`num_batches_tracked` counters are ignored).
   """
-  expected = {tuple(str(getattr(k, 'key', k)) for k in path): leaf.shape
-              for path, leaf in jax.tree_util.tree_leaves_with_path(inception.abstract_variables())}
+  expected = {
+    tuple(str(getattr(k, 'key', k)) for k in path): leaf.shape
+    for path, leaf in jax.tree_util.tree_leaves_with_path(inception.abstract_variables())
+  }
   variables: dict = {}
   unknown, seen = [], set()
   for key, value in state_dict.items():
@@ -69,8 +77,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], dtype: Any = np.float32) -
       unknown.append(key)
       continue
     if array.shape != expected[full]:
-      raise UserError(f'Inception weights: {key} has shape {tuple(np.shape(value))}, which does not fit the FID '
-                      f'InceptionV3 (expected {expected[full]} after conversion)')
+      raise UserError(
+        f'Inception weights: {key} has shape {tuple(np.shape(value))}, which does not fit the FID '
+        f'InceptionV3 (expected {expected[full]} after conversion)'
+      )
     node = variables
     for part in full[:-1]:
       node = node.setdefault(part, {})
@@ -78,16 +88,19 @@ def convert_state_dict(state_dict: Mapping[str, Any], dtype: Any = np.float32) -
     seen.add(full)
   missing = ['.'.join(p) for p in expected if p not in seen]
   if unknown or missing:
-    raise UserError(f'Inception weights do not match the FID InceptionV3: {len(missing)} missing '
-                    f'({", ".join(missing[:3])}{"..." if len(missing) > 3 else ""}), {len(unknown)} unexpected '
-                    f'({", ".join(unknown[:3])}{"..." if len(unknown) > 3 else ""})')
+    raise UserError(
+      f'Inception weights do not match the FID InceptionV3: {len(missing)} missing '
+      f'({", ".join(missing[:3])}{"..." if len(missing) > 3 else ""}), {len(unknown)} unexpected '
+      f'({", ".join(unknown[:3])}{"..." if len(unknown) > 3 else ""})'
+    )
   return variables
 
 
 def default_weights_path() -> str:
   """Where pytorch-fid's download lands (torch hub's cache), so a file users already have is found."""
   torch_home = os.environ.get('TORCH_HOME') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'torch')
+    os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'torch'
+  )
   return os.path.join(torch_home, 'hub', 'checkpoints', FID_WEIGHTS_FILE)
 
 
@@ -113,8 +126,10 @@ def _download(path: str) -> None:
 
 
 def _where_to_put(path: str) -> str:
-  return (f'download {FID_WEIGHTS_URL} (sha256 starts with {FID_WEIGHTS_SHA256_PREFIX}) and put it at {path}, '
-          'or pass the file with --inception_weights')
+  return (
+    f'download {FID_WEIGHTS_URL} (sha256 starts with {FID_WEIGHTS_SHA256_PREFIX}) and put it at {path}, '
+    'or pass the file with --inception_weights'
+  )
 
 
 def resolve_weights_path(path: str | None = None, download: bool = False) -> str:
@@ -126,8 +141,9 @@ def resolve_weights_path(path: str | None = None, download: bool = False) -> str
     path = default_weights_path()
     if not os.path.isfile(path):
       if not download:
-        raise UserError(f'FID Inception weights not found at {path}: {_where_to_put(path)} '
-                        '(or allow the download with --download)')
+        raise UserError(
+          f'FID Inception weights not found at {path}: {_where_to_put(path)} (or allow the download with --download)'
+        )
       _download(path)
   elif not os.path.isfile(path):
     raise UserError(f'Inception weight file {path!r} does not exist: {_where_to_put(default_weights_path())}')
@@ -135,14 +151,25 @@ def resolve_weights_path(path: str | None = None, download: bool = False) -> str
   if match:
     digest = file_sha256(path)
     if not digest.startswith(match.group(1)):
-      raise UserError(f'{path} is corrupt or not the expected file: its sha256 is {digest[:16]}..., expected '
-                      f'{match.group(1)}...; {_where_to_put(path)}')
+      raise UserError(
+        f'{path} is corrupt or not the expected file: its sha256 is {digest[:16]}..., expected '
+        f'{match.group(1)}...; {_where_to_put(path)}'
+      )
   return path
 
 
-_TORCH_DTYPES = {'DoubleStorage': np.float64, 'FloatStorage': np.float32, 'HalfStorage': np.float16,
-                 'BFloat16Storage': None, 'LongStorage': np.int64, 'IntStorage': np.int32, 'ShortStorage': np.int16,
-                 'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_}
+_TORCH_DTYPES = {
+  'DoubleStorage': np.float64,
+  'FloatStorage': np.float32,
+  'HalfStorage': np.float16,
+  'BFloat16Storage': None,
+  'LongStorage': np.int64,
+  'IntStorage': np.int32,
+  'ShortStorage': np.int16,
+  'CharStorage': np.int8,
+  'ByteStorage': np.uint8,
+  'BoolStorage': np.bool_,
+}
 
 
 def _read_pth_without_torch(path: str) -> dict[str, np.ndarray]:
@@ -153,14 +180,13 @@ def _read_pth_without_torch(path: str) -> dict[str, np.ndarray]:
     pickle_name = next((n for n in archive.namelist() if n.endswith('data.pkl')), None)
     if pickle_name is None:
       raise UserError(f'{path} holds no data.pkl: not a torch.save file')
-    prefix = pickle_name[:-len('data.pkl')]
+    prefix = pickle_name[: -len('data.pkl')]
 
     def rebuild(storage, offset, size, stride, *unused):
       itemsize = storage.dtype.itemsize
       return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), tuple(s * itemsize for s in stride)).copy()
 
     class Unpickler(pickle.Unpickler):
-
       def find_class(self, module: str, name: str) -> Any:
         if module == 'torch._utils' and name == '_rebuild_tensor_v2':
           return rebuild
@@ -188,7 +214,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError:
-    raise UserError(f'{path} is in PyTorch\'s old (non-zip) format; reading it needs PyTorch: pip install torch')
+    raise UserError(f"{path} is in PyTorch's old (non-zip) format; reading it needs PyTorch: pip install torch")
   try:
     state = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  # Any unreadable file is the user's.

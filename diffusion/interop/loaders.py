@@ -23,14 +23,19 @@ def _shaped_target(module: Any, *args: Any) -> Params:
 
 def _unet_target(module: models.UNet2DConditionModel) -> Params:
   side = models.unet_downsample_factor(module)
-  return _shaped_target(module, jnp.zeros((1, side, side, module.in_channels)), jnp.zeros((1,)),
-                        jnp.zeros((1, 1, module.cross_attention_dim)))
+  return _shaped_target(
+    module,
+    jnp.zeros((1, side, side, module.in_channels)),
+    jnp.zeros((1,)),
+    jnp.zeros((1, 1, module.cross_attention_dim)),
+  )
 
 
 def _vae_target(module: models.AutoencoderKL) -> Params:
   side = models.vae_downsample_factor(module)
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, side, side, module.in_channels)),
-                                            sample_posterior=False))['params']
+  return jax.eval_shape(
+    lambda: module.init(jax.random.key(0), jnp.zeros((1, side, side, module.in_channels)), sample_posterior=False)
+  )['params']
 
 
 def _text_target(module: models.CLIPTextTransformer) -> Params:
@@ -51,12 +56,19 @@ def load_unet_config(path: str) -> ml_collections.ConfigDict:
   """Our `config.model.unet` for a diffusers UNet2DConditionModel directory, pipeline directory or hub id."""
   directory = files.model_directory(path, 'unet', files.DIFFUSERS_WEIGHTS)
   source = os.path.join(directory, 'config.json')
-  return ml_collections.ConfigDict({**configs.unet_from_diffusers(files.read_json(source), source),
-                                    'dtype': 'float32', 'remat': False, 'remat_policy': 'nothing_saveable'})
+  return ml_collections.ConfigDict(
+    {
+      **configs.unet_from_diffusers(files.read_json(source), source),
+      'dtype': 'float32',
+      'remat': False,
+      'remat_policy': 'nothing_saveable',
+    }
+  )
 
 
-def load_unet(path: str, *, dtype: str = 'float32',
-              param_dtype: Any = np.float32) -> tuple[models.UNet2DConditionModel, Params]:
+def load_unet(
+  path: str, *, dtype: str = 'float32', param_dtype: Any = np.float32
+) -> tuple[models.UNet2DConditionModel, Params]:
   """(module, params) of a diffusers UNet2DConditionModel (model directory, pipeline directory or hub id).
 
   `module.apply({'params': params}, sample, timesteps, encoder_hidden_states)`: sample NHWC, timesteps (B,)
@@ -65,8 +77,7 @@ def load_unet(path: str, *, dtype: str = 'float32',
   directory = files.model_directory(path, 'unet', files.DIFFUSERS_WEIGHTS)
   config = load_unet_config(directory)
   config.dtype = dtype
-  module, target = _build(models.create_unet, _unet_target, config.to_dict(),
-                          os.path.join(directory, 'config.json'))
+  module, target = _build(models.create_unet, _unet_target, config.to_dict(), os.path.join(directory, 'config.json'))
   state = files.read_state_dict(directory, files.DIFFUSERS_WEIGHTS)
   params = naming.torch_to_flax(state, target, naming.UNET, source=directory, dtype=param_dtype)
   return module, params
@@ -76,12 +87,12 @@ def load_vae_config(path: str) -> ml_collections.ConfigDict:
   """Our `config.model.vae` (with `scaling_factor`) for a diffusers AutoencoderKL directory or hub id."""
   directory = files.model_directory(path, 'vae', files.DIFFUSERS_WEIGHTS)
   source = os.path.join(directory, 'config.json')
-  return ml_collections.ConfigDict({**configs.vae_from_diffusers(files.read_json(source), source),
-                                    'dtype': 'float32'})
+  return ml_collections.ConfigDict({**configs.vae_from_diffusers(files.read_json(source), source), 'dtype': 'float32'})
 
 
-def load_vae(path: str, *, dtype: str = 'float32',
-             param_dtype: Any = np.float32) -> tuple[models.AutoencoderKL, Params]:
+def load_vae(
+  path: str, *, dtype: str = 'float32', param_dtype: Any = np.float32
+) -> tuple[models.AutoencoderKL, Params]:
   """(module, params) of a diffusers AutoencoderKL (model directory, pipeline directory or hub id).
 
   `module.apply(v, x, method='encode')` -> unscaled posterior (mean, logvar) of NHWC images in [-1, 1];
@@ -90,8 +101,7 @@ def load_vae(path: str, *, dtype: str = 'float32',
   directory = files.model_directory(path, 'vae', files.DIFFUSERS_WEIGHTS)
   config = load_vae_config(directory)
   config.dtype = dtype
-  module, target = _build(models.create_vae, _vae_target, config.to_dict(),
-                          os.path.join(directory, 'config.json'))
+  module, target = _build(models.create_vae, _vae_target, config.to_dict(), os.path.join(directory, 'config.json'))
   state = files.read_state_dict(directory, files.DIFFUSERS_WEIGHTS)
   params = naming.torch_to_flax(state, target, naming.VAE, source=directory, dtype=param_dtype)
   return module, params
@@ -100,10 +110,10 @@ def load_vae(path: str, *, dtype: str = 'float32',
 def _text_config(directory: str, names: Any) -> ml_collections.ConfigDict:
   """Our text config; `names`: the weight file's tensor names (a projection exists iff it is stored)."""
   source = os.path.join(directory, 'config.json')
-  fields = configs.text_from_transformers(files.read_json(source), source,
-                                          has_projection='text_projection.weight' in names)
-  return ml_collections.ConfigDict({'type': 'clip', 'tokenizer': '', **fields, 'trainable': False,
-                                    'dtype': 'float32'})
+  fields = configs.text_from_transformers(
+    files.read_json(source), source, has_projection='text_projection.weight' in names
+  )
+  return ml_collections.ConfigDict({'type': 'clip', 'tokenizer': '', **fields, 'trainable': False, 'dtype': 'float32'})
 
 
 def load_text_encoder_config(path: str) -> ml_collections.ConfigDict:
@@ -113,8 +123,9 @@ def load_text_encoder_config(path: str) -> ml_collections.ConfigDict:
   return _text_config(directory, files.read_state_keys(directory, files.TRANSFORMERS_WEIGHTS))
 
 
-def load_text_encoder(path: str, *, dtype: str = 'float32', param_dtype: Any = np.float32,
-                      state: dict[str, np.ndarray] | None = None) -> tuple[models.CLIPTextTransformer, Params]:
+def load_text_encoder(
+  path: str, *, dtype: str = 'float32', param_dtype: Any = np.float32, state: dict[str, np.ndarray] | None = None
+) -> tuple[models.CLIPTextTransformer, Params]:
   """(module, params) of a transformers CLIP text model (see `load_text_encoder_config` for the sources).
 
   `module.apply({'params': params}, input_ids)` -> (last_hidden_state, pooled_output);
@@ -125,14 +136,16 @@ def load_text_encoder(path: str, *, dtype: str = 'float32', param_dtype: Any = n
   state = files.read_state_dict(directory, files.TRANSFORMERS_WEIGHTS) if state is None else state
   config = _text_config(directory, state)
   config.dtype = dtype
-  module, target = _build(models.create_text_encoder, _text_target, config.to_dict(),
-                          os.path.join(directory, 'config.json'))
+  module, target = _build(
+    models.create_text_encoder, _text_target, config.to_dict(), os.path.join(directory, 'config.json')
+  )
   params = naming.torch_to_flax(state, target, naming.CLIP_TEXT, source=directory, dtype=param_dtype)
   return module, params
 
 
-def _checked_state(params: Params, target: Params, layout: naming.Layout, what: str,
-                   dtype: Any) -> dict[str, np.ndarray]:
+def _checked_state(
+  params: Params, target: Params, layout: naming.Layout, what: str, dtype: Any
+) -> dict[str, np.ndarray]:
   """The PyTorch state dict of `params`, after checking they fill exactly the module's parameters."""
   shapes = lambda tree: {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(tree).items()}
   got, expected = shapes(params), shapes(target)
@@ -140,8 +153,10 @@ def _checked_state(params: Params, target: Params, layout: naming.Layout, what: 
     missing = sorted('/'.join(k) for k in set(expected) - set(got))
     extra = sorted('/'.join(k) for k in set(got) - set(expected))
     wrong = sorted('/'.join(k) for k in set(got) & set(expected) if got[k] != expected[k])
-    raise UserError(f'the {what} params do not match its config: missing {missing[:5]}, left over {extra[:5]}, '
-                    f'wrong shapes {wrong[:5]}')
+    raise UserError(
+      f'the {what} params do not match its config: missing {missing[:5]}, left over {extra[:5]}, '
+      f'wrong shapes {wrong[:5]}'
+    )
   return naming.flax_to_torch(params, layout, dtype)
 
 
@@ -165,8 +180,9 @@ def save_vae(directory: str, vae_config: Any, params: Params, dtype: Any = np.fl
   files.write_json(os.path.join(directory, 'config.json'), configs.vae_to_diffusers(vae_config))
 
 
-def save_text_encoder(directory: str, text_config: Any, params: Params, dtype: Any = np.float32,
-                      special_ids: dict[str, int] | None = None) -> None:
+def save_text_encoder(
+  directory: str, text_config: Any, params: Params, dtype: Any = np.float32, special_ids: dict[str, int] | None = None
+) -> None:
   """Writes a transformers CLIPTextModel (or CLIPTextModelWithProjection) directory."""
   module = models.create_text_encoder(ml_collections.ConfigDict(_as_dict(text_config)))
   state = _checked_state(params, _text_target(module), naming.CLIP_TEXT, 'text encoder', dtype)

@@ -26,10 +26,20 @@ import numpy as np
 
 from diffusion.errors import UserError
 
-LIST_MODULES = frozenset({
-    'down_blocks', 'up_blocks', 'resnets', 'attentions', 'downsamplers', 'upsamplers',
-    'transformer_blocks', 'to_out', 'net', 'layers',
-})
+LIST_MODULES = frozenset(
+  {
+    'down_blocks',
+    'up_blocks',
+    'resnets',
+    'attentions',
+    'downsamplers',
+    'upsamplers',
+    'transformer_blocks',
+    'to_out',
+    'net',
+    'layers',
+  }
+)
 _INDEXED = re.compile(r'^(?P<name>[A-Za-z_]+?)_(?P<index>\d+)$')
 
 
@@ -45,17 +55,18 @@ def _squeeze_1x1(x: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class LeafRule:
   """How one kind of Flax parameter is stored in PyTorch."""
+
   torch_leaf: str
   to_torch: Callable[[np.ndarray], np.ndarray]
   from_torch: Callable[[np.ndarray], np.ndarray]
 
 
 LEAF_RULES: dict[tuple[str, int], LeafRule] = {
-    ('kernel', 4): LeafRule('weight', lambda k: k.transpose(3, 2, 0, 1), lambda w: w.transpose(2, 3, 1, 0)),
-    ('kernel', 2): LeafRule('weight', lambda k: k.T, lambda w: _squeeze_1x1(w).T),
-    ('scale', 1): LeafRule('weight', _identity, _identity),
-    ('bias', 1): LeafRule('bias', _identity, _identity),
-    ('embedding', 2): LeafRule('weight', _identity, _identity),
+  ('kernel', 4): LeafRule('weight', lambda k: k.transpose(3, 2, 0, 1), lambda w: w.transpose(2, 3, 1, 0)),
+  ('kernel', 2): LeafRule('weight', lambda k: k.T, lambda w: _squeeze_1x1(w).T),
+  ('scale', 1): LeafRule('weight', _identity, _identity),
+  ('bias', 1): LeafRule('bias', _identity, _identity),
+  ('embedding', 2): LeafRule('weight', _identity, _identity),
 }
 
 
@@ -71,6 +82,7 @@ class Layout:
     ignore: regexes of state-dict entries that are not parameters of this model (buffers, the vision
       tower of a full CLIPModel); they are dropped on import and never written.
   """
+
   name: str
   prefix: str = ''
   unprefixed: tuple[str, ...] = ()
@@ -82,8 +94,9 @@ class Layout:
     *modules, leaf = path
     rule = LEAF_RULES.get((leaf, ndim))
     if rule is None:
-      raise ValueError(f'no conversion rule for parameter {"/".join(path)!r} of rank {ndim}; '
-                       f'known: {sorted(LEAF_RULES)}')
+      raise ValueError(
+        f'no conversion rule for parameter {"/".join(path)!r} of rank {ndim}; known: {sorted(LEAF_RULES)}'
+      )
     parts = []
     for module in modules:
       match = _INDEXED.match(module)
@@ -106,10 +119,10 @@ class Layout:
 # The VAE's mid-block attention was saved as query/key/value/proj_attn before diffusers 0.14; SD 1.x/2.x
 # VAE files in that format are still common (diffusers renames them on load, and so do we).
 _LEGACY_ATTENTION = (
-    (r'(attentions\.\d+)\.query\.', r'\1.to_q.'),
-    (r'(attentions\.\d+)\.key\.', r'\1.to_k.'),
-    (r'(attentions\.\d+)\.value\.', r'\1.to_v.'),
-    (r'(attentions\.\d+)\.proj_attn\.', r'\1.to_out.0.'),
+  (r'(attentions\.\d+)\.query\.', r'\1.to_q.'),
+  (r'(attentions\.\d+)\.key\.', r'\1.to_k.'),
+  (r'(attentions\.\d+)\.value\.', r'\1.to_v.'),
+  (r'(attentions\.\d+)\.proj_attn\.', r'\1.to_out.0.'),
 )
 
 UNET = Layout('diffusers UNet2DConditionModel')
@@ -117,10 +130,12 @@ VAE = Layout('diffusers AutoencoderKL', aliases=_LEGACY_ATTENTION)
 # transformers 5 saves CLIPTextModel without the `text_model.` prefix that every earlier file (and CLIPModel,
 # CLIPTextModelWithProjection) has; both read, the prefixed form is written (transformers 4 and 5 load it).
 CLIP_TEXT = Layout(
-    'transformers CLIPTextModel', prefix='text_model.', unprefixed=('text_projection',),
-    aliases=((r'^(?!text_model\.|text_projection\.|vision_model\.|visual_projection\.|logit_scale$)',
-              'text_model.'),),
-    ignore=(r'position_ids$', r'^vision_model\.', r'^visual_projection\.', r'^logit_scale$'))
+  'transformers CLIPTextModel',
+  prefix='text_model.',
+  unprefixed=('text_projection',),
+  aliases=((r'^(?!text_model\.|text_projection\.|vision_model\.|visual_projection\.|logit_scale$)', 'text_model.'),),
+  ignore=(r'position_ids$', r'^vision_model\.', r'^visual_projection\.', r'^logit_scale$'),
+)
 
 
 def _listing(keys: Sequence[str], limit: int = 8) -> str:
@@ -129,8 +144,9 @@ def _listing(keys: Sequence[str], limit: int = 8) -> str:
   return ', '.join(keys[:limit]) + more
 
 
-def torch_to_flax(state: Mapping[str, Any], target: Any, layout: Layout, *, source: str = '',
-                  dtype: Any = np.float32) -> Any:
+def torch_to_flax(
+  state: Mapping[str, Any], target: Any, layout: Layout, *, source: str = '', dtype: Any = np.float32
+) -> Any:
   """A PyTorch state dict (name -> array) as a Flax parameter tree shaped like `target`.
 
   Args:
@@ -178,8 +194,9 @@ def torch_to_flax(state: Mapping[str, Any], target: Any, layout: Layout, *, sour
       problems.append(f'{len(canonical)} left over: {_listing(list(canonical.values()))}')
     if wrong:
       problems.append(f'{len(wrong)} with the wrong shape: {_listing(wrong, 4)}')
-    raise UserError(f'{source}: the weights do not match the {layout.name} its config describes; '
-                    + '; '.join(problems))
+    raise UserError(
+      f'{source}: the weights do not match the {layout.name} its config describes; ' + '; '.join(problems)
+    )
   return jax.tree.map(jax.numpy.asarray, flax.traverse_util.unflatten_dict(flat))
 
 

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 
 from diffusion.models.text import CLIPTextTransformer
 from diffusion.models.unet import UNet2DConditionModel
-from diffusion.models.validation import unet_downsample_factor, vae_downsample_factor, validate_config
 from diffusion.models.vae import AutoencoderKL
+from diffusion.models.validation import unet_downsample_factor, vae_downsample_factor, validate_config
 from diffusion.registry import Registry
 
 Factory = Callable[[Any], nn.Module]
@@ -41,10 +41,16 @@ def create_vae(vae_config: Any) -> AutoencoderKL:
   """AutoencoderKL from `config.model.vae` (scaling_factor is not a module field)."""
   c = vae_config
   return AutoencoderKL(
-      in_channels=c.in_channels, out_channels=c.out_channels,
-      block_out_channels=_tuple(c.block_out_channels), layers_per_block=c.layers_per_block,
-      latent_channels=c.latent_channels, norm_num_groups=c.norm_num_groups, act_fn=c.act_fn,
-      mid_block_add_attention=c.mid_block_add_attention, dtype=jnp.dtype(c.dtype))
+    in_channels=c.in_channels,
+    out_channels=c.out_channels,
+    block_out_channels=_tuple(c.block_out_channels),
+    layers_per_block=c.layers_per_block,
+    latent_channels=c.latent_channels,
+    norm_num_groups=c.norm_num_groups,
+    act_fn=c.act_fn,
+    mid_block_add_attention=c.mid_block_add_attention,
+    dtype=jnp.dtype(c.dtype),
+  )
 
 
 @register_model('unet')
@@ -52,16 +58,28 @@ def create_unet(unet_config: Any) -> UNet2DConditionModel:
   """UNet2DConditionModel from `config.model.unet`."""
   c = unet_config
   return UNet2DConditionModel(
-      sample_size=c.sample_size, in_channels=c.in_channels, out_channels=c.out_channels,
-      block_out_channels=_tuple(c.block_out_channels), layers_per_block=_tuple(c.layers_per_block),
-      down_block_types=_tuple(c.down_block_types), up_block_types=_tuple(c.up_block_types),
-      mid_block_type=c.mid_block_type, attention_head_dim=_tuple(c.attention_head_dim),
-      num_attention_heads=_tuple(c.num_attention_heads), cross_attention_dim=c.cross_attention_dim,
-      transformer_layers_per_block=_tuple(c.transformer_layers_per_block),
-      use_linear_projection=c.use_linear_projection, flip_sin_to_cos=c.flip_sin_to_cos,
-      freq_shift=c.freq_shift, norm_num_groups=c.norm_num_groups, norm_eps=c.norm_eps,
-      act_fn=c.act_fn, remat=bool(c.get('remat', False)),
-      remat_policy=c.get('remat_policy', 'nothing_saveable'), dtype=jnp.dtype(c.dtype))
+    sample_size=c.sample_size,
+    in_channels=c.in_channels,
+    out_channels=c.out_channels,
+    block_out_channels=_tuple(c.block_out_channels),
+    layers_per_block=_tuple(c.layers_per_block),
+    down_block_types=_tuple(c.down_block_types),
+    up_block_types=_tuple(c.up_block_types),
+    mid_block_type=c.mid_block_type,
+    attention_head_dim=_tuple(c.attention_head_dim),
+    num_attention_heads=_tuple(c.num_attention_heads),
+    cross_attention_dim=c.cross_attention_dim,
+    transformer_layers_per_block=_tuple(c.transformer_layers_per_block),
+    use_linear_projection=c.use_linear_projection,
+    flip_sin_to_cos=c.flip_sin_to_cos,
+    freq_shift=c.freq_shift,
+    norm_num_groups=c.norm_num_groups,
+    norm_eps=c.norm_eps,
+    act_fn=c.act_fn,
+    remat=bool(c.get('remat', False)),
+    remat_policy=c.get('remat_policy', 'nothing_saveable'),
+    dtype=jnp.dtype(c.dtype),
+  )
 
 
 @register_model('text/transformer')
@@ -71,17 +89,27 @@ def _create_clip_text_transformer(text_config: Any) -> CLIPTextTransformer:
   (imported with `diffusion.interop`); the module is the same, only the parameters differ."""
   c = text_config
   if c.vocab_size is None or c.vocab_size < 1:
-    raise ValueError(f'model.text.vocab_size is {c.vocab_size}; set it from the tokenizer '
-                     '(len(tokenizer)) before creating the text encoder.')
+    raise ValueError(
+      f'model.text.vocab_size is {c.vocab_size}; set it from the tokenizer '
+      '(len(tokenizer)) before creating the text encoder.'
+    )
   if c.hidden_size % c.num_attention_heads:
-    raise ValueError(f'model.text.hidden_size {c.hidden_size} is not divisible by '
-                     f'num_attention_heads {c.num_attention_heads}.')
+    raise ValueError(
+      f'model.text.hidden_size {c.hidden_size} is not divisible by num_attention_heads {c.num_attention_heads}.'
+    )
   return CLIPTextTransformer(
-      vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-      max_position_embeddings=c.max_position_embeddings, hidden_act=c.hidden_act,
-      layer_norm_eps=c.layer_norm_eps, eos_token_id=c.eos_token_id, projection_dim=c.projection_dim,
-      dtype=jnp.dtype(c.dtype))
+    vocab_size=c.vocab_size,
+    hidden_size=c.hidden_size,
+    intermediate_size=c.intermediate_size,
+    num_hidden_layers=c.num_hidden_layers,
+    num_attention_heads=c.num_attention_heads,
+    max_position_embeddings=c.max_position_embeddings,
+    hidden_act=c.hidden_act,
+    layer_norm_eps=c.layer_norm_eps,
+    eos_token_id=c.eos_token_id,
+    projection_dim=c.projection_dim,
+    dtype=jnp.dtype(c.dtype),
+  )
 
 
 def create_text_encoder(text_config: Any) -> CLIPTextTransformer:
@@ -94,6 +122,18 @@ def count_params(params: Any) -> int:
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
 
 
-__all__ = ['AutoencoderKL', 'CLIPTextTransformer', 'MODELS', 'UNet2DConditionModel',
-           'count_params', 'create_text_encoder', 'create_unet', 'create_vae', 'get_model_factory',
-           'register_model', 'unet_downsample_factor', 'vae_downsample_factor', 'validate_config']
+__all__ = [
+  'AutoencoderKL',
+  'CLIPTextTransformer',
+  'MODELS',
+  'UNet2DConditionModel',
+  'count_params',
+  'create_text_encoder',
+  'create_unet',
+  'create_vae',
+  'get_model_factory',
+  'register_model',
+  'unet_downsample_factor',
+  'vae_downsample_factor',
+  'validate_config',
+]

@@ -55,8 +55,9 @@ def resize_bilinear(x: jax.Array, size: int) -> jax.Array:
     i0, i1, w0, w1 = _bilinear_taps(x.shape[axis], size, x.dtype)
     shape = [1] * x.ndim
     shape[axis] = size
-    x = (jnp.take(x, i0, axis) * jnp.asarray(w0, x.dtype).reshape(shape)
-         + jnp.take(x, i1, axis) * jnp.asarray(w1, x.dtype).reshape(shape))
+    x = jnp.take(x, i0, axis) * jnp.asarray(w0, x.dtype).reshape(shape) + jnp.take(x, i1, axis) * jnp.asarray(
+      w1, x.dtype
+    ).reshape(shape)
   return x
 
 
@@ -86,8 +87,17 @@ class BasicConv2d(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     ph, pw = self.padding
-    x = nn.Conv(self.features, self.kernel_size, strides=(self.strides, self.strides), padding=((ph, ph), (pw, pw)),
-                use_bias=False, dtype=self.dtype, param_dtype=self.dtype, precision=self.precision, name='conv')(x)
+    x = nn.Conv(
+      self.features,
+      self.kernel_size,
+      strides=(self.strides, self.strides),
+      padding=((ph, ph), (pw, pw)),
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.dtype,
+      precision=self.precision,
+      name='conv',
+    )(x)
     return nn.relu(BatchNorm(self.calibrate, self.dtype, name='bn')(x))
 
 
@@ -131,8 +141,9 @@ class _Block(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = jax.lax.Precision.HIGHEST
 
-  def conv(self, features: int, kernel: int | tuple[int, int], name: str, strides: int = 1,
-           padding: int | tuple[int, int] = 0) -> BasicConv2d:
+  def conv(
+    self, features: int, kernel: int | tuple[int, int], name: str, strides: int = 1, padding: int | tuple[int, int] = 0
+  ) -> BasicConv2d:
     kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
     padding = (padding, padding) if isinstance(padding, int) else padding
     return BasicConv2d(features, kernel, strides, padding, self.calibrate, self.dtype, self.precision, name=name)
@@ -177,8 +188,9 @@ class InceptionC(_Block):
     b7 = self.conv(c7, (1, 7), 'branch7x7_2', padding=(0, 3))(b7)
     b7 = self.conv(192, (7, 1), 'branch7x7_3', padding=(3, 0))(b7)
     bd = self.conv(c7, 1, 'branch7x7dbl_1')(x)
-    for i, (features, kernel, padding) in enumerate([(c7, (7, 1), (3, 0)), (c7, (1, 7), (0, 3)),
-                                                     (c7, (7, 1), (3, 0)), (192, (1, 7), (0, 3))]):
+    for i, (features, kernel, padding) in enumerate(
+      [(c7, (7, 1), (3, 0)), (c7, (1, 7), (0, 3)), (c7, (7, 1), (3, 0)), (192, (1, 7), (0, 3))]
+    ):
       bd = self.conv(features, kernel, f'branch7x7dbl_{i + 2}', padding=padding)(bd)
     bp = self.conv(192, 1, 'branch_pool')(_avg_pool_3x3(x))
     return jnp.concatenate([b1, b7, bd, bp], axis=-1)
@@ -206,11 +218,21 @@ class InceptionE(_Block):
   def __call__(self, x: jax.Array) -> jax.Array:
     b1 = self.conv(320, 1, 'branch1x1')(x)
     b3 = self.conv(384, 1, 'branch3x3_1')(x)
-    b3 = jnp.concatenate([self.conv(384, (1, 3), 'branch3x3_2a', padding=(0, 1))(b3),
-                          self.conv(384, (3, 1), 'branch3x3_2b', padding=(1, 0))(b3)], axis=-1)
+    b3 = jnp.concatenate(
+      [
+        self.conv(384, (1, 3), 'branch3x3_2a', padding=(0, 1))(b3),
+        self.conv(384, (3, 1), 'branch3x3_2b', padding=(1, 0))(b3),
+      ],
+      axis=-1,
+    )
     bd = self.conv(384, 3, 'branch3x3dbl_2', padding=1)(self.conv(448, 1, 'branch3x3dbl_1')(x))
-    bd = jnp.concatenate([self.conv(384, (1, 3), 'branch3x3dbl_3a', padding=(0, 1))(bd),
-                          self.conv(384, (3, 1), 'branch3x3dbl_3b', padding=(1, 0))(bd)], axis=-1)
+    bd = jnp.concatenate(
+      [
+        self.conv(384, (1, 3), 'branch3x3dbl_3a', padding=(0, 1))(bd),
+        self.conv(384, (3, 1), 'branch3x3dbl_3b', padding=(1, 0))(bd),
+      ],
+      axis=-1,
+    )
     if self.pool == 'avg':
       pooled = _avg_pool_3x3(x)
     else:
@@ -253,8 +275,9 @@ class InceptionV3(nn.Module):
     x = InceptionE(pool='avg', name='Mixed_7b', **kw)(x)
     x = InceptionE(pool='max', name='Mixed_7c', **kw)(x)
     out['pool3'] = x = jnp.mean(x, axis=(1, 2))
-    out['logits'] = nn.Dense(NUM_CLASSES, dtype=self.dtype, param_dtype=self.dtype, precision=self.precision,
-                             name='fc')(x)
+    out['logits'] = nn.Dense(
+      NUM_CLASSES, dtype=self.dtype, param_dtype=self.dtype, precision=self.precision, name='fc'
+    )(x)
     return out
 
 

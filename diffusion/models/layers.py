@@ -26,13 +26,13 @@ def quick_gelu(x: Array) -> Array:
 
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    'silu': nn.silu,
-    'swish': nn.silu,
-    'gelu': lambda x: nn.gelu(x, approximate=False),
-    'gelu_new': lambda x: nn.gelu(x, approximate=True),
-    'gelu_pytorch_tanh': lambda x: nn.gelu(x, approximate=True),
-    'quick_gelu': quick_gelu,
-    'relu': nn.relu,
+  'silu': nn.silu,
+  'swish': nn.silu,
+  'gelu': lambda x: nn.gelu(x, approximate=False),
+  'gelu_new': lambda x: nn.gelu(x, approximate=True),
+  'gelu_pytorch_tanh': lambda x: nn.gelu(x, approximate=True),
+  'quick_gelu': quick_gelu,
+  'relu': nn.relu,
 }
 
 
@@ -43,8 +43,9 @@ def get_activation(name: str) -> Callable[[Array], Array]:
   return _ACTIVATIONS[name]
 
 
-def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | None = None,
-                          dtype: Dtype = jnp.float32) -> Array:
+def dot_product_attention(
+  query: Array, key: Array, value: Array, mask: Array | None = None, dtype: Dtype = jnp.float32
+) -> Array:
   """softmax(q k^T / sqrt(d)) v with the softmax in float32.
 
   Args:
@@ -69,9 +70,14 @@ def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | 
   return jnp.einsum('bhqk,bhkd->bhqd', weights, v).transpose(0, 2, 1, 3)
 
 
-def get_timestep_embedding(timesteps: Array, embedding_dim: int, flip_sin_to_cos: bool = False,
-                           downscale_freq_shift: float = 1.0, scale: float = 1.0,
-                           max_period: int = 10000) -> Array:
+def get_timestep_embedding(
+  timesteps: Array,
+  embedding_dim: int,
+  flip_sin_to_cos: bool = False,
+  downscale_freq_shift: float = 1.0,
+  scale: float = 1.0,
+  max_period: int = 10000,
+) -> Array:
   """Sinusoidal timestep embedding, exactly as diffusers' `get_timestep_embedding` (float32).
 
   Args:
@@ -99,6 +105,7 @@ def get_timestep_embedding(timesteps: Array, embedding_dim: int, flip_sin_to_cos
 
 class TimestepEmbedding(nn.Module):
   """diffusers `TimestepEmbedding`: linear_1 -> act -> linear_2."""
+
   time_embed_dim: int
   act_fn: str = 'silu'
   dtype: Dtype = jnp.float32
@@ -106,20 +113,27 @@ class TimestepEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, sample: Array) -> Array:
-    dense = lambda name: nn.Dense(self.time_embed_dim, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name=name)
+    dense = lambda name: nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     sample = dense('linear_1')(sample)
     sample = get_activation(self.act_fn)(sample)
     return dense('linear_2')(sample)
 
 
-def conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: int = 1,
-         padding: Any = None) -> nn.Conv:
+def conv(
+  features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: int = 1, padding: Any = None
+) -> nn.Conv:
   """A Conv2d like PyTorch's `Conv2d(k, padding=k // 2)` unless `padding` is given."""
   if padding is None:
     padding = ((kernel // 2, kernel // 2),) * 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype,
-                 param_dtype=param_dtype, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=padding,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+  )
 
 
 def group_norm(num_groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
@@ -133,6 +147,7 @@ class ResnetBlock2D(nn.Module):
   `temb` is optional (the VAE passes none and then `time_emb_proj` does not exist). A 1x1
   `conv_shortcut` exists exactly when the channel count changes.
   """
+
   out_channels: int
   groups: int = 32
   eps: float = 1e-6
@@ -146,8 +161,9 @@ class ResnetBlock2D(nn.Module):
     h = group_norm(self.groups, self.eps, self.dtype, self.param_dtype, 'norm1')(x)
     h = conv(self.out_channels, 3, self.dtype, self.param_dtype, 'conv1')(act(h))
     if temb is not None:
-      temb = nn.Dense(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name='time_emb_proj')(act(temb))
+      temb = nn.Dense(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype, name='time_emb_proj')(
+        act(temb)
+      )
       h = h + temb[:, None, None, :]
     h = group_norm(self.groups, self.eps, self.dtype, self.param_dtype, 'norm2')(h)
     h = conv(self.out_channels, 3, self.dtype, self.param_dtype, 'conv2')(act(h))
@@ -162,6 +178,7 @@ class Downsample2D(nn.Module):
   `padding=1` pads symmetrically (U-Net); `padding=0` pads one row/column at the bottom/right only
   (the VAE encoder, `downsample_padding=0`).
   """
+
   out_channels: int
   padding: int = 1
   dtype: Dtype = jnp.float32
@@ -175,6 +192,7 @@ class Downsample2D(nn.Module):
 
 class Upsample2D(nn.Module):
   """diffusers `Upsample2D`: 2x nearest-neighbour upsampling, then a 3x3 `conv`."""
+
   out_channels: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -191,6 +209,7 @@ class Attention(nn.Module):
   Takes (B, L, C) or (B, H, W, C) hidden states. With `norm_num_groups` set, a `group_norm` is applied
   first (the VAE mid-block attention); with `residual_connection` the input is added back.
   """
+
   heads: int
   dim_head: int
   bias: bool = False
@@ -202,20 +221,23 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, hidden_states: Array, encoder_hidden_states: Array | None = None,
-               mask: Array | None = None) -> Array:
+  def __call__(
+    self, hidden_states: Array, encoder_hidden_states: Array | None = None, mask: Array | None = None
+  ) -> Array:
     """`mask` is boolean, broadcastable to (B, heads, Lq, Lk); True means "attend"."""
     residual = hidden_states
     shape = hidden_states.shape
     channels = shape[-1]
     if self.norm_num_groups is not None:
-      hidden_states = group_norm(self.norm_num_groups, self.eps, self.dtype, self.param_dtype,
-                                 'group_norm')(hidden_states)
+      hidden_states = group_norm(self.norm_num_groups, self.eps, self.dtype, self.param_dtype, 'group_norm')(
+        hidden_states
+      )
     hidden_states = hidden_states.reshape(shape[0], -1, channels)
     context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
     inner = self.heads * self.dim_head
-    dense = lambda name, feats, bias: nn.Dense(feats, use_bias=bias, dtype=self.dtype,
-                                               param_dtype=self.param_dtype, name=name)
+    dense = lambda name, feats, bias: nn.Dense(
+      feats, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
     q = split(dense('to_q', inner, self.bias)(hidden_states))
     k = split(dense('to_k', inner, self.bias)(context))
@@ -230,6 +252,7 @@ class Attention(nn.Module):
 
 class GEGLU(nn.Module):
   """diffusers `GEGLU`: one `proj` to 2 * dim_out, value * gelu(gate) (exact gelu)."""
+
   dim_out: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -243,6 +266,7 @@ class GEGLU(nn.Module):
 
 class FeedForward(nn.Module):
   """diffusers `FeedForward(activation_fn='geglu', mult=4)`: net_0 (GEGLU), net_2 (Dense)."""
+
   mult: int = 4
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -256,6 +280,7 @@ class FeedForward(nn.Module):
 
 class BasicTransformerBlock(nn.Module):
   """diffusers `BasicTransformerBlock` (layer_norm): self-attn, cross-attn, GEGLU feed-forward."""
+
   num_attention_heads: int
   attention_head_dim: int
   norm_eps: float = 1e-5
@@ -278,6 +303,7 @@ class Transformer2DModel(nn.Module):
   `proj_in` / `proj_out` are 1x1 convs, or Dense layers with `use_linear_projection` (SD 2.x), as in
   diffusers, so the parameter shapes convert one-to-one. The output includes the residual.
   """
+
   num_attention_heads: int
   attention_head_dim: int
   num_layers: int = 1
@@ -301,8 +327,9 @@ class Transformer2DModel(nn.Module):
       x = conv(inner, 1, name='proj_in', **kw)(x).reshape(b, height * width, inner)
     mask = None if context_mask is None else context_mask[:, None, None, :].astype(bool)
     for k in range(self.num_layers):
-      x = BasicTransformerBlock(self.num_attention_heads, self.attention_head_dim, self.norm_eps,
-                                name=f'transformer_blocks_{k}', **kw)(x, context, mask)
+      x = BasicTransformerBlock(
+        self.num_attention_heads, self.attention_head_dim, self.norm_eps, name=f'transformer_blocks_{k}', **kw
+      )(x, context, mask)
     if self.use_linear_projection:
       x = nn.Dense(channels, name='proj_out', **kw)(x).reshape(b, height, width, channels)
     else:

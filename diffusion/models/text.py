@@ -14,6 +14,7 @@ from diffusion.models.layers import Array, Dtype, dot_product_attention, get_act
 
 class CLIPTextEmbeddings(nn.Module):
   """token_embedding + position_embedding (learned absolute positions)."""
+
   vocab_size: int
   hidden_size: int
   max_position_embeddings: int
@@ -23,16 +24,22 @@ class CLIPTextEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    tokens = nn.Embed(self.vocab_size, self.hidden_size, embedding_init=nn.initializers.normal(0.02),
-                      name='token_embedding', **kw)(input_ids)
-    positions = nn.Embed(self.max_position_embeddings, self.hidden_size,
-                         embedding_init=nn.initializers.normal(0.01), name='position_embedding',
-                         **kw)(jnp.arange(input_ids.shape[1])[None, :])
+    tokens = nn.Embed(
+      self.vocab_size, self.hidden_size, embedding_init=nn.initializers.normal(0.02), name='token_embedding', **kw
+    )(input_ids)
+    positions = nn.Embed(
+      self.max_position_embeddings,
+      self.hidden_size,
+      embedding_init=nn.initializers.normal(0.01),
+      name='position_embedding',
+      **kw,
+    )(jnp.arange(input_ids.shape[1])[None, :])
     return tokens + positions
 
 
 class CLIPAttention(nn.Module):
   """Multi-head self-attention with q_proj / k_proj / v_proj / out_proj (all with bias)."""
+
   hidden_size: int
   num_attention_heads: int
   dtype: Dtype = jnp.float32
@@ -41,8 +48,7 @@ class CLIPAttention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array) -> Array:
     head_dim = self.hidden_size // self.num_attention_heads
-    dense = lambda name: nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  name=name)
+    dense = lambda name: nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.num_attention_heads, head_dim)
     q, k, v = (split(dense(name)(x)) for name in ('q_proj', 'k_proj', 'v_proj'))
     out = dot_product_attention(q, k, v, mask, self.dtype)
@@ -51,6 +57,7 @@ class CLIPAttention(nn.Module):
 
 class CLIPEncoderLayer(nn.Module):
   """Pre-LN block: x + self_attn(layer_norm1(x)); x + mlp(layer_norm2(x)) with mlp = fc2(act(fc1))."""
+
   hidden_size: int
   intermediate_size: int
   num_attention_heads: int
@@ -71,6 +78,7 @@ class CLIPEncoderLayer(nn.Module):
 
 class MLP(nn.Module):
   """CLIP's `mlp`: fc1 -> activation -> fc2."""
+
   intermediate_size: int
   hidden_act: str = 'quick_gelu'
   dtype: Dtype = jnp.float32
@@ -86,6 +94,7 @@ class MLP(nn.Module):
 
 class CLIPEncoder(nn.Module):
   """A stack of `layers_i`; returns every hidden state (embeddings first), like output_hidden_states."""
+
   num_hidden_layers: int
   hidden_size: int
   intermediate_size: int
@@ -99,9 +108,16 @@ class CLIPEncoder(nn.Module):
   def __call__(self, x: Array, mask: Array) -> list[Array]:
     hidden_states = [x]
     for i in range(self.num_hidden_layers):
-      x = CLIPEncoderLayer(self.hidden_size, self.intermediate_size, self.num_attention_heads,
-                           self.hidden_act, self.layer_norm_eps, self.dtype, self.param_dtype,
-                           name=f'layers_{i}')(x, mask)
+      x = CLIPEncoderLayer(
+        self.hidden_size,
+        self.intermediate_size,
+        self.num_attention_heads,
+        self.hidden_act,
+        self.layer_norm_eps,
+        self.dtype,
+        self.param_dtype,
+        name=f'layers_{i}',
+      )(x, mask)
       hidden_states.append(x)
     return hidden_states
 
@@ -114,6 +130,7 @@ class CLIPTextTransformer(nn.Module):
   negative it is taken at argmax(input_ids), like the original CLIP (whose EOT has the largest id).
   Note: transformers treats eos_token_id == 2 as "legacy" and then also uses argmax; here 2 is a real id.
   """
+
   vocab_size: int
   hidden_size: int = 512
   intermediate_size: int = 2048
@@ -128,8 +145,9 @@ class CLIPTextTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-               output_hidden_state_index: int | None = None) -> tuple[Array, Array]:
+  def __call__(
+    self, input_ids: Array, attention_mask: Array | None = None, output_hidden_state_index: int | None = None
+  ) -> tuple[Array, Array]:
     """input_ids (B, L) int -> (last_hidden_state (B, L, D), pooled_output (B, D or projection_dim)).
 
     `output_hidden_state_index` picks which of the num_hidden_layers + 1 hidden states (embeddings
@@ -139,16 +157,23 @@ class CLIPTextTransformer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     length = input_ids.shape[1]
     if length > self.max_position_embeddings:
-      raise ValueError(f'Sequence length {length} > max_position_embeddings '
-                       f'{self.max_position_embeddings}.')
-    x = CLIPTextEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
-                           name='embeddings', **kw)(input_ids)
+      raise ValueError(f'Sequence length {length} > max_position_embeddings {self.max_position_embeddings}.')
+    x = CLIPTextEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings, name='embeddings', **kw)(
+      input_ids
+    )
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
     if attention_mask is not None:
       mask = mask & attention_mask.astype(bool)[:, None, None, :]
-    hidden_states = CLIPEncoder(self.num_hidden_layers, self.hidden_size, self.intermediate_size,
-                                self.num_attention_heads, self.hidden_act, self.layer_norm_eps,
-                                name='encoder', **kw)(x, mask)
+    hidden_states = CLIPEncoder(
+      self.num_hidden_layers,
+      self.hidden_size,
+      self.intermediate_size,
+      self.num_attention_heads,
+      self.hidden_act,
+      self.layer_norm_eps,
+      name='encoder',
+      **kw,
+    )(x, mask)
     final_layer_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, name='final_layer_norm', **kw)
     last = final_layer_norm(hidden_states[-1])
     pooled = last[jnp.arange(last.shape[0]), eos_positions(input_ids, self.eos_token_id)]
@@ -156,8 +181,9 @@ class CLIPTextTransformer(nn.Module):
       pooled = nn.Dense(self.projection_dim, use_bias=False, name='text_projection', **kw)(pooled)
     if output_hidden_state_index is not None:
       if not -len(hidden_states) <= output_hidden_state_index < len(hidden_states):
-        raise ValueError(f'output_hidden_state_index {output_hidden_state_index} out of range for '
-                         f'{len(hidden_states)} hidden states.')
+        raise ValueError(
+          f'output_hidden_state_index {output_hidden_state_index} out of range for {len(hidden_states)} hidden states.'
+        )
       index = output_hidden_state_index % len(hidden_states)
       if index != len(hidden_states) - 1:
         last = final_layer_norm(hidden_states[index])
@@ -169,4 +195,3 @@ def eos_positions(input_ids: Array, eos_token_id: int | None) -> Array:
   if eos_token_id is None or eos_token_id < 0:
     return jnp.argmax(input_ids, axis=-1)
   return jnp.argmax((input_ids == eos_token_id).astype(jnp.int32), axis=-1)
-

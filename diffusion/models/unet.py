@@ -13,9 +13,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion.models.layers import (Array, Downsample2D, Dtype, ResnetBlock2D, TimestepEmbedding,
-                                     Transformer2DModel, Upsample2D, conv, get_activation,
-                                     get_timestep_embedding, group_norm)
+from diffusion.models.layers import (
+  Array,
+  Downsample2D,
+  Dtype,
+  ResnetBlock2D,
+  TimestepEmbedding,
+  Transformer2DModel,
+  Upsample2D,
+  conv,
+  get_activation,
+  get_timestep_embedding,
+  group_norm,
+)
 from diffusion.models.sizes import downsample_factor
 
 DOWN_BLOCK_TYPES = ('CrossAttnDownBlock2D', 'DownBlock2D')
@@ -23,9 +33,9 @@ UP_BLOCK_TYPES = ('CrossAttnUpBlock2D', 'UpBlock2D')
 MID_BLOCK_TYPES = ('UNetMidBlock2DCrossAttn', None)
 # Rematerialisation policies (`remat_policy`): what the backward pass may keep instead of recomputing.
 REMAT_POLICIES = {
-    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
-    'dots_saveable': jax.checkpoint_policies.dots_saveable,
-    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+  'dots_saveable': jax.checkpoint_policies.dots_saveable,
+  'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -40,6 +50,7 @@ def _remat(cls: type, remat: bool, policy: str) -> type:
 
 class _BlockCommon(nn.Module):
   """Fields shared by the down / mid / up blocks (resnet + optional spatial transformer settings)."""
+
   out_channels: int
   num_layers: int = 1
   has_attention: bool = False
@@ -56,25 +67,39 @@ class _BlockCommon(nn.Module):
 
   def _resnet(self, j: int) -> ResnetBlock2D:
     cls = _remat(ResnetBlock2D, self.remat, self.remat_policy)
-    return cls(self.out_channels, self.resnet_groups, self.resnet_eps, self.act_fn,
-               self.dtype, self.param_dtype, name=f'resnets_{j}')
+    return cls(
+      self.out_channels,
+      self.resnet_groups,
+      self.resnet_eps,
+      self.act_fn,
+      self.dtype,
+      self.param_dtype,
+      name=f'resnets_{j}',
+    )
 
   def _attention(self, j: int) -> Transformer2DModel:
     cls = _remat(Transformer2DModel, self.remat, self.remat_policy)
     return cls(
-        self.num_attention_heads, self.out_channels // self.num_attention_heads,
-        num_layers=self.transformer_layers_per_block, norm_num_groups=self.resnet_groups,
-        use_linear_projection=self.use_linear_projection, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=f'attentions_{j}')
+      self.num_attention_heads,
+      self.out_channels // self.num_attention_heads,
+      num_layers=self.transformer_layers_per_block,
+      norm_num_groups=self.resnet_groups,
+      use_linear_projection=self.use_linear_projection,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=f'attentions_{j}',
+    )
 
 
 class DownBlock(_BlockCommon):
   """CrossAttnDownBlock2D (has_attention) or DownBlock2D; returns (x, skip outputs)."""
+
   add_downsample: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, temb: Array, context: Array,
-               context_mask: Array | None = None) -> tuple[Array, list[Array]]:
+  def __call__(
+    self, x: Array, temb: Array, context: Array, context_mask: Array | None = None
+  ) -> tuple[Array, list[Array]]:
     skips = []
     for j in range(self.num_layers):
       x = self._resnet(j)(x, temb)
@@ -89,11 +114,13 @@ class DownBlock(_BlockCommon):
 
 class UpBlock(_BlockCommon):
   """CrossAttnUpBlock2D (has_attention) or UpBlock2D; consumes skips last-first (channel concat)."""
+
   add_upsample: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, skips: Sequence[Array], temb: Array, context: Array,
-               context_mask: Array | None = None) -> Array:
+  def __call__(
+    self, x: Array, skips: Sequence[Array], temb: Array, context: Array, context_mask: Array | None = None
+  ) -> Array:
     skips = list(skips)
     for j in range(self.num_layers):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
@@ -109,8 +136,7 @@ class UNetMidBlock2DCrossAttn(_BlockCommon):
   """diffusers `UNetMidBlock2DCrossAttn`: resnets_0, then (attentions_j, resnets_{j+1}) pairs."""
 
   @nn.compact
-  def __call__(self, x: Array, temb: Array, context: Array,
-               context_mask: Array | None = None) -> Array:
+  def __call__(self, x: Array, temb: Array, context: Array, context_mask: Array | None = None) -> Array:
     x = self._resnet(0)(x, temb)
     for j in range(self.num_layers):
       x = self._attention(j)(x, context, context_mask)
@@ -136,6 +162,7 @@ class UNet2DConditionModel(nn.Module):
   With `remat`, every resnet and spatial transformer recomputes its activations in the backward pass
   (`remat_policy` names what it may keep); parameters and outputs are unchanged.
   """
+
   sample_size: int | None = None
   in_channels: int = 4
   out_channels: int = 4
@@ -175,12 +202,15 @@ class UNet2DConditionModel(nn.Module):
     heads = _per_level(self.num_attention_heads or self.attention_head_dim, n, 'attention heads')
     layers = _per_level(self.layers_per_block, n, 'layers_per_block')
     tlayers = _per_level(self.transformer_layers_per_block, n, 'transformer_layers_per_block')
-    return [dict(out_channels=c, num_attention_heads=h, num_layers=n_res, transformer_layers_per_block=t)
-            for c, h, n_res, t in zip(self.block_out_channels, heads, layers, tlayers, strict=True)]
+    return [
+      dict(out_channels=c, num_attention_heads=h, num_layers=n_res, transformer_layers_per_block=t)
+      for c, h, n_res, t in zip(self.block_out_channels, heads, layers, tlayers, strict=True)
+    ]
 
   @nn.compact
-  def __call__(self, sample: Array, timesteps: Array, encoder_hidden_states: Array,
-               encoder_attention_mask: Array | None = None) -> Array:
+  def __call__(
+    self, sample: Array, timesteps: Array, encoder_hidden_states: Array, encoder_attention_mask: Array | None = None
+  ) -> Array:
     """sample (B, H, W, in_channels), timesteps (B,) or scalar, encoder_hidden_states (B, L, D),
     encoder_attention_mask optional (B, L) (True / 1 = keep) -> (B, H, W, out_channels)."""
     levels = self._level_settings()
@@ -188,26 +218,38 @@ class UNet2DConditionModel(nn.Module):
     if sample.shape[1] % factor or sample.shape[2] % factor:
       raise ValueError(f'U-Net input {sample.shape[1:3]} is not divisible by its factor {factor}.')
     if encoder_hidden_states.shape[-1] != self.cross_attention_dim:
-      raise ValueError(f'encoder_hidden_states width {encoder_hidden_states.shape[-1]} != '
-                       f'cross_attention_dim {self.cross_attention_dim}.')
+      raise ValueError(
+        f'encoder_hidden_states width {encoder_hidden_states.shape[-1]} != '
+        f'cross_attention_dim {self.cross_attention_dim}.'
+      )
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    common = dict(use_linear_projection=self.use_linear_projection, resnet_groups=self.norm_num_groups,
-                  resnet_eps=self.norm_eps, act_fn=self.act_fn, remat=self.remat,
-                  remat_policy=self.remat_policy, **kw)
+    common = dict(
+      use_linear_projection=self.use_linear_projection,
+      resnet_groups=self.norm_num_groups,
+      resnet_eps=self.norm_eps,
+      act_fn=self.act_fn,
+      remat=self.remat,
+      remat_policy=self.remat_policy,
+      **kw,
+    )
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
-    t_emb = get_timestep_embedding(timesteps, self.block_out_channels[0], self.flip_sin_to_cos,
-                                   self.freq_shift).astype(self.dtype)
-    temb = TimestepEmbedding(4 * self.block_out_channels[0], self.act_fn, name='time_embedding',
-                             **kw)(t_emb)
+    t_emb = get_timestep_embedding(timesteps, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift).astype(
+      self.dtype
+    )
+    temb = TimestepEmbedding(4 * self.block_out_channels[0], self.act_fn, name='time_embedding', **kw)(t_emb)
     context = encoder_hidden_states.astype(self.dtype)
     mask = encoder_attention_mask
     x = conv(self.block_out_channels[0], 3, name='conv_in', **kw)(sample)
 
     skips = [x]
     for i, (level, block_type) in enumerate(zip(levels, self.down_block_types, strict=True)):
-      x, out = DownBlock(has_attention=block_type.startswith('CrossAttn'),
-                         add_downsample=i < len(levels) - 1, name=f'down_blocks_{i}',
-                         **level, **common)(x, temb, context, mask)
+      x, out = DownBlock(
+        has_attention=block_type.startswith('CrossAttn'),
+        add_downsample=i < len(levels) - 1,
+        name=f'down_blocks_{i}',
+        **level,
+        **common,
+      )(x, temb, context, mask)
       skips += out
 
     if self.mid_block_type is not None:
@@ -217,9 +259,13 @@ class UNet2DConditionModel(nn.Module):
     for i, (level, block_type) in enumerate(zip(levels[::-1], self.up_block_types, strict=True)):
       n = level['num_layers'] + 1
       skips, out = skips[:-n], skips[-n:]
-      x = UpBlock(has_attention=block_type.startswith('CrossAttn'),
-                  add_upsample=i < len(levels) - 1, name=f'up_blocks_{i}',
-                  **dict(level, num_layers=n), **common)(x, out, temb, context, mask)
+      x = UpBlock(
+        has_attention=block_type.startswith('CrossAttn'),
+        add_upsample=i < len(levels) - 1,
+        name=f'up_blocks_{i}',
+        **dict(level, num_layers=n),
+        **common,
+      )(x, out, temb, context, mask)
 
     x = group_norm(self.norm_num_groups, self.norm_eps, name='conv_norm_out', **kw)(x)
     x = get_activation(self.act_fn)(x)

@@ -41,9 +41,11 @@ def _channels(section: Any, key: str) -> tuple:
   channels = tuple(section.block_out_channels)
   _check(len(channels) >= 1, f'{key}.block_out_channels', 'needs at least one level')
   for c in channels:
-    _check(isinstance(c, int) and c > 0 and c % section.norm_num_groups == 0, f'{key}.block_out_channels',
-           f'every entry must be a positive multiple of {key}.norm_num_groups={section.norm_num_groups}, '
-           f'got {channels}')
+    _check(
+      isinstance(c, int) and c > 0 and c % section.norm_num_groups == 0,
+      f'{key}.block_out_channels',
+      f'every entry must be a positive multiple of {key}.norm_num_groups={section.norm_num_groups}, got {channels}',
+    )
   return channels
 
 
@@ -53,8 +55,12 @@ def _validate_vae(config: ml_collections.ConfigDict) -> None:
   _check(vae.layers_per_block >= 1, 'model.vae.layers_per_block', 'must be >= 1')
   _check(vae.latent_channels >= 1, 'model.vae.latent_channels', 'must be >= 1')
   factor, size = vae_downsample_factor(vae), config.data.image_size
-  _check(size % factor == 0, 'data.image_size', f'{size} is not divisible by the VAE downsampling factor {factor} '
-         '(one halving per level of model.vae.block_out_channels after the first)')
+  _check(
+    size % factor == 0,
+    'data.image_size',
+    f'{size} is not divisible by the VAE downsampling factor {factor} '
+    '(one halving per level of model.vae.block_out_channels after the first)',
+  )
 
 
 def _validate_unet(config: ml_collections.ConfigDict) -> None:
@@ -62,8 +68,11 @@ def _validate_unet(config: ml_collections.ConfigDict) -> None:
   channels = _channels(unet, 'model.unet')
   levels = len(channels)
   for key, known in (('down_block_types', DOWN_BLOCK_TYPES), ('up_block_types', UP_BLOCK_TYPES)):
-    _check(len(unet[key]) == levels, f'model.unet.{key}',
-           f'has {len(unet[key])} entries, model.unet.block_out_channels has {levels}')
+    _check(
+      len(unet[key]) == levels,
+      f'model.unet.{key}',
+      f'has {len(unet[key])} entries, model.unet.block_out_channels has {levels}',
+    )
     for t in unet[key]:
       _check(t in known, f'model.unet.{key}', f'unknown block {t!r}; known: {known}')
   heads_key = 'model.unet.num_attention_heads' if unet.num_attention_heads else 'model.unet.attention_head_dim'
@@ -78,21 +87,39 @@ def _validate_unet(config: ml_collections.ConfigDict) -> None:
 def _validate_agreement(config: ml_collections.ConfigDict) -> None:
   """The sizes the VAE, U-Net and text encoder of a stage-2 model must agree on."""
   vae, unet, text = config.model.vae, config.model.unet, config.model.text
-  _check(unet.in_channels == vae.latent_channels, 'model.unet.in_channels',
-         f'is {unet.in_channels} but the VAE has model.vae.latent_channels={vae.latent_channels}')
+  _check(
+    unet.in_channels == vae.latent_channels,
+    'model.unet.in_channels',
+    f'is {unet.in_channels} but the VAE has model.vae.latent_channels={vae.latent_channels}',
+  )
   vae_factor = vae_downsample_factor(vae)
   latent, unet_factor = config.data.image_size // vae_factor, unet_downsample_factor(unet)
-  _check(latent % unet_factor == 0, 'data.image_size',
-         f'gives {latent}x{latent} latents (VAE factor {vae_factor}), not divisible by the U-Net factor {unet_factor}')
-  _check(unet.sample_size == latent, 'model.unet.sample_size',
-         f'is {unet.sample_size} but data.image_size / VAE factor = {latent}')
+  _check(
+    latent % unet_factor == 0,
+    'data.image_size',
+    f'gives {latent}x{latent} latents (VAE factor {vae_factor}), not divisible by the U-Net factor {unet_factor}',
+  )
+  _check(
+    unet.sample_size == latent,
+    'model.unet.sample_size',
+    f'is {unet.sample_size} but data.image_size / VAE factor = {latent}',
+  )
   text_width = text.projection_dim or text.hidden_size
-  _check(unet.cross_attention_dim == text_width, 'model.unet.cross_attention_dim',
-         f'is {unet.cross_attention_dim} but the text encoder outputs {text_width} (model.text.hidden_size)')
-  _check(text.hidden_size % text.num_attention_heads == 0, 'model.text.num_attention_heads',
-         f'{text.num_attention_heads} heads do not divide model.text.hidden_size={text.hidden_size}')
-  _check(config.data.max_text_length <= text.max_position_embeddings, 'data.max_text_length',
-         f'{config.data.max_text_length} exceeds model.text.max_position_embeddings={text.max_position_embeddings}')
+  _check(
+    unet.cross_attention_dim == text_width,
+    'model.unet.cross_attention_dim',
+    f'is {unet.cross_attention_dim} but the text encoder outputs {text_width} (model.text.hidden_size)',
+  )
+  _check(
+    text.hidden_size % text.num_attention_heads == 0,
+    'model.text.num_attention_heads',
+    f'{text.num_attention_heads} heads do not divide model.text.hidden_size={text.hidden_size}',
+  )
+  _check(
+    config.data.max_text_length <= text.max_position_embeddings,
+    'data.max_text_length',
+    f'{config.data.max_text_length} exceeds model.text.max_position_embeddings={text.max_position_embeddings}',
+  )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

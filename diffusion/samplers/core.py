@@ -118,9 +118,11 @@ def family_error(name: str, schedule: process.NoiseSchedule) -> str | None:
   model_family = 'flow' if schedule.is_flow else 'diffusion'
   if family == model_family:
     return None
-  return (f'sampler {name!r} is a {family} sampler but the model is a {model_family} model '
-          f'(diffusion.schedule={schedule.name or schedule.kind!r}); use one of: '
-          f'{", ".join(available_samplers(model_family))}')
+  return (
+    f'sampler {name!r} is a {family} sampler but the model is a {model_family} model '
+    f'(diffusion.schedule={schedule.name or schedule.kind!r}); use one of: '
+    f'{", ".join(available_samplers(model_family))}'
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,8 +138,9 @@ def _check_steps(num_train_timesteps: int, num_steps: int, spacing: str) -> None
     raise UserError(f'unknown timestep_spacing {spacing!r}; known: {", ".join(SPACINGS)}')
 
 
-def make_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 'leading',
-                   steps_offset: int = 0) -> np.ndarray:
+def make_timesteps(
+  num_train_timesteps: int, num_steps: int, spacing: str = 'leading', steps_offset: int = 0
+) -> np.ndarray:
   """Descending int timesteps of DDPM / DDIM (diffusers' DDPMScheduler / DDIMScheduler).
 
   'leading': 0, r, 2r, ... (r = T // n) plus `steps_offset`; 'trailing': from T-1 down in steps of T / n;
@@ -153,8 +156,9 @@ def make_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 'lea
   return np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64) - 1
 
 
-def k_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 'linspace',
-                steps_offset: int = 0) -> np.ndarray:
+def k_timesteps(
+  num_train_timesteps: int, num_steps: int, spacing: str = 'linspace', steps_offset: int = 0
+) -> np.ndarray:
   """Descending float32 timesteps of Euler / Euler ancestral / Heun: as `make_timesteps`, but 'linspace' is
   not rounded."""
   _check_steps(num_train_timesteps, num_steps, spacing)
@@ -163,8 +167,9 @@ def k_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 'linspa
   return make_timesteps(num_train_timesteps, num_steps, spacing, steps_offset).astype(np.float32)
 
 
-def dpm_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 'linspace',
-                  steps_offset: int = 0) -> np.ndarray:
+def dpm_timesteps(
+  num_train_timesteps: int, num_steps: int, spacing: str = 'linspace', steps_offset: int = 0
+) -> np.ndarray:
   """Descending int timesteps of DPMSolverMultistepScheduler: n of n + 1 points, the last (0) dropped."""
   _check_steps(num_train_timesteps, num_steps, spacing)
   T = num_train_timesteps
@@ -217,8 +222,13 @@ def _append(values: Array, last: float) -> Array:
   return jnp.concatenate([jnp.asarray(values, jnp.float32), jnp.full((1,), last, jnp.float32)])
 
 
-def ve_grid(schedule: process.NoiseSchedule, timesteps: np.ndarray, karras: bool, round_karras: bool = False,
-            karras_range: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
+def ve_grid(
+  schedule: process.NoiseSchedule,
+  timesteps: np.ndarray,
+  karras: bool,
+  round_karras: bool = False,
+  karras_range: tuple[Array, Array] | None = None,
+) -> tuple[Array, Array]:
   """(model times (n,), VE sigmas (n + 1,) ending in 0) at `timesteps`, or on Karras levels (then the model
   times come from the levels; `karras_range` (min, max) defaults to the levels at the timesteps' ends)."""
   sigmas = ve_sigma_at(schedule, jnp.asarray(timesteps, jnp.float32))
@@ -296,8 +306,15 @@ def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return False
 
 
-def _check_inputs(name: str, x_T: Array, schedule: process.NoiseSchedule, prediction_type: str,
-                  init_latents: Array | None, strength: float, mask: Array | None) -> None:
+def _check_inputs(
+  name: str,
+  x_T: Array,
+  schedule: process.NoiseSchedule,
+  prediction_type: str,
+  init_latents: Array | None,
+  strength: float,
+  mask: Array | None,
+) -> None:
   process.get_prediction_type(prediction_type)
   why = family_error(name, schedule) or process.check_family(schedule.name or schedule.kind, prediction_type)
   if why:
@@ -314,10 +331,20 @@ def _check_inputs(name: str, x_T: Array, schedule: process.NoiseSchedule, predic
 
 def _make_sampler(name: str, family: str, spec: Callable[..., Plan]) -> Callable[..., Any]:
 
-  def sampler(denoise_fn: DenoiseFn, x_T: Array, schedule: process.NoiseSchedule, *, num_steps: int,
-              rng: Array | None = None, prediction_type: str, init_latents: Array | None = None,
-              strength: float = 1.0, mask: Array | None = None, return_trajectory: bool = False,
-              **options: Any) -> Array | Trajectory:
+  def sampler(
+    denoise_fn: DenoiseFn,
+    x_T: Array,
+    schedule: process.NoiseSchedule,
+    *,
+    num_steps: int,
+    rng: Array | None = None,
+    prediction_type: str,
+    init_latents: Array | None = None,
+    strength: float = 1.0,
+    mask: Array | None = None,
+    return_trajectory: bool = False,
+    **options: Any,
+  ) -> Array | Trajectory:
     _check_inputs(name, x_T, schedule, prediction_type, init_latents, strength, mask)
     plan = spec(schedule, num_steps, **options)
     if plan.needs_rng and rng is None:
@@ -332,8 +359,17 @@ def _make_sampler(name: str, family: str, spec: Callable[..., Plan]) -> Callable
   return sampler
 
 
-def _run(plan: Plan, model: ModelFn, x_T: Array, rng: Array | None, start: int, num_steps: int,
-         init_latents: Array | None, mask: Array | None, return_trajectory: bool) -> Array | Trajectory:
+def _run(
+  plan: Plan,
+  model: ModelFn,
+  x_T: Array,
+  rng: Array | None,
+  start: int,
+  num_steps: int,
+  init_latents: Array | None,
+  mask: Array | None,
+  return_trajectory: bool,
+) -> Array | Trajectory:
   grid = plan.grid
   noise = x_T.astype(jnp.float32)
   a0, s0 = grid.alphas[start], grid.sigmas[start]
@@ -357,5 +393,10 @@ def _run(plan: Plan, model: ModelFn, x_T: Array, rng: Array | None, start: int, 
   out = x.astype(x_T.dtype)
   if not return_trajectory:
     return out
-  return Trajectory(x0=out, states=jnp.concatenate([x_start[None], states]), alphas=grid.alphas[start:],
-                    sigmas=grid.sigmas[start:], timesteps=grid.timesteps[start:])
+  return Trajectory(
+    x0=out,
+    states=jnp.concatenate([x_start[None], states]),
+    alphas=grid.alphas[start:],
+    sigmas=grid.sigmas[start:],
+    timesteps=grid.timesteps[start:],
+  )

@@ -25,9 +25,18 @@ def _vp_grid(ac: Array, timesteps: np.ndarray, final: Array | float) -> Grid:
 
 
 @register_sampler('ddim')
-def ddim(schedule: process.NoiseSchedule, num_steps: int, *, eta: float = 0.0, timestep_spacing: str = 'leading',
-         steps_offset: int = 0, set_alpha_to_one: bool = False, clip_sample: bool = False,
-         clip_sample_range: float = 1.0, use_clipped_model_output: bool = False) -> Plan:
+def ddim(
+  schedule: process.NoiseSchedule,
+  num_steps: int,
+  *,
+  eta: float = 0.0,
+  timestep_spacing: str = 'leading',
+  steps_offset: int = 0,
+  set_alpha_to_one: bool = False,
+  clip_sample: bool = False,
+  clip_sample_range: float = 1.0,
+  use_clipped_model_output: bool = False,
+) -> Plan:
   """DDIM (Song et al. 2021) as diffusers' DDIMScheduler: eta = 0 deterministic, eta = 1 DDPM-like.
 
   As in diffusers, each step goes from t to t - T // num_steps whatever the spacing (with 'linspace' that is
@@ -65,8 +74,15 @@ def ddim(schedule: process.NoiseSchedule, num_steps: int, *, eta: float = 0.0, t
 
 
 @register_sampler('ddpm')
-def ddpm(schedule: process.NoiseSchedule, num_steps: int, *, timestep_spacing: str = 'leading',
-         steps_offset: int = 0, clip_sample: bool = False, clip_sample_range: float = 1.0) -> Plan:
+def ddpm(
+  schedule: process.NoiseSchedule,
+  num_steps: int,
+  *,
+  timestep_spacing: str = 'leading',
+  steps_offset: int = 0,
+  clip_sample: bool = False,
+  clip_sample_range: float = 1.0,
+) -> Plan:
   """Ancestral sampling (Ho et al. 2020) as diffusers' DDPMScheduler with variance_type='fixed_small'.
 
   With num_steps < T the chain jumps between the strided timesteps, each step drawing from the posterior

@@ -30,14 +30,14 @@ def _grid(schedule: process.NoiseSchedule, num_steps: int, spacing: str, steps_o
   karras_range = None
   if karras:  # diffusers spans the whole table here, and rounds the model times of discrete schedules.
     karras_range = (ve_sigma_at(schedule, jnp.zeros(())), ve_sigma_at(schedule, jnp.full((), num - 1.0)))
-  ts, sigmas = ve_grid(schedule, timesteps, karras, round_karras=schedule.kind == 'discrete',
-                       karras_range=karras_range)
+  ts, sigmas = ve_grid(schedule, timesteps, karras, round_karras=schedule.kind == 'discrete', karras_range=karras_range)
   alphas = jax.lax.rsqrt(1.0 + sigmas**2)
   return Grid(timesteps=ts, alphas=alphas, sigmas=sigmas * alphas)
 
 
-def _dpmpp_2m(schedule: process.NoiseSchedule, num_steps: int, spacing: str, steps_offset: int, karras: bool,
-              sde: bool) -> Plan:
+def _dpmpp_2m(
+  schedule: process.NoiseSchedule, num_steps: int, spacing: str, steps_offset: int, karras: bool, sde: bool
+) -> Plan:
   grid = _grid(schedule, num_steps, spacing, steps_offset, karras)
   ts, alphas, sigmas = grid
   lambdas = jnp.log(alphas) - jnp.log(sigmas)  # +inf at the final level (sigma = 0).
@@ -51,8 +51,11 @@ def _dpmpp_2m(schedule: process.NoiseSchedule, num_steps: int, spacing: str, ste
     r0 = (lambdas[i] - lambdas[jnp.maximum(i - 1, 0)]) / h
     d1 = jnp.where(first_order, 0.0, (x0 - prev_x0) / jnp.where(first_order, 1.0, r0))
     if sde:
-      x = ((sigma_t / sigmas[i] * jnp.exp(-h)) * x + (alpha_t * (1.0 - jnp.exp(-2.0 * h))) * (x0 + 0.5 * d1)
-           + sigma_t * jnp.sqrt(1.0 - jnp.exp(-2.0 * h)) * step_noise(rng, i, x.shape))
+      x = (
+        (sigma_t / sigmas[i] * jnp.exp(-h)) * x
+        + (alpha_t * (1.0 - jnp.exp(-2.0 * h))) * (x0 + 0.5 * d1)
+        + sigma_t * jnp.sqrt(1.0 - jnp.exp(-2.0 * h)) * step_noise(rng, i, x.shape)
+      )
     else:
       x = (sigma_t / sigmas[i]) * x - (alpha_t * (jnp.exp(-h) - 1.0)) * (x0 + 0.5 * d1)
     return x, (x0, taken + 1)
@@ -62,14 +65,26 @@ def _dpmpp_2m(schedule: process.NoiseSchedule, num_steps: int, spacing: str, ste
 
 
 @register_sampler('dpmpp_2m')
-def dpmpp_2m(schedule: process.NoiseSchedule, num_steps: int, *, timestep_spacing: str = 'linspace',
-             steps_offset: int = 0, karras: bool = False) -> Plan:
+def dpmpp_2m(
+  schedule: process.NoiseSchedule,
+  num_steps: int,
+  *,
+  timestep_spacing: str = 'linspace',
+  steps_offset: int = 0,
+  karras: bool = False,
+) -> Plan:
   """DPM-Solver++(2M): second-order multistep exponential integrator in x0 prediction (deterministic)."""
   return _dpmpp_2m(schedule, num_steps, timestep_spacing, steps_offset, karras, sde=False)
 
 
 @register_sampler('dpmpp_2m_sde')
-def dpmpp_2m_sde(schedule: process.NoiseSchedule, num_steps: int, *, timestep_spacing: str = 'linspace',
-                 steps_offset: int = 0, karras: bool = False) -> Plan:
+def dpmpp_2m_sde(
+  schedule: process.NoiseSchedule,
+  num_steps: int,
+  *,
+  timestep_spacing: str = 'linspace',
+  steps_offset: int = 0,
+  karras: bool = False,
+) -> Plan:
   """SDE-DPM-Solver++(2M): the same multistep solver of the reverse SDE (fresh noise every step)."""
   return _dpmpp_2m(schedule, num_steps, timestep_spacing, steps_offset, karras, sde=True)

@@ -39,8 +39,9 @@ def _velocity(model: ModelFn, x: Array, t: Array, s: Array) -> Array:
 
 
 @register_sampler('flow_euler', family='flow')
-def flow_euler(schedule: process.NoiseSchedule, num_steps: int, *, shift: float | None = None,
-               karras: bool = False) -> Plan:
+def flow_euler(
+  schedule: process.NoiseSchedule, num_steps: int, *, shift: float | None = None, karras: bool = False
+) -> Plan:
   """Euler's method on the flow ODE: x <- x + (s_next - s) u (first order). `shift` defaults to the schedule's."""
   grid = _grid(schedule, num_steps, shift, karras)
   ts, sigmas = grid.timesteps, grid.sigmas
@@ -52,8 +53,9 @@ def flow_euler(schedule: process.NoiseSchedule, num_steps: int, *, shift: float 
 
 
 @register_sampler('flow_heun', family='flow')
-def flow_heun(schedule: process.NoiseSchedule, num_steps: int, *, shift: float | None = None,
-              karras: bool = False) -> Plan:
+def flow_heun(
+  schedule: process.NoiseSchedule, num_steps: int, *, shift: float | None = None, karras: bool = False
+) -> Plan:
   """Heun's method on the flow ODE (second order; the last step, to s = 0, is an Euler step)."""
   grid = _grid(schedule, num_steps, shift, karras)
   ts, sigmas = grid.timesteps, grid.sigmas

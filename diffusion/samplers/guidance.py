@@ -22,9 +22,14 @@ def _rescale_guidance(guided: Array, cond: Array, phi: float) -> Array:
   return phi * rescaled + (1.0 - phi) * guided
 
 
-def cfg_denoise_fn(model_fn: Callable[[Array, Array, Any], Array], cond_context: Any, uncond_context: Any,
-                   guidance_scale: float | Array, guidance_rescale: float = 0.0,
-                   guidance_interval: tuple[float, float] | None = None) -> DenoiseFn:
+def cfg_denoise_fn(
+  model_fn: Callable[[Array, Array, Any], Array],
+  cond_context: Any,
+  uncond_context: Any,
+  guidance_scale: float | Array,
+  guidance_rescale: float = 0.0,
+  guidance_interval: tuple[float, float] | None = None,
+) -> DenoiseFn:
   """A classifier-free-guided denoise_fn: uncond + s * (cond - uncond), from one batched model call.
 
   `model_fn(x_t, t, context)` returns the raw output; contexts are pytrees with a leading batch axis equal to

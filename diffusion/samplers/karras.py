@@ -41,8 +41,14 @@ def _derivative(model: ModelFn, x: Array, t: Array, sigma: Array) -> Array:
 
 
 @register_sampler('euler')
-def euler(schedule: process.NoiseSchedule, num_steps: int, *, timestep_spacing: str = 'linspace',
-          steps_offset: int = 0, karras: bool = False) -> Plan:
+def euler(
+  schedule: process.NoiseSchedule,
+  num_steps: int,
+  *,
+  timestep_spacing: str = 'linspace',
+  steps_offset: int = 0,
+  karras: bool = False,
+) -> Plan:
   """Euler's method on the probability-flow ODE (first order; diffusers' EulerDiscreteScheduler)."""
   grid = _grid(schedule, num_steps, timestep_spacing, steps_offset, karras)
   ts, sigmas = grid.timesteps, grid.sigmas
@@ -54,8 +60,14 @@ def euler(schedule: process.NoiseSchedule, num_steps: int, *, timestep_spacing: 
 
 
 @register_sampler('euler_a')
-def euler_ancestral(schedule: process.NoiseSchedule, num_steps: int, *, timestep_spacing: str = 'linspace',
-                    steps_offset: int = 0, karras: bool = False) -> Plan:
+def euler_ancestral(
+  schedule: process.NoiseSchedule,
+  num_steps: int,
+  *,
+  timestep_spacing: str = 'linspace',
+  steps_offset: int = 0,
+  karras: bool = False,
+) -> Plan:
   """Euler ancestral (k-diffusion's sample_euler_ancestral, diffusers' EulerAncestralDiscreteScheduler): an Euler
   step down to sigma_down, then fresh noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2."""
   grid = _grid(schedule, num_steps, timestep_spacing, steps_offset, karras)
@@ -72,9 +84,18 @@ def euler_ancestral(schedule: process.NoiseSchedule, num_steps: int, *, timestep
 
 
 @register_sampler('heun')
-def heun(schedule: process.NoiseSchedule, num_steps: int, *, timestep_spacing: str = 'linspace',
-         steps_offset: int = 0, karras: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0,
-         s_tmax: float = math.inf, s_noise: float = 1.0) -> Plan:
+def heun(
+  schedule: process.NoiseSchedule,
+  num_steps: int,
+  *,
+  timestep_spacing: str = 'linspace',
+  steps_offset: int = 0,
+  karras: bool = False,
+  s_churn: float = 0.0,
+  s_tmin: float = 0.0,
+  s_tmax: float = math.inf,
+  s_noise: float = 1.0,
+) -> Plan:
   """Heun's second-order method (Karras et al. 2022, Algorithm 2; diffusers' HeunDiscreteScheduler at s_churn=0).
 
   Every step but the last (to sigma = 0, an Euler step) evaluates the model twice. With `s_churn` > 0, each level

@@ -62,10 +62,14 @@ class SamplingSettings:
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
     s = sample_config
-    values = {'sampler': s['sampler'], 'num_steps': s['num_steps'], 'guidance_scale': s['guidance_scale'],
-              'guidance_rescale': s.get('guidance_rescale', 0.0),
-              'guidance_interval': s.get('guidance_interval', (0.0, 1.0)),
-              'negative_prompt': s.get('negative_prompt', '')}
+    values = {
+      'sampler': s['sampler'],
+      'num_steps': s['num_steps'],
+      'guidance_scale': s['guidance_scale'],
+      'guidance_rescale': s.get('guidance_rescale', 0.0),
+      'guidance_interval': s.get('guidance_interval', (0.0, 1.0)),
+      'negative_prompt': s.get('negative_prompt', ''),
+    }
     given = set(overrides)  # Keys whose value came from an override.
     values.update({k: overrides.pop(k) for k in _FIELDS if k in overrides})
     options = {}
@@ -76,8 +80,11 @@ class SamplingSettings:
         if key in accepted and value != '':
           options[key] = value
         elif value != unset and 'sampler' not in given:
-          raise ConfigError(f'sample.{key}', f'is {value!r} but sampler {values["sampler"]!r} has no option '
-                            f'{key!r} (its options: {", ".join(accepted)})')
+          raise ConfigError(
+            f'sample.{key}',
+            f'is {value!r} but sampler {values["sampler"]!r} has no option '
+            f'{key!r} (its options: {", ".join(accepted)})',
+          )
     options.update(overrides)
     candidate = _Candidate(options=tuple(options.items()), **values)
     for key, phrase, message in _problems(candidate):
@@ -91,8 +98,14 @@ class SamplingSettings:
     """Checks overrides on their own, before any config is at hand (flags, before a workdir is loaded): each value's
     range, and the options against the sampler where one is given. A bad one is a `UserError` naming it."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    values = {'sampler': None, 'num_steps': 1, 'guidance_scale': 0.0, 'guidance_rescale': 0.0,
-              'guidance_interval': (0.0, 1.0), 'negative_prompt': ''}
+    values = {
+      'sampler': None,
+      'num_steps': 1,
+      'guidance_scale': 0.0,
+      'guidance_rescale': 0.0,
+      'guidance_interval': (0.0, 1.0),
+      'negative_prompt': '',
+    }
     values.update({k: overrides.pop(k) for k in _FIELDS if k in overrides})
     for key, phrase, message in _problems(_Candidate(options=tuple(overrides.items()), **values)):
       raise UserError(message or f'{key} {phrase}')
@@ -133,9 +146,15 @@ class SamplingSettings:
 
   def to_dict(self) -> dict:
     """A JSON-able record (settings.json, eval records); `from_dict` reads it back."""
-    return {'sampler': self.sampler, 'num_steps': self.num_steps, 'guidance_scale': self.guidance_scale,
-            'guidance_rescale': self.guidance_rescale, 'guidance_interval': list(self.guidance_interval),
-            'negative_prompt': self.negative_prompt, 'options': dict(self.options)}
+    return {
+      'sampler': self.sampler,
+      'num_steps': self.num_steps,
+      'guidance_scale': self.guidance_scale,
+      'guidance_rescale': self.guidance_rescale,
+      'guidance_interval': list(self.guidance_interval),
+      'negative_prompt': self.negative_prompt,
+      'options': dict(self.options),
+    }
 
   @classmethod
   def from_dict(cls, record: Mapping[str, Any]) -> 'SamplingSettings':
@@ -183,15 +202,21 @@ def _problems(s: Any) -> Iterator[tuple[str, str, str]]:
     yield 'guidance_rescale', f'must be in [0, 1], got {s.guidance_rescale!r}', None
   interval = tuple(s.guidance_interval) if isinstance(s.guidance_interval, (tuple, list)) else ()
   if not (len(interval) == 2 and all(_number(v) for v in interval) and 0.0 <= interval[0] <= interval[1] <= 1.0):
-    yield ('guidance_interval', f'must be (lo, hi) with 0 <= lo <= hi <= 1 (fractions of the training time), got '
-           f'{s.guidance_interval!r}', None)
+    yield (
+      'guidance_interval',
+      f'must be (lo, hi) with 0 <= lo <= hi <= 1 (fractions of the training time), got {s.guidance_interval!r}',
+      None,
+    )
   if not isinstance(s.negative_prompt, str):
     yield 'negative_prompt', f'must be a string, got {s.negative_prompt!r}', None
   accepted = None if s.sampler is None else sampler_info(s.sampler).options
   for key, value in s.options:
     if accepted is not None and key not in accepted:
-      yield (key, f'is {value!r} but sampler {s.sampler!r} has no option {key!r} (its options: {", ".join(accepted)})',
-             f'sampler {s.sampler!r} has no option {key!r}; its options: {", ".join(accepted)}')
+      yield (
+        key,
+        f'is {value!r} but sampler {s.sampler!r} has no option {key!r} (its options: {", ".join(accepted)})',
+        f'sampler {s.sampler!r} has no option {key!r}; its options: {", ".join(accepted)}',
+      )
     elif (why := _option_problem(key, value)) is not None:
       yield key, why, None
 

@@ -5,5 +5,12 @@ from diffusion.training.loop import train_and_evaluate
 from diffusion.training.state import TrainState, create_optimizer, create_train_state, make_train_step
 from diffusion.training.task import TASKS, Task
 
-__all__ = ['TASKS', 'Task', 'TrainState', 'create_optimizer', 'create_train_state', 'make_train_step',
-           'train_and_evaluate']
+__all__ = [
+  'TASKS',
+  'Task',
+  'TrainState',
+  'create_optimizer',
+  'create_train_state',
+  'make_train_step',
+  'train_and_evaluate',
+]

@@ -5,9 +5,9 @@ integer t, EDM's log-normal sigma, or flow matching's uniform / logit-normal t),
 weighting and offset noise; see `losses.noised_example` and `losses.get_diffusion_loss_fn`.
 
 At the start of a fresh run the task copies the VAE's EMA params into `<workdir>/frozen/vae`, builds (or loads) the
-tokenizer into `<workdir>/tokenizer`, and (`calibrate`) computes the latent scale factor from data (1 / std of posterior samples,
-as LDM does); the factor, the VAE config and the vocabulary size are then part of the saved `config.json`, so the
-workdir is self-contained. On resume everything is read back from the workdir. The task never changes the config it
+tokenizer into `<workdir>/tokenizer`, and (`calibrate`) computes the latent scale factor from data (1 / std of posterior
+samples, as LDM does); the factor, the VAE config and the vocabulary size are then part of the saved `config.json`, so
+the workdir is self-contained. On resume everything is read back from the workdir. The task never changes the config it
 is given: `task.config` is its resolved copy.
 """
 
@@ -50,6 +50,7 @@ def _vocabulary(data_config: ml_collections.ConfigDict) -> list[str]:
   if data_config.get('latent_cache'):  # The cache holds the captions: the image dataset is not needed.
     return latent_cache.cached_captions(data_config.latent_cache, data_config.train_split)
   from diffusion.data import pipeline as data_pipeline
+
   source = data_pipeline.create_data_source(data_config, data_config.train_split)
   return [data_pipeline.record_caption(source[i], data_config) for i in range(min(len(source), 100_000))]
 

@@ -23,12 +23,11 @@ import numpy as np
 from diffusion import checkpoint, evaluation, parallel, throughput
 from diffusion import workdir as workdir_lib
 from diffusion.config import validate_config
-from diffusion.errors import ConfigError
 from diffusion.data import inputs
+from diffusion.errors import ConfigError
 from diffusion.logging import MetricWriter
 from diffusion.training import ldm_task, vae_task  # noqa: F401  (they register the 'ldm' and 'vae' tasks)
-from diffusion.training.state import (TrainState, create_optimizer, make_train_step, sharded_train_state,
-                                      shardings_of)
+from diffusion.training.state import TrainState, create_optimizer, make_train_step, sharded_train_state, shardings_of
 from diffusion.training.task import TASKS, Task, load_base_params, load_init_params
 
 
@@ -55,11 +54,26 @@ class _StopRequest:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _input_pipeline(config: ml_collections.ConfigDict, split: str, tokenizer: Any, batch_size: int, seed: int,
-                    shuffle: bool = True, num_epochs: int | None = None):
+def _input_pipeline(
+  config: ml_collections.ConfigDict,
+  split: str,
+  tokenizer: Any,
+  batch_size: int,
+  seed: int,
+  shuffle: bool = True,
+  num_epochs: int | None = None,
+):
   return inputs.create_input_pipeline(
-      config.data, split, tokenizer=tokenizer, batch_size=batch_size, seed=seed, shuffle=shuffle,
-      num_epochs=num_epochs, process_index=jax.process_index(), process_count=jax.process_count())
+    config.data,
+    split,
+    tokenizer=tokenizer,
+    batch_size=batch_size,
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
 
 
 def _global_batches(iterator, mesh):
@@ -111,8 +125,10 @@ def _build_task(config: ml_collections.ConfigDict, workdir: str, mesh, local_bat
   task = TASKS.get(config.model_type)(config, workdir)
   init = _start_params(task, config, workdir, fresh)
   if fresh:
-    batches = lambda: _global_batches(iter(_input_pipeline(task.config, task.config.data.train_split,
-                                                           task.tokenizer, local_batch, config.seed + 1)), mesh)
+    batches = lambda: _global_batches(
+      iter(_input_pipeline(task.config, task.config.data.train_split, task.tokenizer, local_batch, config.seed + 1)),
+      mesh,
+    )
     line = task.calibrate(batches)
     if line:
       print(line, flush=True)
@@ -139,8 +155,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   latest, finished = _finished(ckpt, config)
   if finished:
-    print(f'{workdir} already finished: checkpoint at step {latest} >= train.num_steps={config.train.num_steps}; '
-          'nothing to do', flush=True)
+    print(
+      f'{workdir} already finished: checkpoint at step {latest} >= train.num_steps={config.train.num_steps}; '
+      'nothing to do',
+      flush=True,
+    )
     ckpt.close()
     return None
   task, config, init = _build_task(config, workdir, mesh, local_batch, fresh=latest is None)
@@ -149,13 +168,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   tx = create_optimizer(config.optim, config.train.num_steps, frozen=task.frozen_param_groups)
   rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
   rules, min_size = parallel.mesh_rules(config.mesh)
-  state, target = sharded_train_state(task.init_params, tx, rng_init, rng_train, mesh, rules, min_size,
-                                      create=latest is None, params=init)
+  state, target = sharded_train_state(
+    task.init_params, tx, rng_init, rng_train, mesh, rules, min_size, create=latest is None, params=init
+  )
   frozen_shardings = parallel.tree_shardings(task.frozen, mesh, rules, min_size)
   frozen = jax.device_put(task.frozen, frozen_shardings)
   sharded, total = parallel.sharded_bytes(target.params, shardings_of(target).params)
-  print(f'params: {sharded / 2**20:.2f} of {total / 2**20:.2f} MiB sharded over mesh '
-        f'{dict(mesh.shape)}', flush=True)
+  print(f'params: {sharded / 2**20:.2f} of {total / 2**20:.2f} MiB sharded over mesh {dict(mesh.shape)}', flush=True)
   if latest is not None:
     state, data_state, meta = ckpt.restore(target)  # Falls back past a damaged latest checkpoint.
     if data_state is not None:  # None for imported weights (scripts/convert.py): start the data from the top.
@@ -168,20 +187,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 class _Run:
   """What one run of the loop holds: the task, compiled steps, the eval loader and the sampling setup (built once)."""
 
-  def __init__(self, task: Task, config, workdir: str, mesh, local_batch: int, ckpt, frozen, frozen_shardings,
-               target):
+  def __init__(self, task: Task, config, workdir: str, mesh, local_batch: int, ckpt, frozen, frozen_shardings, target):
     self.task, self.config, self.mesh, self.ckpt, self.frozen = task, config, mesh, ckpt, frozen
     accum = int(config.train.get('grad_accum_steps', 1))
     shardings = shardings_of(target)
     micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES))
-    self.train_step = jax.jit(make_train_step(task.loss_fn, config.optim.ema_decay, accum, micro_sharding),
-                              in_shardings=(shardings, parallel.batch_sharding(mesh), frozen_shardings),
-                              out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+    self.train_step = jax.jit(
+      make_train_step(task.loss_fn, config.optim.ema_decay, accum, micro_sharding),
+      in_shardings=(shardings, parallel.batch_sharding(mesh), frozen_shardings),
+      out_shardings=(shardings, parallel.replicated(mesh)),
+      donate_argnums=(0,),
+    )
     self.eval_step = jax.jit(task.eval_step)
     self.eval_loader = None
     if config.train.eval_every or config.train.sample_every:
-      self.eval_loader = _input_pipeline(config, config.data.eval_split, task.tokenizer, local_batch, config.seed,
-                                         shuffle=False, num_epochs=1)
+      self.eval_loader = _input_pipeline(
+        config, config.data.eval_split, task.tokenizer, local_batch, config.seed, shuffle=False, num_epochs=1
+      )
     self.frozen_local = None
     if config.train.sample_every:
       task.prepare_sampling(_held_out(self.eval_loader, mesh))
@@ -200,14 +222,17 @@ class _Run:
     config, writer = self.config, self.writer
     batches = _global_batches(train_iter, self.mesh)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    print(f'training {config.model_type} ({num_params / 1e6:.2f}M params) from step {int(state.step)} to '
-          f'{config.train.num_steps} with global batch {config.train.batch_size} on {jax.device_count()} devices',
-          flush=True)
+    print(
+      f'training {config.model_type} ({num_params / 1e6:.2f}M params) from step {int(state.step)} to '
+      f'{config.train.num_steps} with global batch {config.train.batch_size} on {jax.device_count()} devices',
+      flush=True,
+    )
     step = int(state.step)
     first = next(batches)  # Compiles the step here (FLOPs for TFLOP/s and MFU), outside the timed interval.
     batches = itertools.chain([first], batches)
-    writer.set_step_flops(throughput.jit_flops(self.train_step, state, first, self.frozen),
-                          throughput.config_peak_tflops(config))
+    writer.set_step_flops(
+      throughput.jit_flops(self.train_step, state, first, self.frozen), throughput.config_peak_tflops(config)
+    )
     writer.start(step)
     pending = []
     with _StopRequest() as stop:
@@ -227,8 +252,7 @@ class _Run:
           self.ckpt.save(step, state, data_state, self.task.meta(), force=True)
           writer.start(step)  # Do not count checkpoint/eval time in steps/s.
         if preempted:
-          print(f'preempted (SIGTERM): saved a checkpoint at step {step}; rerun the same command to resume',
-                flush=True)
+          print(f'preempted (SIGTERM): saved a checkpoint at step {step}; rerun the same command to resume', flush=True)
           break
     self._close()
     return state
@@ -241,14 +265,17 @@ class _Run:
     bad, limit = int(state.bad_steps), self.config.train.max_bad_steps
     if bad >= limit:
       self._close()
-      raise FloatingPointError(f'{bad} consecutive steps had a non-finite loss or gradient (limit '
-                               f'train.max_bad_steps={limit}); the last checkpoint holds the last finite params')
+      raise FloatingPointError(
+        f'{bad} consecutive steps had a non-finite loss or gradient (limit '
+        f'train.max_bad_steps={limit}); the last checkpoint holds the last finite params'
+      )
 
   def _evaluate_and_sample(self, step: int, state: TrainState, last: bool) -> None:
     train = self.config.train
     if train.eval_every and (step % train.eval_every == 0 or last):
-      self.writer.write_scalars(step, _evaluate(state, self.config, self.mesh, self.eval_loader, self.eval_step,
-                                                self.frozen), progress=False)
+      self.writer.write_scalars(
+        step, _evaluate(state, self.config, self.mesh, self.eval_loader, self.eval_step, self.frozen), progress=False
+      )
     grid = train.sample_every and (step % train.sample_every == 0 or last)
     evals = self.suite is not None and self.suite.due(step, last)
     if not (grid or evals):

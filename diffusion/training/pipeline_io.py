@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion import checkpoint, models
+from diffusion import workdir as workdir_lib
 from diffusion.config import validate_config
 from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import UserError
 from diffusion.interop import configs, files, loaders
 from diffusion.training.ldm_task import frozen_param_groups
 from diffusion.training.state import create_optimizer, create_train_state
-from diffusion import workdir as workdir_lib
 from diffusion.workdir import load_workdir_config
 
 COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
@@ -32,10 +32,15 @@ def _pipeline_directory(source: str) -> str:
   if not os.path.isdir(source):
     if not files.looks_like_hub_id(source):
       raise UserError(f'pipeline directory {source!r} does not exist')
-    weights = [f'{sub}/{stem}{suffix}' for sub, stem in (('unet', files.DIFFUSERS_WEIGHTS),
-                                                         ('vae', files.DIFFUSERS_WEIGHTS),
-                                                         ('text_encoder', files.TRANSFORMERS_WEIGHTS))
-               for suffix in ('.safetensors', '*.safetensors.index.json', '-*.safetensors')]
+    weights = [
+      f'{sub}/{stem}{suffix}'
+      for sub, stem in (
+        ('unet', files.DIFFUSERS_WEIGHTS),
+        ('vae', files.DIFFUSERS_WEIGHTS),
+        ('text_encoder', files.TRANSFORMERS_WEIGHTS),
+      )
+      for suffix in ('.safetensors', '*.safetensors.index.json', '-*.safetensors')
+    ]
     patterns = ['model_index.json', 'scheduler/*.json', 'tokenizer/*', '*/config.json', *weights]
     source = files.hub_download(source, patterns)
   missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(source, c))]
@@ -57,16 +62,24 @@ def _scheduler_config(directory: str) -> dict[str, Any]:
   return configs.diffusion_from_scheduler(files.read_json(path), path)
 
 
-def _workdir_config(base: ml_collections.ConfigDict, unet: Any, vae: Any, text: Any, diffusion: dict[str, Any],
-                    max_text_length: int, source: str) -> ml_collections.ConfigDict:
+def _workdir_config(
+  base: ml_collections.ConfigDict,
+  unet: Any,
+  vae: Any,
+  text: Any,
+  diffusion: dict[str, Any],
+  max_text_length: int,
+  source: str,
+) -> ml_collections.ConfigDict:
   """`base` (e.g. configs/ldm_base.py:base) with the imported model, process and tokenizer settings."""
   config = ml_collections.ConfigDict(base.to_dict())
   if unet.sample_size is None:
     raise UserError(f'{source}/unet/config.json: sample_size is not set (needed for the image size)')
   config.model.unet = ml_collections.ConfigDict({**base.model.unet.to_dict(), **unet.to_dict()})
   config.model.vae = vae
-  config.model.text = ml_collections.ConfigDict({**base.model.text.to_dict(), **text.to_dict(),
-                                                 'tokenizer': os.path.join(source, 'tokenizer')})
+  config.model.text = ml_collections.ConfigDict(
+    {**base.model.text.to_dict(), **text.to_dict(), 'tokenizer': os.path.join(source, 'tokenizer')}
+  )
   for key, value in diffusion.items():
     config.diffusion[key] = value
   config.data.image_size = unet.sample_size * models.vae_downsample_factor(vae)
@@ -87,12 +100,19 @@ def import_pipeline(source: str, workdir: str, base: ml_collections.ConfigDict) 
   tokenizer = _load_tokenizer(os.path.join(root, 'tokenizer'))
   text = loaders.load_text_encoder_config(os.path.join(root, 'text_encoder'))
   if len(tokenizer) > text.vocab_size:
-    raise UserError(f'{root}/tokenizer has {len(tokenizer)} tokens but text_encoder/config.json has '
-                    f'vocab_size={text.vocab_size}')
+    raise UserError(
+      f'{root}/tokenizer has {len(tokenizer)} tokens but text_encoder/config.json has vocab_size={text.vocab_size}'
+    )
   max_length = min(int(tokenizer.model_max_length), text.max_position_embeddings)
-  config = _workdir_config(base, loaders.load_unet_config(os.path.join(root, 'unet')),
-                           loaders.load_vae_config(os.path.join(root, 'vae')), text,
-                           _scheduler_config(os.path.join(root, 'scheduler')), max_length, root)
+  config = _workdir_config(
+    base,
+    loaders.load_unet_config(os.path.join(root, 'unet')),
+    loaders.load_vae_config(os.path.join(root, 'vae')),
+    text,
+    _scheduler_config(os.path.join(root, 'scheduler')),
+    max_length,
+    root,
+  )
   # Configs first (cheap, and every error names its file and key), then the weights.
   _, unet_params = loaders.load_unet(os.path.join(root, 'unet'))
   _, text_params = loaders.load_text_encoder(os.path.join(root, 'text_encoder'))
@@ -101,8 +121,9 @@ def import_pipeline(source: str, workdir: str, base: ml_collections.ConfigDict) 
   return config
 
 
-def _write_workdir(workdir: str, config: ml_collections.ConfigDict, tokenizer: Any, vae_params: Any,
-                   params: dict[str, Any], source: str) -> None:
+def _write_workdir(
+  workdir: str, config: ml_collections.ConfigDict, tokenizer: Any, vae_params: Any, params: dict[str, Any], source: str
+) -> None:
   os.makedirs(workdir, exist_ok=True)
   tokenizer_lib.save_tokenizer(tokenizer, workdir_lib.tokenizer_path(workdir))
   workdir_lib.save_frozen(workdir, 'vae', vae_params)
@@ -134,20 +155,34 @@ def export_pipeline(workdir: str, directory: str, *, step: int | None = None, us
   scheduler = configs.scheduler_from_diffusion(config.diffusion)
   loaders.save_unet(os.path.join(directory, 'unet'), config.model.unet, trained['unet'])
   loaders.save_vae(os.path.join(directory, 'vae'), config.model.vae, vae_params)
-  loaders.save_text_encoder(os.path.join(directory, 'text_encoder'), config.model.text, trained['text'],
-                            special_ids=_special_ids(tokenizer))
+  loaders.save_text_encoder(
+    os.path.join(directory, 'text_encoder'), config.model.text, trained['text'], special_ids=_special_ids(tokenizer)
+  )
   tokenizer.save_pretrained(os.path.join(directory, 'tokenizer'))
   os.makedirs(os.path.join(directory, 'scheduler'), exist_ok=True)
   files.write_json(os.path.join(directory, 'scheduler', 'scheduler_config.json'), scheduler)
-  files.write_json(os.path.join(directory, 'model_index.json'), {
-      '_class_name': 'StableDiffusionPipeline', '_diffusers_version': configs.DIFFUSERS_VERSION,
-      'unet': ['diffusers', 'UNet2DConditionModel'], 'vae': ['diffusers', 'AutoencoderKL'],
-      'text_encoder': ['transformers', 'CLIPTextModelWithProjection' if config.model.text.projection_dim
-                       else 'CLIPTextModel'],
-      'tokenizer': ['transformers', type(tokenizer).__name__], 'scheduler': ['diffusers', 'DDIMScheduler'],
-      'safety_checker': [None, None], 'feature_extractor': [None, None], 'requires_safety_checker': False})
+  files.write_json(
+    os.path.join(directory, 'model_index.json'),
+    {
+      '_class_name': 'StableDiffusionPipeline',
+      '_diffusers_version': configs.DIFFUSERS_VERSION,
+      'unet': ['diffusers', 'UNet2DConditionModel'],
+      'vae': ['diffusers', 'AutoencoderKL'],
+      'text_encoder': [
+        'transformers',
+        'CLIPTextModelWithProjection' if config.model.text.projection_dim else 'CLIPTextModel',
+      ],
+      'tokenizer': ['transformers', type(tokenizer).__name__],
+      'scheduler': ['diffusers', 'DDIMScheduler'],
+      'safety_checker': [None, None],
+      'feature_extractor': [None, None],
+      'requires_safety_checker': False,
+    },
+  )
   warnings = []
   if not configs.eos_id_representable(config.model.text):
-    warnings.append('the text encoder pools at token id 2, which transformers reads as "pool at argmax": '
-                    'hidden states are exact, the pooled output is not')
+    warnings.append(
+      'the text encoder pools at token id 2, which transformers reads as "pool at argmax": '
+      'hidden states are exact, the pooled output is not'
+    )
   return warnings

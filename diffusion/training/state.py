@@ -31,14 +31,17 @@ class TrainState(flax.struct.PyTreeNode):
 def create_learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
   warmup = min(optim.warmup_steps, max(num_steps - 1, 0))
   if optim.lr_schedule == 'constant':
-    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, max(warmup, 1)), optax.constant_schedule(optim.lr)],
-                                [warmup])
-  return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, max(num_steps, warmup + 1),
-                                            end_value=optim.lr * optim.end_lr_factor)
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, optim.lr, max(warmup, 1)), optax.constant_schedule(optim.lr)], [warmup]
+    )
+  return optax.warmup_cosine_decay_schedule(
+    0.0, optim.lr, warmup, max(num_steps, warmup + 1), end_value=optim.lr * optim.end_lr_factor
+  )
 
 
-def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
-                     frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
+def create_optimizer(
+  optim: ml_collections.ConfigDict, num_steps: int, frozen: tuple[str, ...] = ()
+) -> optax.GradientTransformation:
   """AdamW with warmup + cosine (or constant) learning rate and global-norm gradient clipping.
 
   Top-level param groups named in `frozen` (e.g. a pretrained text encoder) get no update at all: no weight decay
@@ -49,15 +52,23 @@ def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
   if optim.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
   if frozen:
-    labels = lambda params: {k: jax.tree.map(lambda _: 'frozen' if k in frozen else 'trained', v)
-                             for k, v in params.items()}
+    labels = lambda params: {
+      k: jax.tree.map(lambda _: 'frozen' if k in frozen else 'trained', v) for k, v in params.items()
+    }
     tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
   return tx
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema_params=jax.tree.map(jnp.copy, params), rng=rng, bad_steps=jnp.zeros((), jnp.int32), tx=tx)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    ema_params=jax.tree.map(jnp.copy, params),
+    rng=rng,
+    bad_steps=jnp.zeros((), jnp.int32),
+    tx=tx,
+  )
 
 
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
@@ -86,8 +97,16 @@ def _micro_batches(tree: Any, num: int, sharding: Any = None) -> Any:
   return jax.tree.map(split, tree)
 
 
-def accumulated_grads(loss_fn: LossFn, params: Any, frozen: Any, batch: dict, keys: jax.Array, step: jax.Array,
-                      num_micro: int, micro_sharding: Any = None) -> tuple[tuple[jax.Array, dict], Any]:
+def accumulated_grads(
+  loss_fn: LossFn,
+  params: Any,
+  frozen: Any,
+  batch: dict,
+  keys: jax.Array,
+  step: jax.Array,
+  num_micro: int,
+  micro_sharding: Any = None,
+) -> tuple[tuple[jax.Array, dict], Any]:
   """((loss, metrics), grads) of the whole batch, computed in `num_micro` micro-batches (lax.scan) and averaged.
 
   Each micro-batch's loss is its mean over equally many examples, so the average over micro-batches is the mean over
@@ -109,8 +128,9 @@ def accumulated_grads(loss_fn: LossFn, params: Any, frozen: Any, batch: dict, ke
   return (loss, metrics), grads
 
 
-def make_train_step(loss_fn: LossFn, ema_decay: float, grad_accum_steps: int = 1,
-                    micro_sharding: Any = None) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict]]:
+def make_train_step(
+  loss_fn: LossFn, ema_decay: float, grad_accum_steps: int = 1, micro_sharding: Any = None
+) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict]]:
   """Builds the pure step; `loss_fn(params, frozen, batch, example_keys, step) -> (loss, metrics)`.
 
   With `grad_accum_steps` > 1 the gradient is accumulated over that many micro-batches of the (global) batch; every
@@ -122,8 +142,9 @@ def make_train_step(loss_fn: LossFn, ema_decay: float, grad_accum_steps: int = 1
   def train_step(state: TrainState, batch: dict, frozen: Any) -> tuple[TrainState, dict]:
     batch_size = jax.tree.leaves(batch)[0].shape[0]
     keys = per_example_keys(state.rng, state.step, batch_size)
-    (loss, metrics), grads = accumulated_grads(loss_fn, state.params, frozen, batch, keys, state.step,
-                                               grad_accum_steps, micro_sharding)
+    (loss, metrics), grads = accumulated_grads(
+      loss_fn, state.params, frozen, batch, keys, state.step, grad_accum_steps, micro_sharding
+    )
     loss = loss.astype(jnp.float32)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -133,18 +154,30 @@ def make_train_step(loss_fn: LossFn, ema_decay: float, grad_accum_steps: int = 1
     decay = ema_decay_at(state.step, ema_decay)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params),
-                              bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
+    new_state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      ema_params=keep(ema, state.ema_params),
+      bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+    )
     metrics = {**metrics, 'loss': loss, 'grad_norm': grad_norm, 'skipped': 1.0 - finite.astype(jnp.float32)}
     return new_state, metrics
 
   return train_step
 
 
-def sharded_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                        rng_init: jax.Array, rng_train: jax.Array, mesh: Any, rules: Any, min_shard_size: int = 0,
-                        create: bool = True, params: Any = None) -> tuple[TrainState | None, TrainState]:
+def sharded_train_state(
+  init_params: Callable[[jax.Array], Any],
+  tx: optax.GradientTransformation,
+  rng_init: jax.Array,
+  rng_train: jax.Array,
+  mesh: Any,
+  rules: Any,
+  min_shard_size: int = 0,
+  create: bool = True,
+  params: Any = None,
+) -> tuple[TrainState | None, TrainState]:
   """(state, target): the train state created already sharded, and its abstract twin carrying the shardings.
 
   Shapes come from `jax.eval_shape`, shardings from the logical-axis rules (`parallel.tree_shardings`), and the state
@@ -171,8 +204,9 @@ def shardings_of(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def with_compute_dtype(model_config: ml_collections.ConfigDict,
-                       train_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def with_compute_dtype(
+  model_config: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
   """`model_config` with `dtype` = `train.compute_dtype` when that is set ('' keeps the model's own `dtype`).
 
   The dtype is the networks' activation / matmul dtype; params are created and kept in float32 (the master copy the

@@ -83,8 +83,9 @@ def check_same_shapes(expected: Any, params: Any, key: str, source: str) -> None
     if path not in have:
       raise ConfigError(key, f'{source!r} has no param {path} (shape {tuple(leaf.shape)}) that this task trains')
     if tuple(have[path].shape) != tuple(leaf.shape):
-      raise ConfigError(key, f'param {path} has shape {tuple(have[path].shape)} in {source!r}, this task wants '
-                             f'{tuple(leaf.shape)}')
+      raise ConfigError(
+        key, f'param {path} has shape {tuple(have[path].shape)} in {source!r}, this task wants {tuple(leaf.shape)}'
+      )
   extra = [path for path in have if path not in want]
   if extra:
     raise ConfigError(key, f'{source!r} has param {extra[0]} that this task does not have')

@@ -63,8 +63,7 @@ class VAETask:
     del frozen, keys  # Reconstructions from the posterior mean: no randomness.
     mean, _ = self.vae.apply({'params': params}, batch['image'], method='encode')
     rec = self.vae.apply({'params': params}, mean, method='decode')
-    return {'psnr': jnp.mean(psnr(batch['image'], rec)),
-            'l1': jnp.mean(jnp.abs(jnp.clip(rec, -1, 1) - batch['image']))}
+    return {'psnr': jnp.mean(psnr(batch['image'], rec)), 'l1': jnp.mean(jnp.abs(jnp.clip(rec, -1, 1) - batch['image']))}
 
   def prepare_sampling(self, held_out: Callable[[], dict]) -> None:
     """Keeps the first 8 images of the held-out batch: the grid shows the same images at every step."""

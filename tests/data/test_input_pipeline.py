@@ -13,25 +13,25 @@ def _batches(loader, n, start_iter=None):
   return [next(it) for _ in range(n)]
 
 
-def _pipeline(config, tok, split="train", **kwargs):
-  kwargs.setdefault("batch_size", 8)
-  kwargs.setdefault("seed", 0)
+def _pipeline(config, tok, split='train', **kwargs):
+  kwargs.setdefault('batch_size', 8)
+  kwargs.setdefault('seed', 0)
   return pipeline.create_image_pipeline(config, split, tokenizer=tok, **kwargs)
 
 
 def _keys(batch):
-  return [im.tobytes() for im in batch["image"]]
+  return [im.tobytes() for im in batch['image']]
 
 
 def test_shapes_batches_have_the_right_format(shapes_config, word_tokenizer):
   batch = next(iter(_pipeline(shapes_config, word_tokenizer)))
-  assert set(batch) == {"image", "input_ids"}
-  assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
-  assert batch["input_ids"].shape == (8, 16) and batch["input_ids"].dtype == np.int32
-  assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
-  assert batch["image"].min() < -0.5 and batch["image"].max() > 0.5
-  assert (batch["input_ids"][:, 0] == word_tokenizer.bos_token_id).all()
-  assert ((batch["input_ids"] == word_tokenizer.eos_token_id).sum(1) == 1).all()
+  assert set(batch) == {'image', 'input_ids'}
+  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.float32
+  assert batch['input_ids'].shape == (8, 16) and batch['input_ids'].dtype == np.int32
+  assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
+  assert batch['image'].min() < -0.5 and batch['image'].max() > 0.5
+  assert (batch['input_ids'][:, 0] == word_tokenizer.bos_token_id).all()
+  assert ((batch['input_ids'] == word_tokenizer.eos_token_id).sum(1) == 1).all()
 
 
 def test_flipped_images_still_match_their_captions(shapes_config, word_tokenizer):
@@ -40,10 +40,10 @@ def test_flipped_images_still_match_their_captions(shapes_config, word_tokenizer
   loader = _pipeline(shapes_config, word_tokenizer, num_epochs=1, batch_size=16)
   images, captions = [], []
   for batch in loader:
-    images.extend(np.asarray(batch["image"]))
-    captions.extend(word_tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True))
+    images.extend(np.asarray(batch['image']))
+    captions.extend(word_tokenizer.batch_decode(batch['input_ids'], skip_special_tokens=True))
   assert len(images) == 64
-  assert any("left" in c or "right" in c for c in captions)
+  assert any('left' in c or 'right' in c for c in captions)
   assert oracle.caption_accuracy(np.stack(images), captions) == 1.0
 
 
@@ -52,8 +52,8 @@ def test_same_seed_same_batches_other_seed_other_order(shapes_config, word_token
   b = _batches(_pipeline(shapes_config, word_tokenizer, seed=3), 3)
   c = _batches(_pipeline(shapes_config, word_tokenizer, seed=4), 3)
   for x, y in zip(a, b):
-    np.testing.assert_array_equal(x["image"], y["image"])
-    np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['input_ids'], y['input_ids'])
   assert [_keys(x) for x in a] != [_keys(x) for x in c]
 
 
@@ -67,15 +67,16 @@ def test_state_restore_continues_exactly(shapes_config, word_tokenizer):
   resumed = iter(_pipeline(shapes_config, word_tokenizer))
   resumed.set_state(state)
   for x, y in zip(expected, _batches(None, 3, resumed)):
-    np.testing.assert_array_equal(x["image"], y["image"])
-    np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['input_ids'], y['input_ids'])
 
 
 def test_shards_are_disjoint_and_cover_the_data(shapes_config, word_tokenizer):
   seen = []
   for index in range(2):
-    loader = _pipeline(shapes_config, word_tokenizer, num_epochs=1, process_index=index,
-                       process_count=2, drop_remainder=False)
+    loader = _pipeline(
+      shapes_config, word_tokenizer, num_epochs=1, process_index=index, process_count=2, drop_remainder=False
+    )
     seen.append([k for b in loader for k in _keys(b)])
   assert len(seen[0]) == len(seen[1]) == 32
   assert not set(seen[0]) & set(seen[1])
@@ -85,9 +86,9 @@ def test_shards_are_disjoint_and_cover_the_data(shapes_config, word_tokenizer):
 
 def test_eval_split_in_order(shapes_config, word_tokenizer):
   kwargs = dict(num_epochs=1, shuffle=False, batch_size=5, drop_remainder=False)
-  first = list(_pipeline(shapes_config, word_tokenizer, "validation", **kwargs))
-  second = list(_pipeline(shapes_config, word_tokenizer, "validation", **kwargs))
-  assert [len(b["image"]) for b in first] == [5, 5, 5, 1]
+  first = list(_pipeline(shapes_config, word_tokenizer, 'validation', **kwargs))
+  second = list(_pipeline(shapes_config, word_tokenizer, 'validation', **kwargs))
+  assert [len(b['image']) for b in first] == [5, 5, 5, 1]
   assert [_keys(b) for b in first] == [_keys(b) for b in second]
 
 
@@ -103,69 +104,68 @@ class _MemorySource:
     return len(self._images)
 
   def __getitem__(self, i):
-    return {"img": self._images[i],
-            "meta": {"captions": [f"red {i}".encode(), f"blue {i}".encode()]}}
+    return {'img': self._images[i], 'meta': {'captions': [f'red {i}'.encode(), f'blue {i}'.encode()]}}
 
   def __repr__(self):
-    return "_MemorySource"
+    return '_MemorySource'
 
 
 @pytest.fixture
 def memory_config(make_config, monkeypatch):
-  monkeypatch.setitem(pipeline.SOURCES._entries, "memory", lambda cfg, split: _MemorySource())
-  return make_config(name="memory", image_key="img", caption_key="meta/captions",
-                     random_crop=True, random_flip=True)
+  monkeypatch.setitem(pipeline.SOURCES._entries, 'memory', lambda cfg, split: _MemorySource())
+  return make_config(name='memory', image_key='img', caption_key='meta/captions', random_crop=True, random_flip=True)
 
 
 def test_caption_lists_crop_and_flip_are_seeded(memory_config):
-  tok = tokenizer.build_word_tokenizer(["red blue"] + [str(i) for i in range(6)], 16)
+  tok = tokenizer.build_word_tokenizer(['red blue'] + [str(i) for i in range(6)], 16)
   kwargs = dict(batch_size=6, num_epochs=None, shuffle=False)
   a = _batches(_pipeline(memory_config, tok, seed=1, **kwargs), 4)
   b = _batches(_pipeline(memory_config, tok, seed=1, **kwargs), 4)
   c = _batches(_pipeline(memory_config, tok, seed=2, **kwargs), 4)
-  assert a[0]["image"].shape == (6, 32, 32, 3)
+  assert a[0]['image'].shape == (6, 32, 32, 3)
   for x, y in zip(a, b):
-    np.testing.assert_array_equal(x["image"], y["image"])
-    np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
-  assert any(not np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
-  words = [tok.batch_decode(x["input_ids"], skip_special_tokens=True) for x in a]
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['input_ids'], y['input_ids'])
+  assert any(not np.array_equal(x['image'], y['image']) for x, y in zip(a, c))
+  words = [tok.batch_decode(x['input_ids'], skip_special_tokens=True) for x in a]
   for epoch in words:
     assert [w.split()[1] for w in epoch] == [str(i) for i in range(6)]  # Order kept.
-  assert {w.split()[0] for w in itertools.chain(*words)} == {"red", "blue"}
+  assert {w.split()[0] for w in itertools.chain(*words)} == {'red', 'blue'}
 
 
 def test_center_crop_without_augmentation(memory_config, word_tokenizer):
   memory_config.random_crop = memory_config.random_flip = False
   batch = next(iter(_pipeline(memory_config, word_tokenizer, batch_size=2, shuffle=False)))
-  image = _MemorySource()[0]["img"]
+  image = _MemorySource()[0]['img']
   resized = pipeline.resize_shorter_side(image, 32)
   assert resized.shape == (32, 45, 3)
   expected = resized[:, 6:38].astype(np.float32) / 127.5 - 1.0
-  np.testing.assert_allclose(batch["image"][0], expected, atol=1e-6)
-  assert np.allclose(batch["image"][1][..., 0], batch["image"][1][..., 2])  # Grey -> RGB.
+  np.testing.assert_allclose(batch['image'][0], expected, atol=1e-6)
+  assert np.allclose(batch['image'][1][..., 0], batch['image'][1][..., 2])  # Grey -> RGB.
 
 
 def test_swap_left_right():
-  assert pipeline.swap_left_right("a red circle to the left of a blue square") == (
-      "a red circle to the right of a blue square")
-  assert pipeline.swap_left_right("Right, left; bright") == "Left, right; bright"
+  assert pipeline.swap_left_right('a red circle to the left of a blue square') == (
+    'a red circle to the right of a blue square'
+  )
+  assert pipeline.swap_left_right('Right, left; bright') == 'Left, right; bright'
 
 
 def test_registry_rejects_duplicates_and_unknown_names(make_config):
-  with pytest.raises(ValueError, match="already registered"):
-    pipeline.register_source("shapes")(lambda cfg, split: None)
-  assert {"shapes", "folder"} <= set(pipeline.known_sources())
-  with pytest.raises(ValueError, match="shapes"):
-    pipeline.create_data_source(make_config(name="no_such_dataset_xyz"), "train")
+  with pytest.raises(ValueError, match='already registered'):
+    pipeline.register_source('shapes')(lambda cfg, split: None)
+  assert {'shapes', 'folder'} <= set(pipeline.known_sources())
+  with pytest.raises(ValueError, match='shapes'):
+    pipeline.create_data_source(make_config(name='no_such_dataset_xyz'), 'train')
 
 
 def test_vocabulary_tokenizer_knows_every_caption(shapes_config, word_tokenizer):
-  source = pipeline.create_data_source(shapes_config, "train")
-  captions = [source[i]["caption"] for i in range(len(source))]
+  source = pipeline.create_data_source(shapes_config, 'train')
+  captions = [source[i]['caption'] for i in range(len(source))]
   captions = [c.decode() if isinstance(c, bytes) else c for c in captions]
   ids = tokenizer.tokenize(word_tokenizer, captions, 16)
   assert word_tokenizer.unk_token_id not in ids
-  assert set(" ".join(captions).split()) <= set(shapes.vocabulary())
+  assert set(' '.join(captions).split()) <= set(shapes.vocabulary())
 
 
 def test_over_long_captions_are_truncated_with_one_warning(word_tokenizer, caplog):

@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 
 from diffusion import checkpoint, latent_cache_writer
-from diffusion.data import latent_cache
-from diffusion.data import inputs
+from diffusion.data import inputs, latent_cache
 from diffusion.data import pipeline as data_pipeline
 from diffusion.errors import ConfigError
 from support import LDM, load_config, run_cli
 
-SETTINGS = {**LDM, 'data.random_flip': True, 'train.eval_every': 0, 'train.sample_every': 0,
-            'train.checkpoint_every': 3, 'train.num_steps': 3, 'diffusion.caption_dropout': 0.3}
+SETTINGS = {
+  **LDM,
+  'data.random_flip': True,
+  'train.eval_every': 0,
+  'train.sample_every': 0,
+  'train.checkpoint_every': 3,
+  'train.num_steps': 3,
+  'diffusion.caption_dropout': 0.3,
+}
 
 
 def _config(data_dir, vae_workdir, **more):
@@ -31,8 +37,9 @@ def cache_dir(tmp_path_factory, data_dir, vae_workdir) -> str:
   """The training split with both flips, written in two process slices (as two hosts would)."""
   out = str(tmp_path_factory.mktemp('latents'))
   for index in (1, 0):  # Process 0 (the metadata writer) last, like a host that finishes late.
-    latent_cache_writer.precompute(_config(data_dir, vae_workdir), vae_workdir, out, batch_size=24, process_index=index,
-                            process_count=2, log=_quiet)
+    latent_cache_writer.precompute(
+      _config(data_dir, vae_workdir), vae_workdir, out, batch_size=24, process_index=index, process_count=2, log=_quiet
+    )
   return out
 
 
@@ -77,8 +84,10 @@ def test_losses_from_the_cache_equal_the_losses_on_the_fly(cache_dir, data_dir, 
   losses = {}
   loss_fn = jax.jit(task.loss_fn)
   for name, batches in (('fly', image_batches), ('cache', cached_batches)):
-    losses[name] = [float(loss_fn(params, task.frozen, b, jax.random.split(jax.random.PRNGKey(i), 8), 0)[0])
-                    for i, b in enumerate(batches)]
+    losses[name] = [
+      float(loss_fn(params, task.frozen, b, jax.random.split(jax.random.PRNGKey(i), 8), 0)[0])
+      for i, b in enumerate(batches)
+    ]
   assert set(cached_batches[0]) == {'latent_mean', 'latent_logvar', 'input_ids'}
   for a, b in zip(image_batches, cached_batches):  # Same examples, same caption choices and flips.
     np.testing.assert_array_equal(a['input_ids'], b['input_ids'])
@@ -105,8 +114,9 @@ def test_cache_of_another_vae_dataset_or_flip_setting_is_refused(cache_dir, data
     latent_cache.check_cache(config, 'train', params)
   config.data.shapes.num_train = 64
   no_flips = str(tmp_path / 'no_flips')
-  latent_cache_writer.precompute(_config(data_dir, vae_workdir), vae_workdir, no_flips, split='validation', flips='none',
-                          log=_quiet)
+  latent_cache_writer.precompute(
+    _config(data_dir, vae_workdir), vae_workdir, no_flips, split='validation', flips='none', log=_quiet
+  )
   config.data.latent_cache = no_flips
   with pytest.raises(ConfigError, match='data.random_flip=True needs the flipped variant'):
     latent_cache.check_cache(config, 'validation', params)
@@ -134,8 +144,9 @@ def test_training_refuses_a_mismatched_cache_before_compiling(cache_dir, data_di
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
-  missing = run_cli('scripts/precompute_latents.py', '--vae_workdir', str(tmp_path / 'nope'), '--out',
-                    str(tmp_path / 'out'))
+  missing = run_cli(
+    'scripts/precompute_latents.py', '--vae_workdir', str(tmp_path / 'nope'), '--out', str(tmp_path / 'out')
+  )
   assert missing.returncode == 2
   assert missing.stderr.strip().splitlines() == [f"error: --vae_workdir '{tmp_path / 'nope'}' does not exist"]
   no_out = run_cli('scripts/precompute_latents.py', '--vae_workdir', str(tmp_path))
@@ -155,9 +166,11 @@ def test_training_from_the_cache_gives_the_same_metrics_end_to_end(cache_dir, da
     config = _config(data_dir, vae_workdir, **{'train.eval_every': 3, **more})
     train_and_evaluate(config, str(tmp_path / name))
     lines = [json.loads(line) for line in open(tmp_path / name / 'metrics.jsonl')]
-    runs[name] = ([(l['step'], l['loss'], l['grad_norm']) for l in lines if 'loss' in l],
-                  [l['eval/val_loss'] for l in lines if 'eval/val_loss' in l],
-                  json.load(open(tmp_path / name / 'config.json'))['model']['vae']['scaling_factor'])
+    runs[name] = (
+      [(l['step'], l['loss'], l['grad_norm']) for l in lines if 'loss' in l],
+      [l['eval/val_loss'] for l in lines if 'eval/val_loss' in l],
+      json.load(open(tmp_path / name / 'config.json'))['model']['vae']['scaling_factor'],
+    )
   fly, cache = runs['fly'], runs['cache']
   assert [s for s, _, _ in cache[0]] == [1, 2, 3]
   np.testing.assert_allclose(np.array(cache[0]), np.array(fly[0]), rtol=1e-5)

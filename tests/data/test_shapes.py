@@ -57,15 +57,14 @@ def test_two_object_scenes_are_separated_and_captions_tell_the_truth():
     assert a.colour != b.colour
     left, right = sorted(scene.objects, key=lambda o: o.cx)
     assert left.cx + left.r < right.cx - right.r  # Boxes do not overlap horizontally.
-    m = re.fullmatch(r"a (\w+) (\w+) to the (left|right) of a (\w+) (\w+)", scene.caption)
+    m = re.fullmatch(r'a (\w+) (\w+) to the (left|right) of a (\w+) (\w+)', scene.caption)
     assert m, scene.caption
     first = (m.group(1), m.group(2))
-    expect_first = (left.colour, left.shape) if m.group(3) == "left" else (right.colour,
-                                                                          right.shape)
+    expect_first = (left.colour, left.shape) if m.group(3) == 'left' else (right.colour, right.shape)
     assert first == expect_first
 
 
-@pytest.mark.parametrize("resolution", [32, 64])
+@pytest.mark.parametrize('resolution', [32, 64])
 def test_render_is_antialiased_and_in_bounds(resolution):
   scene = shapes.scene_for_index(0, 5, max_objects=1)
   image = shapes.render_scene(scene, resolution)
@@ -104,30 +103,28 @@ def test_generate_arrays():
 
 
 def test_config_names():
-  assert tfds_shapes.config_name(32, 1) == "r32_o1"
-  assert tfds_shapes.config_name(64, 2, 100, 10) == "r64_o2_n100_e10"
+  assert tfds_shapes.config_name(32, 1) == 'r32_o1'
+  assert tfds_shapes.config_name(64, 2, 100, 10) == 'r64_o2_n100_e10'
   names = {c.name for c in tfds_shapes.ShapesBuilder.BUILDER_CONFIGS}
-  assert {"r32_o1", "r32_o2", "r64_o1", "r64_o2"} <= names
+  assert {'r32_o1', 'r32_o2', 'r64_o1', 'r64_o2'} <= names
 
 
 def test_builder_prepares_locally(shapes_data_dir):
-  builder = tfds_shapes.shapes_builder(shapes_data_dir, resolution=32, max_objects=2,
-                                       num_train=64, num_eval=16)
-  assert builder.info.splits["train"].num_examples == 64
-  assert builder.info.splits["validation"].num_examples == 16
-  assert builder.info.splits["test"].num_examples == 16
-  train = builder.as_data_source("train")
-  val = builder.as_data_source("validation")
+  builder = tfds_shapes.shapes_builder(shapes_data_dir, resolution=32, max_objects=2, num_train=64, num_eval=16)
+  assert builder.info.splits['train'].num_examples == 64
+  assert builder.info.splits['validation'].num_examples == 16
+  assert builder.info.splits['test'].num_examples == 16
+  train = builder.as_data_source('train')
+  val = builder.as_data_source('validation')
   record = train[0]
-  assert record["image"].shape == (32, 32, 3) and record["image"].dtype == np.uint8
-  caption = record["caption"].decode() if isinstance(record["caption"], bytes) else record[
-      "caption"]
-  names = builder.info.features["objects"]["colour"].names
-  colours = [names[c] for c in record["objects"]["colour"]]
+  assert record['image'].shape == (32, 32, 3) and record['image'].dtype == np.uint8
+  caption = record['caption'].decode() if isinstance(record['caption'], bytes) else record['caption']
+  names = builder.info.features['objects']['colour'].names
+  colours = [names[c] for c in record['objects']['colour']]
   assert all(c in caption for c in colours)
   # Splits are different scenes; records are the scenes the generator makes.
-  train_images = {train[i]["image"].tobytes() for i in range(len(train))}
-  val_images = {val[i]["image"].tobytes() for i in range(len(val))}
+  train_images = {train[i]['image'].tobytes() for i in range(len(train))}
+  val_images = {val[i]['image'].tobytes() for i in range(len(val))}
   assert len(train_images) == 64 and not train_images & val_images
   expected = {im.tobytes() for im in shapes.generate_arrays(16, 32, 2, seed=(0, 1))[0]}
   assert val_images == expected
@@ -135,6 +132,5 @@ def test_builder_prepares_locally(shapes_data_dir):
 
 def test_prepare_is_idempotent(shapes_data_dir):
   # Preparing again reuses the files (no error, same content).
-  builder = tfds_shapes.prepare_shapes(shapes_data_dir, resolution=32, max_objects=2,
-                                       num_train=64, num_eval=16)
-  assert len(builder.as_data_source("train")) == 64
+  builder = tfds_shapes.prepare_shapes(shapes_data_dir, resolution=32, max_objects=2, num_train=64, num_eval=16)
+  assert len(builder.as_data_source('train')) == 64

@@ -34,25 +34,31 @@ def _encoded_examples() -> list[tuple[str, bytes, str]]:
   rng = np.random.default_rng(0)
   rgb = lambda: rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
   return [
-      (None, _png(rgb()), 'rgb'),
-      ('grey', _png(rng.integers(0, 256, (20, 24), dtype=np.uint8)), 'grey'),
-      ('rgba', _png(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8)), 'rgba'),
-      ('grey_alpha', _png(rgb(), 'LA'), 'grey alpha'),
-      (None, _png(rgb(), 'P'), 'palette'),
-      ('undecodable', _png(rgb())[:80], 'broken'),
-      ('undecodable', b'GIF89a not really', 'garbage'),
-      ('empty_caption', _png(rgb()), ''),
-      ('empty_caption', _png(rgb()), ' \t '),
-      ('truncated', _png(rgb()), ' '.join(['long'] + ['word'] * 20)),
+    (None, _png(rgb()), 'rgb'),
+    ('grey', _png(rng.integers(0, 256, (20, 24), dtype=np.uint8)), 'grey'),
+    ('rgba', _png(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8)), 'rgba'),
+    ('grey_alpha', _png(rgb(), 'LA'), 'grey alpha'),
+    (None, _png(rgb(), 'P'), 'palette'),
+    ('undecodable', _png(rgb())[:80], 'broken'),
+    ('undecodable', b'GIF89a not really', 'garbage'),
+    ('empty_caption', _png(rgb()), ''),
+    ('empty_caption', _png(rgb()), ' \t '),
+    ('truncated', _png(rgb()), ' '.join(['long'] + ['word'] * 20)),
   ]
 
 
 def _array_examples() -> list[tuple[str | None, np.ndarray, str]]:
   rng = np.random.default_rng(1)
   draw = lambda *shape: rng.integers(0, 256, shape, dtype=np.uint8)
-  return [(None, draw(12, 16, 3), 'rgb'), ('grey', draw(12, 16, 1), 'grey'), ('grey', draw(12, 16), 'flat'),
-          ('grey_alpha', draw(12, 16, 2), 'alpha'), ('rgba', draw(12, 16, 4), 'rgba'),
-          ('bad_shape', draw(12, 16, 5), 'five'), ('bad_shape', draw(12, 0, 3), 'zero')]
+  return [
+    (None, draw(12, 16, 3), 'rgb'),
+    ('grey', draw(12, 16, 1), 'grey'),
+    ('grey', draw(12, 16), 'flat'),
+    ('grey_alpha', draw(12, 16, 2), 'alpha'),
+    ('rgba', draw(12, 16, 4), 'rgba'),
+    ('bad_shape', draw(12, 16, 5), 'five'),
+    ('bad_shape', draw(12, 0, 3), 'zero'),
+  ]
 
 
 def _builder(name: str, image_feature, examples):
@@ -68,8 +74,9 @@ def _builder(name: str, image_feature, examples):
       return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-          {'image': image_feature, 'caption': tfds.features.Text()}))
+      return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({'image': image_feature, 'caption': tfds.features.Text()})
+      )
 
     def _split_generators(self, dl_manager):
       return {'train': self._generate_examples()}
@@ -85,10 +92,14 @@ def _builder(name: str, image_feature, examples):
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory) -> str:
   directory = str(tmp_path_factory.mktemp('tfds_bad'))
-  encoded = _builder('bad_encoded', tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
-                     _encoded_examples())
-  arrays = _builder('bad_arrays', tfds.features.Tensor(shape=(None, None, None), dtype=np.uint8, encoding='zlib'),
-                    [(k, a if a.ndim == 3 else a[..., None], c) for k, a, c in _array_examples()])
+  encoded = _builder(
+    'bad_encoded', tfds.features.Image(shape=(None, None, 3), encoding_format='png'), _encoded_examples()
+  )
+  arrays = _builder(
+    'bad_arrays',
+    tfds.features.Tensor(shape=(None, None, None), dtype=np.uint8, encoding='zlib'),
+    [(k, a if a.ndim == 3 else a[..., None], c) for k, a, c in _array_examples()],
+  )
   for builder in (encoded, arrays):
     builder(data_dir=directory, file_format='array_record').download_and_prepare()
   return directory
@@ -101,8 +112,9 @@ def tok():
 
 def _run(make_config, data_dir, name, tok, caplog):
   config = make_config(name=name, data_dir=data_dir, image_size=8, max_text_length=MAX_LENGTH)
-  loader = pipeline.create_image_pipeline(config, 'train', tokenizer=tok, batch_size=3, seed=0, num_epochs=1,
-                                          shuffle=False, drop_remainder=False)
+  loader = pipeline.create_image_pipeline(
+    config, 'train', tokenizer=tok, batch_size=3, seed=0, num_epochs=1, shuffle=False, drop_remainder=False
+  )
   with caplog.at_level(logging.WARNING):
     batches = list(loader)
   images = np.concatenate([b['image'] for b in batches])
@@ -137,8 +149,11 @@ def test_encoded_images_converted_skipped_counted_and_reported(make_config, data
   assert any(c.startswith('long word') for c in captions)
   summary = [m for m in messages if 'effective size' in m]
   total = len(examples)
-  assert len(summary) == 1 and f'dropped {dropped} ' in summary[0] and \
-      f'effective size {total - dropped} of {total}' in summary[0], messages
+  assert (
+    len(summary) == 1
+    and f'dropped {dropped} ' in summary[0]
+    and f'effective size {total - dropped} of {total}' in summary[0]
+  ), messages
   for kind, message in pipeline._MESSAGES.items():  # pylint: disable=protected-access
     assert sum(message in m for m in messages) == (1 if expected[kind] else 0), (kind, messages)
 

@@ -6,10 +6,10 @@ import transformers
 
 from diffusion.data import shapes, tokenizer
 
-CAPTIONS = ["a red circle", "a Blue square to the left of a green triangle.", "a purple circle"]
+CAPTIONS = ['a red circle', 'a Blue square to the left of a green triangle.', 'a purple circle']
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def tok():
   return tokenizer.build_word_tokenizer(shapes.vocabulary(), max_length=12)
 
@@ -23,39 +23,39 @@ def test_special_ids_and_vocab(tok):
 def test_tokenize_pads_wraps_and_lowercases(tok):
   ids = tokenizer.tokenize(tok, CAPTIONS, max_length=16)
   assert ids.shape == (3, 16) and ids.dtype == np.int32
-  words = ["a", "red", "circle"]
+  words = ['a', 'red', 'circle']
   assert ids[0, :5].tolist() == [1, *tok.convert_tokens_to_ids(words), 2]
   assert (ids[0, 5:] == 0).all()
   # Case-insensitive; punctuation is split off (and unknown here).
-  assert ids[1, 2] == tok.convert_tokens_to_ids("blue")
+  assert ids[1, 2] == tok.convert_tokens_to_ids('blue')
   assert tok.unk_token_id in ids[1].tolist() and tok.unk_token_id in ids[2].tolist()
   assert (ids == tok.eos_token_id).sum(1).tolist() == [1, 1, 1]
 
 
 def test_truncation_keeps_eos(tok):
-  ids = tokenizer.tokenize(tok, ["a red circle " * 10], max_length=6)
+  ids = tokenizer.tokenize(tok, ['a red circle ' * 10], max_length=6)
   assert ids.shape == (1, 6)
   assert ids[0, 0] == tok.bos_token_id and ids[0, -1] == tok.eos_token_id
   assert tok.pad_token_id not in ids[0].tolist()
 
 
 def test_build_from_whole_texts():
-  tok = tokenizer.build_word_tokenizer(["Hello, world!", "hello there"], max_length=8)
-  ids = tokenizer.tokenize(tok, ["hello world"], 8)[0]
+  tok = tokenizer.build_word_tokenizer(['Hello, world!', 'hello there'], max_length=8)
+  ids = tokenizer.tokenize(tok, ['hello world'], 8)[0]
   assert tok.unk_token_id not in ids.tolist()
-  assert {"hello", "world", "there", ",", "!"} <= set(tok.get_vocab())
+  assert {'hello', 'world', 'there', ',', '!'} <= set(tok.get_vocab())
 
 
 def test_save_load_round_trip(tok, tmp_path):
-  tokenizer.save_tokenizer(tok, tmp_path / "tok")
-  loaded = tokenizer.load_tokenizer(tmp_path / "tok")
-  np.testing.assert_array_equal(tokenizer.tokenize(loaded, CAPTIONS, 12),
-                                tokenizer.tokenize(tok, CAPTIONS, 12))
+  tokenizer.save_tokenizer(tok, tmp_path / 'tok')
+  loaded = tokenizer.load_tokenizer(tmp_path / 'tok')
+  np.testing.assert_array_equal(tokenizer.tokenize(loaded, CAPTIONS, 12), tokenizer.tokenize(tok, CAPTIONS, 12))
   assert loaded.eos_token_id == tok.eos_token_id
   assert loaded.get_vocab() == tok.get_vocab()
   ids = tokenizer.tokenize(loaded, CAPTIONS[1:2], 16)[0]
   assert loaded.decode(ids, skip_special_tokens=True) == (
-      "a blue square to the left of a green triangle")  # '.' was <unk>, a special token.
+    'a blue square to the left of a green triangle'
+  )  # '.' was <unk>, a special token.
 
 
 def test_decode_gives_words_back(tok):
@@ -66,4 +66,4 @@ def test_decode_gives_words_back(tok):
 
 def test_rejects_tiny_max_length():
   with pytest.raises(ValueError):
-    tokenizer.build_word_tokenizer(["a"], max_length=1)
+    tokenizer.build_word_tokenizer(['a'], max_length=1)

@@ -18,8 +18,9 @@ def main(workdir: str, out: str, process_id: int, num_processes: int, port: int,
   import jax
 
   if num_processes > 1:
-    jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=f'127.0.0.1:{port}', num_processes=num_processes, process_id=process_id
+    )
   from diffusion.evaluation import EvalSuite, base, parse_evaluator
   from diffusion.pipeline import LatentDiffusionPipeline
 
@@ -35,8 +36,7 @@ def main(workdir: str, out: str, process_id: int, num_processes: int, port: int,
   mu, sigma = metric.statistics()
   if process_id == 0:
     ref_mu, ref_sigma = metric.reference
-    np.savez(out, mu=mu, sigma=sigma, ref_mu=ref_mu, ref_sigma=ref_sigma, counts=counts,
-             scalars=json.dumps(scalars))
+    np.savez(out, mu=mu, sigma=sigma, ref_mu=ref_mu, ref_sigma=ref_sigma, counts=counts, scalars=json.dumps(scalars))
 
 
 if __name__ == '__main__':

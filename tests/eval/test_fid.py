@@ -11,6 +11,7 @@ from pytorch_fid import fid_score
 from diffusion.errors import UserError
 from diffusion.evaluation import fid
 
+
 def test_feature_sums_equal_numpy_in_any_batching_and_split():
   rng = np.random.default_rng(0)
   features = rng.normal(3.0, 0.5, (301, 64)) @ rng.normal(size=(64, 64)) * 0.1 + 2.0  # pool3-like offset and scale.
@@ -84,6 +85,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tref):
   (tmp_path / 'imgs' / 'notes.txt').write_text('ignored: not an image extension')
   big = np.zeros((24, 30, 3), np.uint8)
   from PIL import Image
+
   Image.fromarray(big).save(tmp_path / 'imgs' / 'zz_other_size.JPG')
   counts = fid.ImageCounts()
   batches = list(fid.iter_image_batches(fid.list_images(folder), 2, counts))
@@ -95,7 +97,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tref):
     fid.folder_statistics(str(empty), None)
 
 
-_SHARDED = r'''
+_SHARDED = r"""
 import numpy as np, jax
 from diffusion.evaluation import fid, inception
 from tests.eval.conftest import fid_image_sets
@@ -114,14 +116,15 @@ for i in range(0, 8, 2):
   reference.update(one(a[i:i + 2]))
 print('RESULT', f2.shape, float(np.abs(f1 - f2).max()), float(np.abs(stats.sigma - reference.sigma).max()),
       int(stats.count))
-'''
+"""
 
 
 def test_features_are_the_same_sharded_over_two_devices():
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  result = subprocess.run([sys.executable, '-c', _SHARDED], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+  result = subprocess.run(
+    [sys.executable, '-c', _SHARDED], cwd=root, env=env, capture_output=True, text=True, timeout=600
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   shape, features_diff, sigma_diff, count = result.stdout.split('RESULT ')[1].rsplit(' ', 3)
   assert shape == '(3, 2048)' and int(count) == 8

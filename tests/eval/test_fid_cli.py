@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def run_fid(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}
-  return subprocess.run([sys.executable, '-m', 'eval.fid', *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, env=env)
+  return subprocess.run(
+    [sys.executable, '-m', 'eval.fid', *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+  )
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:

@@ -21,8 +21,7 @@ def image_folders(tmp_path_factory, tref):
 def _pytorch_fid_stats(folder, model, tref, **net_kwargs):
   files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith('.png'))
   net = tref.pytorch_fid_net(model, output_blocks=[3], **net_kwargs)
-  return fid_score.calculate_activation_statistics(files, net, batch_size=50, dims=2048, device='cpu',
-                                                   num_workers=0)
+  return fid_score.calculate_activation_statistics(files, net, batch_size=50, dims=2048, device='cpu', num_workers=0)
 
 
 @pytest.fixture(scope='module')

@@ -16,8 +16,24 @@ from diffusion.interop import inception as inception_weights
 from diffusion.models import inception as inception_net
 
 TOL = 1e-4  # float32 pool3 max-abs, uint8 images in, resize included.
-LAYERS = ('Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'Conv2d_3b_1x1', 'Conv2d_4a_3x3', 'Mixed_5b', 'Mixed_5c',
-          'Mixed_5d', 'Mixed_6a', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e', 'Mixed_7a', 'Mixed_7b', 'Mixed_7c')
+LAYERS = (
+  'Conv2d_1a_3x3',
+  'Conv2d_2a_3x3',
+  'Conv2d_2b_3x3',
+  'Conv2d_3b_1x1',
+  'Conv2d_4a_3x3',
+  'Mixed_5b',
+  'Mixed_5c',
+  'Mixed_5d',
+  'Mixed_6a',
+  'Mixed_6b',
+  'Mixed_6c',
+  'Mixed_6d',
+  'Mixed_6e',
+  'Mixed_7a',
+  'Mixed_7b',
+  'Mixed_7c',
+)
 
 
 def _nchw(images: np.ndarray, dtype=torch.float32) -> torch.Tensor:
@@ -64,8 +80,11 @@ def test_wrong_preprocessing_fails_the_parity_check(reference, control, tref):
   if control == 'no_rescale_to_-1_1':
     wrong = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
   else:
-    kwargs = {'align_corners': {'mode': 'bilinear', 'align_corners': True}, 'bicubic': {'mode': 'bicubic'},
-              'antialias': {'mode': 'bilinear', 'antialias': True}}[control]
+    kwargs = {
+      'align_corners': {'mode': 'bilinear', 'align_corners': True},
+      'bicubic': {'mode': 'bicubic'},
+      'antialias': {'mode': 'bilinear', 'antialias': True},
+    }[control]
     wrong = 2 * F.interpolate(x, size=(299, 299), **kwargs) - 1
   ours = extractor.from_inputs(wrong.permute(0, 2, 3, 1).numpy())
   assert np.abs(ours - ref[name]).max() > 100 * TOL
@@ -79,8 +98,9 @@ def test_every_layer_matches_in_float64(inception_299, tref):
   model64 = copy.deepcopy(model).double()
   images = tref.parity_images()['noisy64'][:1]
   captured = {}
-  hooks = [getattr(model64, n).register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, o.numpy()))
-           for n in LAYERS]
+  hooks = [
+    getattr(model64, n).register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, o.numpy())) for n in LAYERS
+  ]
   with torch.no_grad():
     blocks = tref.pytorch_fid_net(model64, output_blocks=[0, 1, 2, 3])(_nchw(images, torch.float64))
   for h in hooks:
@@ -89,8 +109,11 @@ def test_every_layer_matches_in_float64(inception_299, tref):
     variables = inception_weights.convert_state_dict(tref.state_dict_numpy(model64), dtype=np.float64)
     x = inception_net.preprocess(jnp.asarray(images), dtype=jnp.float64)
     out, state = inception_net.InceptionV3(dtype=jnp.float64).apply(
-        variables, x, capture_intermediates=lambda mdl, method: method == '__call__' and mdl.name in LAYERS,
-        mutable=['intermediates'])
+      variables,
+      x,
+      capture_intermediates=lambda mdl, method: method == '__call__' and mdl.name in LAYERS,
+      mutable=['intermediates'],
+    )
     out = jax.tree.map(np.asarray, out)
     layers = {n: np.asarray(state['intermediates'][n]['__call__'][0]) for n in LAYERS}
   assert out['pool3'].dtype == np.float64
@@ -176,8 +199,13 @@ def test_random_calibrated_weights_give_input_dependent_features(tref):
   assert features.std(0).mean() > 0.1
   # Calibrated: the first layer's stored statistics are its batch statistics on these images.
   x = inception_net.preprocess(jnp.asarray(images), None)
-  conv = jax.lax.conv_general_dilated(x, variables['params']['Conv2d_1a_3x3']['conv']['kernel'], (2, 2), 'VALID',
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  conv = jax.lax.conv_general_dilated(
+    x,
+    variables['params']['Conv2d_1a_3x3']['conv']['kernel'],
+    (2, 2),
+    'VALID',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
   stats = variables['batch_stats']['Conv2d_1a_3x3']['bn']
   np.testing.assert_allclose(stats['mean'], conv.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(stats['var'], conv.var((0, 1, 2)), rtol=1e-3)

@@ -31,9 +31,17 @@ def _run(workdir: str, out: str, num_processes: int) -> dict:
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'WANDB_MODE': 'disabled'}
   env.pop('XLA_FLAGS', None)
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, WORKER, workdir, out, str(i), str(num_processes), str(port),
-                             str(LOCAL_BATCH)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(num_processes)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, WORKER, workdir, out, str(i), str(num_processes), str(port), str(LOCAL_BATCH)],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(num_processes)
+  ]
   try:
     for proc in procs:
       _, err = proc.communicate(timeout=900)

@@ -42,8 +42,10 @@ def test_evaluates_each_checkpoint_once_and_resumes(workdir):
   assert info['random_weights'] and 'RANDOM Inception weights' in info['inception_weights']
   evaluators = record['evaluators']
   assert evaluators['fid']['num_samples'] == 4 and info['reference'] == 'shapes-train-8'
-  assert evaluators['oracle']['sampling']['num_steps'] == 3 and evaluators['oracle']['prompts'] == 'captions of ' \
-      'shapes-train-8'
+  assert (
+    evaluators['oracle']['sampling']['num_steps'] == 3
+    and evaluators['oracle']['prompts'] == 'captions of shapes-train-8'
+  )
   stats = os.path.join(workdir, info['reference_stats'])
   stats_mtime, first_mtime = os.path.getmtime(stats), os.path.getmtime(run_lib.eval_path(workdir, 1))
   # A restarted job (as after a kill during step 2) evaluates only what is missing, with the cached reference.
@@ -96,19 +98,35 @@ def _cli(*args, module=False):
 
 
 def test_command_line_writes_json_and_logs_wandb_offline(workdir):
-  result = _cli('--workdir', workdir, '--metrics', 'oracle', '--num_samples', '4', '--batch_size', '4', '--step', '2',
-                '--wandb_mode', 'offline')
+  result = _cli(
+    '--workdir',
+    workdir,
+    '--metrics',
+    'oracle',
+    '--num_samples',
+    '4',
+    '--batch_size',
+    '4',
+    '--step',
+    '2',
+    '--wandb_mode',
+    'offline',
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'step 2: oracle_caption_accuracy=' in result.stdout
   assert _read(workdir, 2)['metrics']['oracle_shuffled_prompts'] >= 0
   assert glob.glob(os.path.join(workdir, 'eval', 'wandb', 'offline-run-*')), os.listdir(os.path.join(workdir, 'eval'))
 
 
-@pytest.mark.parametrize('args,needle', [
+@pytest.mark.parametrize(
+  'args,needle',
+  [
     (['--metrics', 'oracle,nope'], 'unknown metric(s) nope'),
     (['--step', '99'], 'no checkpoint at step 99'),
     (['--num_samples', '1'], '--num_samples'),
-], ids=['unknown-metric', 'missing-step', 'too-few-samples'])
+  ],
+  ids=['unknown-metric', 'missing-step', 'too-few-samples'],
+)
 def test_user_errors(workdir, args, needle):
   result = _cli('--workdir', workdir, '--wandb_mode', 'disabled', *args, module=True)
   assert result.returncode == 2, result.stderr[-3000:]

@@ -4,7 +4,7 @@ import ml_collections
 import pytest
 
 from diffusion.errors import ConfigError, UserError
-from diffusion.evaluation import EvalContext, METRICS, build_suite, parse_evals, parse_evaluator, reference, suite
+from diffusion.evaluation import METRICS, EvalContext, build_suite, parse_evals, parse_evaluator, reference, suite
 from support import LDM, load_config
 
 
@@ -15,15 +15,22 @@ def config():
 
 def test_defaults_and_overrides(config):
   spec = parse_evaluator('guided', {'type': 'oracle', 'num_samples': 12, 'guidance_scale': 2, 'every': 5}, config)
-  assert (spec.type, spec.num_samples, spec.batch_size, spec.seed, spec.split) == ('oracle', 12, 50, config.seed,
-                                                                                   config.data.train_split)
+  assert (spec.type, spec.num_samples, spec.batch_size, spec.seed, spec.split) == (
+    'oracle',
+    12,
+    50,
+    config.seed,
+    config.data.train_split,
+  )
   assert spec.sampling == {'guidance_scale': 2} and spec.options == {}
   assert spec.due(10, False) and not spec.due(11, False) and spec.due(11, True)
   assert not parse_evaluator('fid', {}, config).due(1500, False)  # every=0: only at the last step.
   assert parse_evaluator('fid', {}, config).type == 'fid'  # The type defaults to the evaluator's name.
 
 
-@pytest.mark.parametrize('entry,key,needle', [
+@pytest.mark.parametrize(
+  'entry,key,needle',
+  [
     ({'num_samples': 0}, 'fid.num_samples', 'integer >= 1'),
     ({'every': -1}, 'fid.every', '>= 0'),
     ({'batch_sizes': 4}, 'fid.batch_sizes', 'unknown key'),
@@ -33,7 +40,9 @@ def test_defaults_and_overrides(config):
     ({'guidance_scale': -1.0}, 'fid.guidance_scale', 'guidance_scale'),
     ({'prompts': 'a red circle'}, 'fid.prompts', 'tuple of strings'),
     ({'seed': 1.5}, 'fid.seed', 'integer or None'),
-], ids=['num_samples', 'every', 'unknown-key', 'type', 'sampler', 'num_steps', 'guidance', 'prompts', 'seed'])
+  ],
+  ids=['num_samples', 'every', 'unknown-key', 'type', 'sampler', 'num_steps', 'guidance', 'prompts', 'seed'],
+)
 def test_bad_values_name_the_key(config, entry, key, needle):
   with pytest.raises(ConfigError, match=needle) as error:
     parse_evaluator('fid', entry, config)
@@ -43,8 +52,9 @@ def test_bad_values_name_the_key(config, entry, key, needle):
 def test_config_section(config):
   assert parse_evals(config) == [] and build_suite(config, 'unused', None) is None
   with_evals = ml_collections.ConfigDict(config.to_dict())
-  with_evals.evals = ml_collections.ConfigDict({'oracle': {'type': 'oracle', 'num_samples': 4},
-                                                'fid': {'num_samples': 0}})
+  with_evals.evals = ml_collections.ConfigDict(
+    {'oracle': {'type': 'oracle', 'num_samples': 4}, 'fid': {'num_samples': 0}}
+  )
   with pytest.raises(ConfigError, match=r'^config\.evals\.fid\.num_samples: '):
     parse_evals(with_evals)
 

@@ -10,6 +10,7 @@ import types
 
 import numpy as np
 import pytest
+
 from support import write_clip_bpe
 
 try:  # The PyTorch reference stack (the `test` extra); fixtures that need it skip without it.
@@ -20,16 +21,42 @@ except ImportError:
   diffusers = torch = transformers = None
 
 # A U-Net, VAE and CLIP text encoder small enough for CPU tests, SD-shaped (cross-attention, f4 VAE, 77 tokens).
-TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-                 down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
-                 up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), attention_head_dim=2, cross_attention_dim=32,
-                 norm_num_groups=8)
-TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 3,
-                up_block_types=('UpDecoderBlock2D',) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
-                latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.3)
-TINY_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 max_position_embeddings=77, hidden_act='quick_gelu', eos_token_id=2, bos_token_id=49406,
-                 pad_token_id=49407)
+TINY_UNET = dict(
+  sample_size=8,
+  in_channels=4,
+  out_channels=4,
+  block_out_channels=(16, 32),
+  layers_per_block=1,
+  down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+  up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'),
+  attention_head_dim=2,
+  cross_attention_dim=32,
+  norm_num_groups=8,
+)
+TINY_VAE = dict(
+  in_channels=3,
+  out_channels=3,
+  down_block_types=('DownEncoderBlock2D',) * 3,
+  up_block_types=('UpDecoderBlock2D',) * 3,
+  block_out_channels=(8, 16, 16),
+  layers_per_block=1,
+  latent_channels=4,
+  norm_num_groups=4,
+  sample_size=32,
+  scaling_factor=0.3,
+)
+TINY_TEXT = dict(
+  vocab_size=49408,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=2,
+  max_position_embeddings=77,
+  hidden_act='quick_gelu',
+  eos_token_id=2,
+  bos_token_id=49406,
+  pad_token_id=49407,
+)
 
 
 def perturb(model: 'torch.nn.Module', seed: int = 0) -> 'torch.nn.Module':
@@ -46,7 +73,7 @@ def write_clip_tokenizer_files(directory: str) -> str:
   """vocab.json + merges.txt of OpenAI's CLIP BPE (49408 tokens), from open_clip's bundled merges."""
   open_clip = pytest.importorskip('open_clip')
   path = os.path.join(os.path.dirname(open_clip.__file__), 'bpe_simple_vocab_16e6.txt.gz')
-  merges = gzip.open(path).read().decode('utf-8').split('\n')[1:49152 - 256 - 2 + 1]
+  merges = gzip.open(path).read().decode('utf-8').split('\n')[1 : 49152 - 256 - 2 + 1]
   write_clip_bpe(directory, merges)
   return directory
 
@@ -72,12 +99,25 @@ def build_pipeline(directory: str, tokenizer, prediction_type: str = 'epsilon', 
   unet = perturb(diffusers.UNet2DConditionModel(**TINY_UNET), seed)
   vae = perturb(diffusers.AutoencoderKL(**TINY_VAE), seed + 1)
   text = perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY_TEXT)), seed + 2)
-  scheduler = diffusers.DDIMScheduler(beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012,
-                                      prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False,
-                                      steps_offset=1)
-  pipeline = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                               scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                               requires_safety_checker=False)
+  scheduler = diffusers.DDIMScheduler(
+    beta_schedule='scaled_linear',
+    beta_start=0.00085,
+    beta_end=0.012,
+    prediction_type=prediction_type,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+  )
+  pipeline = diffusers.StableDiffusionPipeline(
+    vae=vae,
+    text_encoder=text,
+    tokenizer=tokenizer,
+    unet=unet,
+    scheduler=scheduler,
+    safety_checker=None,
+    feature_extractor=None,
+    requires_safety_checker=False,
+  )
   pipeline.save_pretrained(directory)
   return directory
 
@@ -99,6 +139,15 @@ def nhwc(x: 'torch.Tensor') -> np.ndarray:
 def ref() -> types.SimpleNamespace:
   """The reference stack and helpers: torch, diffusers, transformers, perturb, nchw, nhwc, build_pipeline."""
   _require_reference()
-  return types.SimpleNamespace(torch=torch, diffusers=diffusers, transformers=transformers, perturb=perturb,
-                               nchw=nchw, nhwc=nhwc, build_pipeline=build_pipeline, TINY_UNET=TINY_UNET,
-                               TINY_VAE=TINY_VAE, TINY_TEXT=TINY_TEXT)
+  return types.SimpleNamespace(
+    torch=torch,
+    diffusers=diffusers,
+    transformers=transformers,
+    perturb=perturb,
+    nchw=nchw,
+    nhwc=nhwc,
+    build_pipeline=build_pipeline,
+    TINY_UNET=TINY_UNET,
+    TINY_VAE=TINY_VAE,
+    TINY_TEXT=TINY_TEXT,
+  )

@@ -8,27 +8,66 @@ from diffusion.interop import configs
 # stable-diffusion-2-1/unet/config.json as published: per-level heads in `attention_head_dim` (diffusers'
 # historical spelling of the head count), linear projections, upcast attention.
 SD21_UNET = {
-    '_class_name': 'UNet2DConditionModel', '_diffusers_version': '0.10.0.dev0', 'act_fn': 'silu',
-    'attention_head_dim': [5, 10, 20, 20], 'block_out_channels': [320, 640, 1280, 1280], 'center_input_sample': False,
-    'cross_attention_dim': 1024,
-    'down_block_types': ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'],
-    'downsample_padding': 1, 'dual_cross_attention': False, 'flip_sin_to_cos': True, 'freq_shift': 0, 'in_channels': 4,
-    'layers_per_block': 2, 'mid_block_scale_factor': 1, 'norm_eps': 1e-05, 'norm_num_groups': 32,
-    'num_class_embeds': None, 'only_cross_attention': False, 'out_channels': 4, 'sample_size': 96,
-    'up_block_types': ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'],
-    'upcast_attention': True, 'use_linear_projection': True,
+  '_class_name': 'UNet2DConditionModel',
+  '_diffusers_version': '0.10.0.dev0',
+  'act_fn': 'silu',
+  'attention_head_dim': [5, 10, 20, 20],
+  'block_out_channels': [320, 640, 1280, 1280],
+  'center_input_sample': False,
+  'cross_attention_dim': 1024,
+  'down_block_types': ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'],
+  'downsample_padding': 1,
+  'dual_cross_attention': False,
+  'flip_sin_to_cos': True,
+  'freq_shift': 0,
+  'in_channels': 4,
+  'layers_per_block': 2,
+  'mid_block_scale_factor': 1,
+  'norm_eps': 1e-05,
+  'norm_num_groups': 32,
+  'num_class_embeds': None,
+  'only_cross_attention': False,
+  'out_channels': 4,
+  'sample_size': 96,
+  'up_block_types': ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'],
+  'upcast_attention': True,
+  'use_linear_projection': True,
 }
 SD21_SCHEDULER = {
-    '_class_name': 'DDIMScheduler', '_diffusers_version': '0.8.0', 'beta_end': 0.012, 'beta_schedule': 'scaled_linear',
-    'beta_start': 0.00085, 'clip_sample': False, 'num_train_timesteps': 1000, 'prediction_type': 'v_prediction',
-    'set_alpha_to_one': False, 'skip_prk_steps': True, 'steps_offset': 1, 'trained_betas': None,
+  '_class_name': 'DDIMScheduler',
+  '_diffusers_version': '0.8.0',
+  'beta_end': 0.012,
+  'beta_schedule': 'scaled_linear',
+  'beta_start': 0.00085,
+  'clip_sample': False,
+  'num_train_timesteps': 1000,
+  'prediction_type': 'v_prediction',
+  'set_alpha_to_one': False,
+  'skip_prk_steps': True,
+  'steps_offset': 1,
+  'trained_betas': None,
 }
 SD21_TEXT = {
-    'architectures': ['CLIPTextModel'], 'attention_dropout': 0.0, 'bos_token_id': 0, 'dropout': 0.0, 'eos_token_id': 2,
-    'hidden_act': 'gelu', 'hidden_size': 1024, 'initializer_factor': 1.0, 'initializer_range': 0.02,
-    'intermediate_size': 4096, 'layer_norm_eps': 1e-05, 'max_position_embeddings': 77, 'model_type': 'clip_text_model',
-    'num_attention_heads': 16, 'num_hidden_layers': 23, 'pad_token_id': 1, 'projection_dim': 512,
-    'torch_dtype': 'float32', 'transformers_version': '4.25.0.dev0', 'vocab_size': 49408,
+  'architectures': ['CLIPTextModel'],
+  'attention_dropout': 0.0,
+  'bos_token_id': 0,
+  'dropout': 0.0,
+  'eos_token_id': 2,
+  'hidden_act': 'gelu',
+  'hidden_size': 1024,
+  'initializer_factor': 1.0,
+  'initializer_range': 0.02,
+  'intermediate_size': 4096,
+  'layer_norm_eps': 1e-05,
+  'max_position_embeddings': 77,
+  'model_type': 'clip_text_model',
+  'num_attention_heads': 16,
+  'num_hidden_layers': 23,
+  'pad_token_id': 1,
+  'projection_dim': 512,
+  'torch_dtype': 'float32',
+  'transformers_version': '4.25.0.dev0',
+  'vocab_size': 49408,
 }
 
 
@@ -45,12 +84,19 @@ def test_sd21_unet_config_both_ways():
 
 def test_scheduler_translation():
   ours = configs.diffusion_from_scheduler(SD21_SCHEDULER, 'scheduler_config.json')
-  assert ours == {'schedule': 'scaled_linear', 'prediction_type': 'v', 'num_train_timesteps': 1000,
-                  'beta_start': 0.00085, 'beta_end': 0.012, 'rescale_zero_terminal_snr': False}
+  assert ours == {
+    'schedule': 'scaled_linear',
+    'prediction_type': 'v',
+    'num_train_timesteps': 1000,
+    'beta_start': 0.00085,
+    'beta_end': 0.012,
+    'rescale_zero_terminal_snr': False,
+  }
   back = configs.scheduler_from_diffusion(ours)
   assert (back['beta_schedule'], back['prediction_type']) == ('scaled_linear', 'v_prediction')
-  cosine = configs.diffusion_from_scheduler({'beta_schedule': 'squaredcos_cap_v2', 'prediction_type': 'sample',
-                                             'rescale_betas_zero_snr': True}, 's')
+  cosine = configs.diffusion_from_scheduler(
+    {'beta_schedule': 'squaredcos_cap_v2', 'prediction_type': 'sample', 'rescale_betas_zero_snr': True}, 's'
+  )
   assert (cosine['schedule'], cosine['prediction_type'], cosine['rescale_zero_terminal_snr']) == ('cosine', 'x0', True)
   with pytest.raises(UserError, match=r's: trained_betas is not supported'):
     configs.diffusion_from_scheduler({'trained_betas': [0.1, 0.2]}, 's')
@@ -73,10 +119,19 @@ def test_text_config_both_ways():
 
 
 def test_vae_config_both_ways():
-  sd_vae = {'_class_name': 'AutoencoderKL', 'act_fn': 'silu', 'block_out_channels': [128, 256, 512, 512],
-            'down_block_types': ['DownEncoderBlock2D'] * 4, 'in_channels': 3, 'latent_channels': 4,
-            'layers_per_block': 2, 'norm_num_groups': 32, 'out_channels': 3, 'sample_size': 512,
-            'up_block_types': ['UpDecoderBlock2D'] * 4}
+  sd_vae = {
+    '_class_name': 'AutoencoderKL',
+    'act_fn': 'silu',
+    'block_out_channels': [128, 256, 512, 512],
+    'down_block_types': ['DownEncoderBlock2D'] * 4,
+    'in_channels': 3,
+    'latent_channels': 4,
+    'layers_per_block': 2,
+    'norm_num_groups': 32,
+    'out_channels': 3,
+    'sample_size': 512,
+    'up_block_types': ['UpDecoderBlock2D'] * 4,
+  }
   ours = configs.vae_from_diffusers(sd_vae, 'vae/config.json')
   assert ours['scaling_factor'] == 0.18215  # diffusers' default when the file has none.
   back = configs.vae_to_diffusers(ours)

@@ -15,8 +15,8 @@ from safetensors.numpy import load_file
 
 from configs import ldm_base
 from diffusion import checkpoint, interop
-from diffusion.training import pipeline_io
 from diffusion.errors import UserError
+from diffusion.training import pipeline_io
 from diffusion.workdir import load_workdir_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,11 +55,13 @@ def imported(sd_pipeline_dir, tmp_path_factory) -> str:
 
 def test_the_script_runs_as_a_program():
   """The one subprocess: a usage error exits 2 with one line before JAX is even imported."""
-  result = subprocess.run([sys.executable, 'scripts/convert.py', 'import'], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+  result = subprocess.run(
+    [sys.executable, 'scripts/convert.py', 'import'], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
-      'error: the following arguments are required: source, --workdir (see --help)']
+    'error: the following arguments are required: source, --workdir (see --help)'
+  ]
 
 
 def test_import_writes_a_complete_workdir(imported, sd_pipeline_dir, clip_tokenizer):
@@ -74,9 +76,12 @@ def test_import_writes_a_complete_workdir(imported, sd_pipeline_dir, clip_tokeni
   assert config.diffusion.beta_end == pytest.approx(0.012)
   assert tuple(config.model.unet.block_out_channels) == (16, 32)
   from diffusion.data import tokenizer as tokenizer_lib
+
   tokenizer = tokenizer_lib.load_tokenizer(os.path.join(imported, 'tokenizer'))
-  np.testing.assert_array_equal(tokenizer_lib.tokenize(tokenizer, ['a red circle'], 77),
-                                tokenizer_lib.tokenize(clip_tokenizer, ['a red circle'], 77))
+  np.testing.assert_array_equal(
+    tokenizer_lib.tokenize(tokenizer, ['a red circle'], 77),
+    tokenizer_lib.tokenize(clip_tokenizer, ['a red circle'], 77),
+  )
 
   ckpt = checkpoint.Checkpointer(imported, read_only=True)
   assert ckpt.latest_step() == 0
@@ -86,8 +91,9 @@ def test_import_writes_a_complete_workdir(imported, sd_pipeline_dir, clip_tokeni
   _, vae_params = interop.load_vae(sd_pipeline_dir)
   jax.tree.map(np.testing.assert_array_equal, ema['unet'], unet_params)
   jax.tree.map(np.testing.assert_array_equal, ema['text'], text_params)
-  jax.tree.map(np.testing.assert_array_equal, checkpoint.load_pytree(os.path.join(imported, 'frozen', 'vae')),
-               vae_params)
+  jax.tree.map(
+    np.testing.assert_array_equal, checkpoint.load_pytree(os.path.join(imported, 'frozen', 'vae')), vae_params
+  )
   assert ckpt.restore_meta(0)['imported_from'] == sd_pipeline_dir
 
 
@@ -104,8 +110,9 @@ def test_export_gives_back_the_pipeline(imported, sd_pipeline_dir, tmp_path, ref
   pipeline = ref.diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
   source = ref.diffusers.StableDiffusionPipeline.from_pretrained(sd_pipeline_dir, safety_checker=None)
   ids = source.tokenizer(['a red circle'], padding='max_length', max_length=77, return_tensors='pt').input_ids
-  assert (pipeline.tokenizer(['a red circle'], padding='max_length', max_length=77, return_tensors='pt')
-          .input_ids == ids).all()
+  assert (
+    pipeline.tokenizer(['a red circle'], padding='max_length', max_length=77, return_tensors='pt').input_ids == ids
+  ).all()
   with ref.torch.no_grad():
     got, want = pipeline.text_encoder(ids), source.text_encoder(ids)
   np.testing.assert_array_equal(got.last_hidden_state.numpy(), want.last_hidden_state.numpy())
@@ -131,13 +138,15 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def test_user_errors_are_one_line(sd_pipeline_dir, imported, tmp_path):
-  assert 'does not exist' in _one_error_line(convert('import', str(tmp_path / 'nope'), '--workdir',
-                                                     str(tmp_path / 'w')))
+  assert 'does not exist' in _one_error_line(
+    convert('import', str(tmp_path / 'nope'), '--workdir', str(tmp_path / 'w'))
+  )
   assert 'already holds a run' in _one_error_line(convert('import', sd_pipeline_dir, '--workdir', imported))
   assert 'unknown command' in _one_error_line(convert('bogus'))
   assert '--workdir' in _one_error_line(convert('import', sd_pipeline_dir))
-  assert 'does not exist' in _one_error_line(convert('export', '--workdir', str(tmp_path / 'none'),
-                                                     str(tmp_path / 'o')))
+  assert 'does not exist' in _one_error_line(
+    convert('export', '--workdir', str(tmp_path / 'none'), str(tmp_path / 'o'))
+  )
   partial = tmp_path / 'partial'
   partial.mkdir()
   for name in ('unet', 'vae', 'text_encoder'):
@@ -170,6 +179,7 @@ def test_export_of_a_workdir_trained_here(ldm_workdir, tmp_path, ref):
   assert 'warning: the text encoder pools at token id 2' in result.stderr
   config = load_workdir_config(ldm_workdir, expect='ldm')
   from diffusion import models
+
   unet = models.create_unet(config.model.unet)
   params = checkpoint.Checkpointer(ldm_workdir, read_only=True).restore_params(None, 'ema_params')['unet']
   size = config.model.unet.sample_size

@@ -10,10 +10,16 @@ from safetensors.numpy import load_file, save_file
 from diffusion import interop
 from diffusion.errors import UserError
 
-UNET = dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, attention_head_dim=2,
-            down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
-            up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'),
-            cross_attention_dim=8, norm_num_groups=4)
+UNET = dict(
+  sample_size=8,
+  block_out_channels=(8, 16),
+  layers_per_block=1,
+  attention_head_dim=2,
+  down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+  up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'),
+  cross_attention_dim=8,
+  norm_num_groups=4,
+)
 WEIGHTS = 'diffusion_pytorch_model.safetensors'
 
 
@@ -61,9 +67,13 @@ def test_missing_weights(copy):
     interop.load_unet(str(copy))
 
 
-@pytest.mark.parametrize('changes, message', [
-    (dict(down_block_types=['SimpleCrossAttnDownBlock2D', 'DownBlock2D']),
-     "down_block_types has unknown block type 'SimpleCrossAttnDownBlock2D'"),
+@pytest.mark.parametrize(
+  'changes, message',
+  [
+    (
+      dict(down_block_types=['SimpleCrossAttnDownBlock2D', 'DownBlock2D']),
+      "down_block_types has unknown block type 'SimpleCrossAttnDownBlock2D'",
+    ),
     (dict(up_block_types=['UpBlock2D', 'AttnUpBlock2D']), "up_block_types has unknown block type 'AttnUpBlock2D'"),
     (dict(mid_block_type='UNetMidBlock2DSimpleCrossAttn'), "mid_block_type='UNetMidBlock2DSimpleCrossAttn'"),
     (dict(addition_embed_type='text_time'), "addition_embed_type='text_time' is not supported"),
@@ -74,7 +84,8 @@ def test_missing_weights(copy):
     (dict(layers_per_block=[1, 1, 1]), 'layers_per_block=\\[1, 1, 1\\] must be an int or one int per level'),
     (dict(act_fn='mish'), "act_fn='mish' is not a supported activation"),
     (dict(transformer_layers_per_block=[[1], [1]]), 'transformer_layers_per_block=\\[\\[1\\], \\[1\\]\\] must be'),
-])
+  ],
+)
 def test_unsupported_configs_name_the_key(copy, changes, message):
   _edit_config(copy, **changes)
   with pytest.raises(UserError, match=message) as info:
@@ -118,8 +129,9 @@ def test_sharded_weights(copy, unet_dir):
   shards = {'part-1.safetensors': names[:half], 'part-2.safetensors': names[half:]}
   for shard, keys in shards.items():
     save_file({k: state[k] for k in keys}, copy / shard)
-  (copy / f'{WEIGHTS}.index.json').write_text(json.dumps(
-      {'weight_map': {k: shard for shard, keys in shards.items() for k in keys}}))
+  (copy / f'{WEIGHTS}.index.json').write_text(
+    json.dumps({'weight_map': {k: shard for shard, keys in shards.items() for k in keys}})
+  )
   (copy / WEIGHTS).unlink()
   _, sharded = interop.load_unet(str(copy))
   _, single = interop.load_unet(unet_dir)

@@ -9,22 +9,45 @@ from diffusion.errors import UserError
 from diffusion.interop import naming
 
 
-@pytest.mark.parametrize('layout, path, ndim, expected', [
+@pytest.mark.parametrize(
+  'layout, path, ndim, expected',
+  [
     (naming.UNET, ('down_blocks_0', 'resnets_1', 'conv1', 'kernel'), 4, 'down_blocks.0.resnets.1.conv1.weight'),
     (naming.UNET, ('time_embedding', 'linear_1', 'kernel'), 2, 'time_embedding.linear_1.weight'),
-    (naming.UNET, ('down_blocks_1', 'attentions_0', 'transformer_blocks_2', 'ff', 'net_0', 'proj', 'bias'), 1,
-     'down_blocks.1.attentions.0.transformer_blocks.2.ff.net.0.proj.bias'),
-    (naming.UNET, ('mid_block', 'attentions_0', 'transformer_blocks_0', 'attn2', 'to_out_0', 'kernel'), 2,
-     'mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0.weight'),
+    (
+      naming.UNET,
+      ('down_blocks_1', 'attentions_0', 'transformer_blocks_2', 'ff', 'net_0', 'proj', 'bias'),
+      1,
+      'down_blocks.1.attentions.0.transformer_blocks.2.ff.net.0.proj.bias',
+    ),
+    (
+      naming.UNET,
+      ('mid_block', 'attentions_0', 'transformer_blocks_0', 'attn2', 'to_out_0', 'kernel'),
+      2,
+      'mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0.weight',
+    ),
     (naming.UNET, ('conv_norm_out', 'scale'), 1, 'conv_norm_out.weight'),
-    (naming.VAE, ('decoder', 'up_blocks_2', 'upsamplers_0', 'conv', 'kernel'), 4,
-     'decoder.up_blocks.2.upsamplers.0.conv.weight'),
-    (naming.CLIP_TEXT, ('encoder', 'layers_11', 'self_attn', 'q_proj', 'bias'), 1,
-     'text_model.encoder.layers.11.self_attn.q_proj.bias'),
-    (naming.CLIP_TEXT, ('embeddings', 'token_embedding', 'embedding'), 2,
-     'text_model.embeddings.token_embedding.weight'),
+    (
+      naming.VAE,
+      ('decoder', 'up_blocks_2', 'upsamplers_0', 'conv', 'kernel'),
+      4,
+      'decoder.up_blocks.2.upsamplers.0.conv.weight',
+    ),
+    (
+      naming.CLIP_TEXT,
+      ('encoder', 'layers_11', 'self_attn', 'q_proj', 'bias'),
+      1,
+      'text_model.encoder.layers.11.self_attn.q_proj.bias',
+    ),
+    (
+      naming.CLIP_TEXT,
+      ('embeddings', 'token_embedding', 'embedding'),
+      2,
+      'text_model.embeddings.token_embedding.weight',
+    ),
     (naming.CLIP_TEXT, ('text_projection', 'kernel'), 2, 'text_projection.weight'),
-])
+  ],
+)
 def test_torch_key(layout, path, ndim, expected):
   assert layout.torch_key(path, ndim)[0] == expected
 
@@ -36,8 +59,13 @@ def test_unknown_leaf_is_an_error():
 
 def _tree(seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
-  shapes = {('conv_in', 'kernel'): (3, 3, 4, 8), ('conv_in', 'bias'): (8,), ('norm', 'scale'): (8,),
-            ('proj', 'kernel'): (8, 6), ('embed', 'embedding'): (10, 6)}
+  shapes = {
+    ('conv_in', 'kernel'): (3, 3, 4, 8),
+    ('conv_in', 'bias'): (8,),
+    ('norm', 'scale'): (8,),
+    ('proj', 'kernel'): (8, 6),
+    ('embed', 'embedding'): (10, 6),
+  }
   return flax.traverse_util.unflatten_dict({k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()})
 
 
@@ -62,12 +90,19 @@ def test_round_trip_is_exact():
 def test_legacy_vae_attention_names_and_1x1_convs():
   rng = np.random.default_rng(0)
   weight = rng.normal(size=(8, 8)).astype(np.float32)
-  target = {'mid_block': {'attentions_0': {'to_q': {'kernel': jax.ShapeDtypeStruct((8, 8), np.float32),
-                                                    'bias': jax.ShapeDtypeStruct((8,), np.float32)},
-                                           'to_out_0': {'kernel': jax.ShapeDtypeStruct((8, 8), np.float32)}}}}
-  state = {'mid_block.attentions.0.query.weight': weight[:, :, None, None],  # Saved as a 1x1 conv.
-           'mid_block.attentions.0.query.bias': weight[0],
-           'mid_block.attentions.0.proj_attn.weight': weight}
+  target = {
+    'mid_block': {
+      'attentions_0': {
+        'to_q': {'kernel': jax.ShapeDtypeStruct((8, 8), np.float32), 'bias': jax.ShapeDtypeStruct((8,), np.float32)},
+        'to_out_0': {'kernel': jax.ShapeDtypeStruct((8, 8), np.float32)},
+      }
+    }
+  }
+  state = {
+    'mid_block.attentions.0.query.weight': weight[:, :, None, None],  # Saved as a 1x1 conv.
+    'mid_block.attentions.0.query.bias': weight[0],
+    'mid_block.attentions.0.proj_attn.weight': weight,
+  }
   params = naming.torch_to_flax(state, target, naming.VAE)
   np.testing.assert_array_equal(params['mid_block']['attentions_0']['to_q']['kernel'], weight.T)
   np.testing.assert_array_equal(params['mid_block']['attentions_0']['to_out_0']['kernel'], weight.T)
@@ -91,9 +126,12 @@ def test_load_is_all_or_nothing():
 
 def test_ignored_entries_are_dropped_but_nothing_else():
   target = {'embeddings': {'position_embedding': {'embedding': jax.ShapeDtypeStruct((4, 2), np.float32)}}}
-  state = {'text_model.embeddings.position_embedding.weight': np.ones((4, 2), np.float32),
-           'text_model.embeddings.position_ids': np.arange(4)[None],  # A buffer older files carry.
-           'vision_model.post_layernorm.weight': np.ones(3, np.float32), 'logit_scale': np.ones((), np.float32)}
+  state = {
+    'text_model.embeddings.position_embedding.weight': np.ones((4, 2), np.float32),
+    'text_model.embeddings.position_ids': np.arange(4)[None],  # A buffer older files carry.
+    'vision_model.post_layernorm.weight': np.ones(3, np.float32),
+    'logit_scale': np.ones((), np.float32),
+  }
   params = naming.torch_to_flax(state, target, naming.CLIP_TEXT)
   assert params['embeddings']['position_embedding']['embedding'].shape == (4, 2)
   state['text_model.final_layer_norm.weight'] = np.ones(2, np.float32)
@@ -103,7 +141,9 @@ def test_ignored_entries_are_dropped_but_nothing_else():
 
 def test_two_names_for_one_parameter_is_an_error():
   target = {'mid_block': {'attentions_0': {'to_q': {'bias': jax.ShapeDtypeStruct((2,), np.float32)}}}}
-  state = {'mid_block.attentions.0.query.bias': np.ones(2, np.float32),
-           'mid_block.attentions.0.to_q.bias': np.ones(2, np.float32)}
+  state = {
+    'mid_block.attentions.0.query.bias': np.ones(2, np.float32),
+    'mid_block.attentions.0.to_q.bias': np.ones(2, np.float32),
+  }
   with pytest.raises(UserError, match='are the same parameter'):
     naming.torch_to_flax(state, target, naming.VAE)

@@ -14,12 +14,25 @@ from diffusion.interop import configs, naming
 
 # stable-diffusion-v1-5/unet/config.json as published (diffusers 0.6 era keys).
 SD15_CONFIG = {
-    '_class_name': 'UNet2DConditionModel', '_diffusers_version': '0.6.0', 'act_fn': 'silu', 'attention_head_dim': 8,
-    'block_out_channels': [320, 640, 1280, 1280], 'center_input_sample': False, 'cross_attention_dim': 768,
-    'down_block_types': ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'],
-    'downsample_padding': 1, 'flip_sin_to_cos': True, 'freq_shift': 0, 'in_channels': 4, 'layers_per_block': 2,
-    'mid_block_scale_factor': 1, 'norm_eps': 1e-05, 'norm_num_groups': 32, 'out_channels': 4, 'sample_size': 64,
-    'up_block_types': ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'],
+  '_class_name': 'UNet2DConditionModel',
+  '_diffusers_version': '0.6.0',
+  'act_fn': 'silu',
+  'attention_head_dim': 8,
+  'block_out_channels': [320, 640, 1280, 1280],
+  'center_input_sample': False,
+  'cross_attention_dim': 768,
+  'down_block_types': ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'],
+  'downsample_padding': 1,
+  'flip_sin_to_cos': True,
+  'freq_shift': 0,
+  'in_channels': 4,
+  'layers_per_block': 2,
+  'mid_block_scale_factor': 1,
+  'norm_eps': 1e-05,
+  'norm_num_groups': 32,
+  'out_channels': 4,
+  'sample_size': 64,
+  'up_block_types': ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'],
 }
 SD15_PARAMS = 859_520_964
 
@@ -53,9 +66,11 @@ def test_sd15_unet_builds_counts_and_runs(ref):
   with ref.torch.device('meta'):  # diffusers' own SD 1.5 U-Net, shapes only.
     reference = ref.diffusers.UNet2DConditionModel(**{k: v for k, v in SD15_CONFIG.items() if k[0] != '_'})
   expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-  ours = {name: naming.LEAF_RULES[(path[-1], len(leaf.shape))].to_torch(np.empty(leaf.shape, np.int8)).shape
-          for path, leaf in flax.traverse_util.flatten_dict(shapes).items()
-          for name in [naming.UNET.torch_key(path, len(leaf.shape))[0]]}
+  ours = {
+    name: naming.LEAF_RULES[(path[-1], len(leaf.shape))].to_torch(np.empty(leaf.shape, np.int8)).shape
+    for path, leaf in flax.traverse_util.flatten_dict(shapes).items()
+    for name in [naming.UNET.torch_key(path, len(leaf.shape))[0]]
+  }
   assert ours == expected
 
   params = _numpy_params(shapes)
@@ -68,11 +83,26 @@ def test_sd15_unet_builds_counts_and_runs(ref):
 
 
 # One level, so that the two compiled gradients stay cheap; still resnets and transformers in every block.
-TINY = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16,), layers_per_block=1,
-            down_block_types=('CrossAttnDownBlock2D',), up_block_types=('CrossAttnUpBlock2D',),
-            mid_block_type='UNetMidBlock2DCrossAttn', attention_head_dim=2, num_attention_heads=None,
-            cross_attention_dim=12, transformer_layers_per_block=1, use_linear_projection=False, flip_sin_to_cos=True,
-            freq_shift=0, norm_num_groups=8, norm_eps=1e-5, act_fn='silu')
+TINY = dict(
+  sample_size=8,
+  in_channels=4,
+  out_channels=4,
+  block_out_channels=(16,),
+  layers_per_block=1,
+  down_block_types=('CrossAttnDownBlock2D',),
+  up_block_types=('CrossAttnUpBlock2D',),
+  mid_block_type='UNetMidBlock2DCrossAttn',
+  attention_head_dim=2,
+  num_attention_heads=None,
+  cross_attention_dim=12,
+  transformer_layers_per_block=1,
+  use_linear_projection=False,
+  flip_sin_to_cos=True,
+  freq_shift=0,
+  norm_num_groups=8,
+  norm_eps=1e-5,
+  act_fn='silu',
+)
 
 
 def test_remat_gives_the_same_results_and_gradients():
@@ -83,7 +113,8 @@ def test_remat_gives_the_same_results_and_gradients():
   plain, remat = _unet(TINY), _unet(TINY, remat=True, remat_policy='nothing_saveable')
   shapes = jax.eval_shape(lambda: plain.init(jax.random.key(0), x, t, ctx))['params']
   assert jax.tree.structure(shapes) == jax.tree.structure(
-      jax.eval_shape(lambda: remat.init(jax.random.key(0), x, t, ctx))['params'])
+    jax.eval_shape(lambda: remat.init(jax.random.key(0), x, t, ctx))['params']
+  )
   params = _numpy_params(shapes)
 
   forward = lambda unet: lambda p: unet.apply({'params': p}, x, t, ctx)
@@ -99,5 +130,6 @@ def test_remat_gives_the_same_results_and_gradients():
 def test_unknown_remat_policy_is_an_error():
   unet = _unet(TINY, remat=True, remat_policy='everything')
   with pytest.raises(ValueError, match="Unknown remat_policy 'everything'"):
-    jax.eval_shape(lambda: unet.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
-                                     jnp.zeros((1, 5, 12))))
+    jax.eval_shape(
+      lambda: unet.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 5, 12)))
+    )

@@ -11,10 +11,17 @@ from diffusion import interop
 ATOL = 1e-4
 
 VAE_CASES = {
-    'sd_like': dict(block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                    scaling_factor=0.18215),
-    'deep_no_mid_attention': dict(block_out_channels=(8, 8, 16, 16), layers_per_block=2, latent_channels=3,
-                                  norm_num_groups=8, mid_block_add_attention=False, scaling_factor=0.5),
+  'sd_like': dict(
+    block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, scaling_factor=0.18215
+  ),
+  'deep_no_mid_attention': dict(
+    block_out_channels=(8, 8, 16, 16),
+    layers_per_block=2,
+    latent_channels=3,
+    norm_num_groups=8,
+    mid_block_add_attention=False,
+    scaling_factor=0.5,
+  ),
 }
 
 
@@ -29,8 +36,11 @@ def test_load_vae_matches_diffusers_and_round_trips(case, ref, tmp_path):
   kw = VAE_CASES[case]
   levels = len(kw['block_out_channels'])
   ref.torch.manual_seed(0)
-  model = ref.perturb(ref.diffusers.AutoencoderKL(
-      down_block_types=('DownEncoderBlock2D',) * levels, up_block_types=('UpDecoderBlock2D',) * levels, **kw))
+  model = ref.perturb(
+    ref.diffusers.AutoencoderKL(
+      down_block_types=('DownEncoderBlock2D',) * levels, up_block_types=('UpDecoderBlock2D',) * levels, **kw
+    )
+  )
   model.save_pretrained(tmp_path / 'in')
   vae, params = interop.load_vae(str(tmp_path / 'in'))
   assert interop.load_vae_config(str(tmp_path / 'in')).scaling_factor == kw['scaling_factor']
@@ -60,8 +70,13 @@ def test_load_vae_matches_diffusers_and_round_trips(case, ref, tmp_path):
 def test_legacy_vae_attention_names_load(ref, tmp_path):
   """SD VAE files from before diffusers 0.14 name the mid-block attention query/key/value/proj_attn."""
   ref.torch.manual_seed(0)
-  model = ref.perturb(ref.diffusers.AutoencoderKL(**dict(VAE_CASES['sd_like'], down_block_types=(
-      'DownEncoderBlock2D',) * 3, up_block_types=('UpDecoderBlock2D',) * 3)))
+  model = ref.perturb(
+    ref.diffusers.AutoencoderKL(
+      **dict(
+        VAE_CASES['sd_like'], down_block_types=('DownEncoderBlock2D',) * 3, up_block_types=('UpDecoderBlock2D',) * 3
+      )
+    )
+  )
   model.save_pretrained(tmp_path)
   path = tmp_path / 'diffusion_pytorch_model.safetensors'
   state = load_file(path)
@@ -81,18 +96,20 @@ def test_legacy_vae_attention_names_load(ref, tmp_path):
 
 
 TEXT_CASES = {
-    # SD 1.x's CLIP ViT-L text tower, in small: quick-GELU, legacy eos_token_id 2 (pool at argmax).
-    'clip_legacy_eos': dict(cls='CLIPTextModel', hidden_act='quick_gelu', eos_token_id=2, layer_norm_eps=1e-5),
-    # OpenCLIP-style with projection: exact GELU, a real eos id, another LayerNorm eps.
-    'openclip_projection': dict(cls='CLIPTextModelWithProjection', hidden_act='gelu', eos_token_id=3,
-                                layer_norm_eps=1e-6, projection_dim=6),
+  # SD 1.x's CLIP ViT-L text tower, in small: quick-GELU, legacy eos_token_id 2 (pool at argmax).
+  'clip_legacy_eos': dict(cls='CLIPTextModel', hidden_act='quick_gelu', eos_token_id=2, layer_norm_eps=1e-5),
+  # OpenCLIP-style with projection: exact GELU, a real eos id, another LayerNorm eps.
+  'openclip_projection': dict(
+    cls='CLIPTextModelWithProjection', hidden_act='gelu', eos_token_id=3, layer_norm_eps=1e-6, projection_dim=6
+  ),
 }
 
 
 def _text_reference(ref, model, ids, mask):
   with ref.torch.no_grad():
-    out = model(ref.torch.from_numpy(ids).long(), attention_mask=ref.torch.from_numpy(mask).long(),
-                output_hidden_states=True)
+    out = model(
+      ref.torch.from_numpy(ids).long(), attention_mask=ref.torch.from_numpy(mask).long(), output_hidden_states=True
+    )
     final_layer_norm = getattr(model, 'text_model', model).final_layer_norm
     penultimate = final_layer_norm(out.hidden_states[-2]).numpy()
   pooled = out.text_embeds if hasattr(out, 'text_embeds') else out.pooler_output
@@ -104,9 +121,17 @@ def test_load_text_encoder_matches_transformers_and_round_trips(case, ref, tmp_p
   kw = dict(TEXT_CASES[case])
   cls = getattr(ref.transformers, kw.pop('cls'))
   ref.torch.manual_seed(0)
-  config = ref.transformers.CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                                           num_attention_heads=4, max_position_embeddings=8, bos_token_id=0,
-                                           pad_token_id=1, **kw)
+  config = ref.transformers.CLIPTextConfig(
+    vocab_size=50,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=8,
+    bos_token_id=0,
+    pad_token_id=1,
+    **kw,
+  )
   model = ref.perturb(cls(config))
   model.save_pretrained(tmp_path / 'in')
   text, params = interop.load_text_encoder(str(tmp_path / 'in'))
@@ -116,16 +141,21 @@ def test_load_text_encoder_matches_transformers_and_round_trips(case, ref, tmp_p
   ids = np.array([[0, 7, 9, 11, 3, 1, 1, 1], [0, 5, 3, 8, 12, 13, 6, 40]], np.int32)
   mask = np.array([[1, 1, 1, 1, 1, 0, 0, 0], [1] * 8], np.int32)
   last_ref, penultimate_ref, pooled_ref = _text_reference(ref, model, ids, mask)
-  apply = jax.jit(lambda p, index: text.apply({'params': p}, ids, mask, output_hidden_state_index=index),
-                  static_argnums=1)
+  apply = jax.jit(
+    lambda p, index: text.apply({'params': p}, ids, mask, output_hidden_state_index=index), static_argnums=1
+  )
   last, pooled = apply(params, None)
   np.testing.assert_allclose(last, last_ref, atol=ATOL)
   np.testing.assert_allclose(pooled, pooled_ref, atol=ATOL)
   penultimate, _ = apply(params, -2)
   np.testing.assert_allclose(penultimate, penultimate_ref, atol=ATOL)
 
-  interop.save_text_encoder(str(tmp_path / 'out'), interop.load_text_encoder_config(str(tmp_path / 'in')), params,
-                            special_ids={'bos': 0, 'pad': 1})
+  interop.save_text_encoder(
+    str(tmp_path / 'out'),
+    interop.load_text_encoder_config(str(tmp_path / 'in')),
+    params,
+    special_ids={'bos': 0, 'pad': 1},
+  )
   original = load_file(tmp_path / 'in' / 'model.safetensors')
   exported = load_file(tmp_path / 'out' / 'model.safetensors')
   # Written with the `text_model.` prefix of transformers 4 files, which transformers 5 reads too.
@@ -144,10 +174,20 @@ def test_text_tower_of_a_full_clip_model(ref, tmp_path):
   left out on purpose."""
   ref.torch.manual_seed(0)
   config = ref.transformers.CLIPConfig(
-      text_config=dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, max_position_embeddings=8, eos_token_id=2),
-      vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         image_size=8, patch_size=4), projection_dim=6)
+    text_config=dict(
+      vocab_size=50,
+      hidden_size=16,
+      intermediate_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      max_position_embeddings=8,
+      eos_token_id=2,
+    ),
+    vision_config=dict(
+      hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+    ),
+    projection_dim=6,
+  )
   model = ref.perturb(ref.transformers.CLIPModel(config))
   model.save_pretrained(tmp_path)
   text, params = interop.load_text_encoder(str(tmp_path))

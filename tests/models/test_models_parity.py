@@ -47,7 +47,7 @@ def torch_to_flax(module: 'torch.nn.Module', strip_prefix: str = '') -> dict:
         else:
           assert isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)), type(mod)
           leaf = 'scale'
-      name = name[len(strip_prefix):] if name.startswith(strip_prefix) else name
+      name = name[len(strip_prefix) :] if name.startswith(strip_prefix) else name
       flat[tuple(_flax_path(name)) + (leaf,)] = jnp.asarray(value)
   return flax.traverse_util.unflatten_dict(flat)
 
@@ -80,15 +80,21 @@ def test_vae_matches_diffusers():
   torch.manual_seed(0)
   channels = (8, 16, 16)
   ref = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 3,
-      up_block_types=('UpDecoderBlock2D',) * 3, block_out_channels=channels, layers_per_block=1,
-      latent_channels=4, norm_num_groups=4, act_fn='silu').eval()
+    in_channels=3,
+    out_channels=3,
+    down_block_types=('DownEncoderBlock2D',) * 3,
+    up_block_types=('UpDecoderBlock2D',) * 3,
+    block_out_channels=channels,
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    act_fn='silu',
+  ).eval()
   _perturb_vectors(ref)
   ours = models.AutoencoderKL(block_out_channels=channels, layers_per_block=1, norm_num_groups=4)
   x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   params = torch_to_flax(ref)
-  _assert_same_tree(jax.eval_shape(lambda: ours.init(jax.random.key(0), x, sample_posterior=False)
-                                   )['params'], params)
+  _assert_same_tree(jax.eval_shape(lambda: ours.init(jax.random.key(0), x, sample_posterior=False))['params'], params)
   with torch.no_grad():
     posterior = ref.encode(_nchw(x)).latent_dist
     rec = ref.decode(posterior.mean).sample
@@ -101,23 +107,43 @@ def test_vae_matches_diffusers():
 
 
 UNET_CASES = {
-    'sd1': dict(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=2,
-                down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
-                up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), transformer_layers_per_block=1,
-                use_linear_projection=False, freq_shift=0),
-    'sd2_like': dict(block_out_channels=(16, 32, 32), layers_per_block=2, attention_head_dim=(1, 2, 4),
-                     down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
-                     up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
-                     transformer_layers_per_block=(1, 2, 1), use_linear_projection=True, freq_shift=1),
+  'sd1': dict(
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    attention_head_dim=2,
+    down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+    up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'),
+    transformer_layers_per_block=1,
+    use_linear_projection=False,
+    freq_shift=0,
+  ),
+  'sd2_like': dict(
+    block_out_channels=(16, 32, 32),
+    layers_per_block=2,
+    attention_head_dim=(1, 2, 4),
+    down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
+    up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
+    transformer_layers_per_block=(1, 2, 1),
+    use_linear_projection=True,
+    freq_shift=1,
+  ),
 }
 
 
 @pytest.mark.parametrize('case', sorted(UNET_CASES))
 def test_unet_matches_diffusers(case):
   torch.manual_seed(0)
-  kw = dict(UNET_CASES[case], in_channels=4, out_channels=4, cross_attention_dim=12,
-            norm_num_groups=8, norm_eps=1e-5, flip_sin_to_cos=True, act_fn='silu',
-            mid_block_type='UNetMidBlock2DCrossAttn')
+  kw = dict(
+    UNET_CASES[case],
+    in_channels=4,
+    out_channels=4,
+    cross_attention_dim=12,
+    norm_num_groups=8,
+    norm_eps=1e-5,
+    flip_sin_to_cos=True,
+    act_fn='silu',
+    mid_block_type='UNetMidBlock2DCrossAttn',
+  )
   ref = diffusers.UNet2DConditionModel(sample_size=8, **kw).eval()
   _perturb_vectors(ref)
   ours = models.UNet2DConditionModel(**kw)
@@ -129,8 +155,9 @@ def test_unet_matches_diffusers(case):
   params = torch_to_flax(ref)
   _assert_same_tree(jax.eval_shape(lambda: ours.init(jax.random.key(0), x, t, ctx))['params'], params)
   with torch.no_grad():
-    expected = ref(_nchw(x), torch.from_numpy(t), torch.from_numpy(ctx),
-                   encoder_attention_mask=torch.from_numpy(mask)).sample
+    expected = ref(
+      _nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), encoder_attention_mask=torch.from_numpy(mask)
+    ).sample
   out = jax.jit(lambda p: ours.apply({'params': p}, x, t, ctx, mask))(params)
   np.testing.assert_allclose(out, _nhwc(expected), atol=ATOL)
   assert np.std(out) > 1e-2
@@ -139,11 +166,18 @@ def test_unet_matches_diffusers(case):
 @pytest.mark.parametrize('projection_dim', [None, 6])
 def test_text_encoder_matches_transformers(projection_dim):
   torch.manual_seed(0)
-  kw = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-            num_attention_heads=4, max_position_embeddings=8, hidden_act='quick_gelu',
-            layer_norm_eps=1e-5, eos_token_id=3)
-  config = transformers.CLIPTextConfig(**kw, projection_dim=projection_dim or 8, bos_token_id=0,
-                                       pad_token_id=1)
+  kw = dict(
+    vocab_size=50,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=8,
+    hidden_act='quick_gelu',
+    layer_norm_eps=1e-5,
+    eos_token_id=3,
+  )
+  config = transformers.CLIPTextConfig(**kw, projection_dim=projection_dim or 8, bos_token_id=0, pad_token_id=1)
   cls = transformers.CLIPTextModel if projection_dim is None else transformers.CLIPTextModelWithProjection
   ref = cls(config).eval()
   _perturb_vectors(ref)
@@ -153,8 +187,7 @@ def test_text_encoder_matches_transformers(projection_dim):
   params = torch_to_flax(ref, strip_prefix='text_model.')
   _assert_same_tree(jax.eval_shape(lambda: ours.init(jax.random.key(0), ids))['params'], params)
   with torch.no_grad():
-    out = ref(torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-              output_hidden_states=True)
+    out = ref(torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(), output_hidden_states=True)
     # transformers 5's CLIPTextModel is the text transformer itself; WithProjection nests `text_model`.
     final_layer_norm = getattr(ref, 'text_model', ref).final_layer_norm
     penultimate = final_layer_norm(out.hidden_states[-2]).numpy()
@@ -168,7 +201,9 @@ def test_text_encoder_matches_transformers(projection_dim):
 
 def test_timestep_embedding_matches_diffusers():
   from diffusers.models.embeddings import get_timestep_embedding as ref_embedding
+
   from diffusion.models.layers import get_timestep_embedding
+
   t = np.array([0.0, 1.5, 250.0, 999.0], np.float32)
   for flip, shift, dim in ((True, 0, 32), (False, 1, 33)):
     ref = ref_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)

@@ -16,10 +16,20 @@ VOCAB, WIDTH, FFN, LAYERS, MAXLEN = 50, 16, 32, 2, 8
 
 
 def text_config(**overrides) -> ml_collections.ConfigDict:
-  config = dict(type='transformer', vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=FFN,
-                num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=MAXLEN,
-                hidden_act='quick_gelu', layer_norm_eps=1e-5, eos_token_id=2, projection_dim=None,
-                dtype='float32')
+  config = dict(
+    type='transformer',
+    vocab_size=VOCAB,
+    hidden_size=WIDTH,
+    intermediate_size=FFN,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    max_position_embeddings=MAXLEN,
+    hidden_act='quick_gelu',
+    layer_norm_eps=1e-5,
+    eos_token_id=2,
+    projection_dim=None,
+    dtype='float32',
+  )
   config.update(overrides)
   return ml_collections.ConfigDict(config)
 
@@ -40,11 +50,19 @@ def test_param_names_follow_transformers(encoder_and_params):
   _, params, _ = encoder_and_params
   paths = {'/'.join(k) for k in flax.traverse_util.flatten_dict(params)}
   layer = 'encoder/layers_1'
-  expected = ['embeddings/token_embedding/embedding', 'embeddings/position_embedding/embedding',
-              f'{layer}/self_attn/q_proj/bias', f'{layer}/self_attn/k_proj/kernel',
-              f'{layer}/self_attn/v_proj/kernel', f'{layer}/self_attn/out_proj/bias',
-              f'{layer}/layer_norm1/scale', f'{layer}/mlp/fc1/kernel', f'{layer}/mlp/fc2/bias',
-              f'{layer}/layer_norm2/bias', 'final_layer_norm/scale']
+  expected = [
+    'embeddings/token_embedding/embedding',
+    'embeddings/position_embedding/embedding',
+    f'{layer}/self_attn/q_proj/bias',
+    f'{layer}/self_attn/k_proj/kernel',
+    f'{layer}/self_attn/v_proj/kernel',
+    f'{layer}/self_attn/out_proj/bias',
+    f'{layer}/layer_norm1/scale',
+    f'{layer}/mlp/fc1/kernel',
+    f'{layer}/mlp/fc2/bias',
+    f'{layer}/layer_norm2/bias',
+    'final_layer_norm/scale',
+  ]
   missing = [p for p in expected if p not in paths]
   assert not missing, missing
   assert 'encoder/layers_2/mlp/fc1/kernel' not in paths and 'text_projection/kernel' not in paths
@@ -120,8 +138,7 @@ def test_errors_and_registry():
   with pytest.raises(ValueError, match='already registered'):
     models.register_model('unet')(models.create_unet)
   assert {'vae', 'unet', 'text/transformer'} <= set(models.MODELS)
-  assert isinstance(models.get_model_factory('text/transformer')(text_config()),
-                    models.CLIPTextTransformer)
+  assert isinstance(models.get_model_factory('text/transformer')(text_config()), models.CLIPTextTransformer)
   encoder = models.create_text_encoder(text_config())
   with pytest.raises(ValueError, match='max_position_embeddings'):
     jax.eval_shape(lambda: encoder.init(jax.random.key(0), jnp.zeros((1, MAXLEN + 1), jnp.int32)))

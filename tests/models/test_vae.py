@@ -12,9 +12,18 @@ from support import random_params
 
 
 def vae_config(**overrides) -> ml_collections.ConfigDict:
-  config = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1,
-                latent_channels=4, norm_num_groups=4, act_fn='silu', mid_block_add_attention=True,
-                scaling_factor=-1.0, dtype='float32')
+  config = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(8, 16, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    act_fn='silu',
+    mid_block_add_attention=True,
+    scaling_factor=-1.0,
+    dtype='float32',
+  )
   config.update(overrides)
   return ml_collections.ConfigDict(config)
 
@@ -37,14 +46,25 @@ def test_param_names_follow_diffusers(vae_and_params):
   _, params = vae_and_params
   paths = _paths(params)
   expected = [
-      'encoder/conv_in/kernel', 'encoder/down_blocks_0/resnets_0/conv1/kernel',
-      'encoder/down_blocks_0/resnets_0/norm1/scale', 'encoder/down_blocks_0/downsamplers_0/conv/kernel',
-      'encoder/down_blocks_1/resnets_0/conv_shortcut/kernel', 'encoder/mid_block/resnets_1/norm2/bias',
-      'encoder/mid_block/attentions_0/group_norm/scale', 'encoder/mid_block/attentions_0/to_q/bias',
-      'encoder/mid_block/attentions_0/to_out_0/kernel', 'encoder/conv_norm_out/scale',
-      'encoder/conv_out/kernel', 'quant_conv/kernel', 'post_quant_conv/kernel', 'decoder/conv_in/kernel',
-      'decoder/up_blocks_0/resnets_1/conv2/kernel', 'decoder/up_blocks_0/upsamplers_0/conv/kernel',
-      'decoder/up_blocks_2/resnets_0/conv_shortcut/kernel', 'decoder/conv_out/bias']
+    'encoder/conv_in/kernel',
+    'encoder/down_blocks_0/resnets_0/conv1/kernel',
+    'encoder/down_blocks_0/resnets_0/norm1/scale',
+    'encoder/down_blocks_0/downsamplers_0/conv/kernel',
+    'encoder/down_blocks_1/resnets_0/conv_shortcut/kernel',
+    'encoder/mid_block/resnets_1/norm2/bias',
+    'encoder/mid_block/attentions_0/group_norm/scale',
+    'encoder/mid_block/attentions_0/to_q/bias',
+    'encoder/mid_block/attentions_0/to_out_0/kernel',
+    'encoder/conv_norm_out/scale',
+    'encoder/conv_out/kernel',
+    'quant_conv/kernel',
+    'post_quant_conv/kernel',
+    'decoder/conv_in/kernel',
+    'decoder/up_blocks_0/resnets_1/conv2/kernel',
+    'decoder/up_blocks_0/upsamplers_0/conv/kernel',
+    'decoder/up_blocks_2/resnets_0/conv_shortcut/kernel',
+    'decoder/conv_out/bias',
+  ]
   missing = [p for p in expected if p not in paths]
   assert not missing, missing
   assert not any(p.startswith('encoder/down_blocks_2/downsamplers') for p in paths)
@@ -92,8 +112,7 @@ def test_logvar_is_clipped(vae_and_params):
 
 
 def test_no_mid_attention_and_bfloat16():
-  vae = models.create_vae(vae_config(block_out_channels=(8, 16), mid_block_add_attention=False,
-                                     dtype='bfloat16'))
+  vae = models.create_vae(vae_config(block_out_channels=(8, 16), mid_block_add_attention=False, dtype='bfloat16'))
   x = jnp.zeros((1, 8, 8, 3))
   params = random_params(vae, x, sample_posterior=False)
   assert 'attentions_0' not in params['encoder']['mid_block']

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from support import VAE, load_config
 from diffusion import checkpoint
 from diffusion.errors import UserError
 from diffusion.training import train_and_evaluate
+from support import VAE, load_config
 
 
 def truncate_state_files(step_dir: str) -> int:

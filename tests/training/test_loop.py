@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from support import LDM, ROOT, VAE, cli_overrides, load_config
 from diffusion import checkpoint
-from diffusion.workdir import load_built_on, load_workdir_config
 from diffusion.training import train_and_evaluate
+from diffusion.workdir import load_built_on, load_workdir_config
+from support import LDM, ROOT, VAE, cli_overrides, load_config
 
 
 def read_metrics(workdir):
@@ -56,14 +56,21 @@ def test_ldm_stage_is_self_contained(ldm_workdir, vae_workdir):
 def test_resume_equals_uninterrupted_run(tmp_path, data_dir, vae_workdir):
   """2 steps, stop, then continue to 3 steps: bit-identical to 3 steps in one go (params, EMA, data order)."""
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-  make = lambda steps: load_config('ldm_base', LDM, data_dir, vae_workdir=vae_workdir, **{
-      'train.num_steps': steps, 'train.sample_every': 0, 'train.eval_every': 0})
+  make = lambda steps: load_config(
+    'ldm_base',
+    LDM,
+    data_dir,
+    vae_workdir=vae_workdir,
+    **{'train.num_steps': steps, 'train.sample_every': 0, 'train.eval_every': 0},
+  )
   final = train_and_evaluate(make(3), straight)
   train_and_evaluate(make(2), resumed)
   final_resumed = train_and_evaluate(make(3), resumed)
   assert int(final_resumed.step) == 3
-  for a, b in zip(jax.tree.leaves((final.params, final.ema_params, final.opt_state)),
-                  jax.tree.leaves((final_resumed.params, final_resumed.ema_params, final_resumed.opt_state))):
+  for a, b in zip(
+    jax.tree.leaves((final.params, final.ema_params, final.opt_state)),
+    jax.tree.leaves((final_resumed.params, final_resumed.ema_params, final_resumed.opt_state)),
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert train_and_evaluate(make(3), resumed) is None  # Finished: says so, does nothing.
 
@@ -78,8 +85,12 @@ def test_nan_batch_is_skipped_and_stops_after_max_bad_steps(tmp_path, data_dir, 
       yield {**batch, 'image': batch['image'] * np.nan}
 
   monkeypatch.setattr(loop, '_global_batches', poisoned)
-  config = load_config('vae_base', VAE, data_dir, **{'train.num_steps': 5, 'train.max_bad_steps': 2,
-                                                     'train.eval_every': 0, 'train.sample_every': 0})
+  config = load_config(
+    'vae_base',
+    VAE,
+    data_dir,
+    **{'train.num_steps': 5, 'train.max_bad_steps': 2, 'train.eval_every': 0, 'train.sample_every': 0},
+  )
   workdir = str(tmp_path / 'nan')
   with pytest.raises(FloatingPointError, match='max_bad_steps'):
     train_and_evaluate(config, workdir)
@@ -107,13 +118,27 @@ def _kill_when(proc, workdir, ready) -> None:
 def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path, data_dir, vae_workdir):
   """Killed during an async save and again later, rerun each time: final params equal an uninterrupted run's."""
   steps = 40
-  overrides = {**VAE, 'train.num_steps': steps, 'train.checkpoint_every': 3, 'train.eval_every': 0,
-               'train.sample_every': 0, 'train.log_every': 10, 'data.data_dir': data_dir}
+  overrides = {
+    **VAE,
+    'train.num_steps': steps,
+    'train.checkpoint_every': 3,
+    'train.eval_every': 0,
+    'train.sample_every': 0,
+    'train.log_every': 10,
+    'data.data_dir': data_dir,
+  }
   env = {**os.environ, 'WANDB_MODE': 'disabled'}
 
   def command(workdir):
-    return [sys.executable, 'train.py', '--config', 'configs/vae_base.py:tiny', '--workdir', workdir,
-            *cli_overrides(overrides)]
+    return [
+      sys.executable,
+      'train.py',
+      '--config',
+      'configs/vae_base.py:tiny',
+      '--workdir',
+      workdir,
+      *cli_overrides(overrides),
+    ]
 
   killed, straight = str(tmp_path / 'killed'), str(tmp_path / 'straight')
   # 1) While the first checkpoint is still being written (its temporary directory exists).
@@ -140,10 +165,24 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path, data_d
 
 def test_sigterm_saves_and_stops_then_resumes(tmp_path, data_dir, vae_workdir):
   workdir = str(tmp_path / 'term')
-  overrides = {**VAE, 'train.num_steps': 1000, 'train.checkpoint_every': 500, 'train.eval_every': 0,
-               'train.sample_every': 0, 'train.log_every': 1, 'data.data_dir': data_dir}
-  command = [sys.executable, 'train.py', '--config', 'configs/vae_base.py:tiny', '--workdir', workdir,
-             *cli_overrides(overrides)]
+  overrides = {
+    **VAE,
+    'train.num_steps': 1000,
+    'train.checkpoint_every': 500,
+    'train.eval_every': 0,
+    'train.sample_every': 0,
+    'train.log_every': 1,
+    'data.data_dir': data_dir,
+  }
+  command = [
+    sys.executable,
+    'train.py',
+    '--config',
+    'configs/vae_base.py:tiny',
+    '--workdir',
+    workdir,
+    *cli_overrides(overrides),
+  ]
   env = {**os.environ, 'WANDB_MODE': 'disabled', 'PYTHONUNBUFFERED': '1'}
   proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   for line in proc.stdout:  # Wait until training is under way.

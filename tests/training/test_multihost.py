@@ -29,9 +29,17 @@ def free_port() -> int:
 def run_processes(out_dir: str, num_processes: int = 2) -> list[str]:
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
   port = free_port()
-  procs = [subprocess.Popen([sys.executable, WORKER, 'multihost', out_dir, str(i), str(num_processes), str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(num_processes)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, WORKER, 'multihost', out_dir, str(i), str(num_processes), str(port)],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(num_processes)
+  ]
   outputs = []
   try:
     for proc in procs:
@@ -68,20 +76,50 @@ def test_train_py_on_two_processes_logs_once_and_checkpoints(tmp_path, data_dir)
   from diffusion.data import pipeline as data_pipeline
   from support import VAE, cli_overrides, load_config
 
-  overrides = {**VAE, 'train.num_steps': 3, 'train.batch_size': 16, 'train.eval_every': 3, 'train.sample_every': 3,
-               'train.checkpoint_every': 2, 'mesh.fsdp': 4, 'mesh.min_shard_size': 0, 'data.data_dir': data_dir,
-               'wandb.mode': 'disabled', 'distributed.coordinator_address': f'127.0.0.1:{free_port()}',
-               'distributed.num_processes': 2}
+  overrides = {
+    **VAE,
+    'train.num_steps': 3,
+    'train.batch_size': 16,
+    'train.eval_every': 3,
+    'train.sample_every': 3,
+    'train.checkpoint_every': 2,
+    'mesh.fsdp': 4,
+    'mesh.min_shard_size': 0,
+    'data.data_dir': data_dir,
+    'wandb.mode': 'disabled',
+    'distributed.coordinator_address': f'127.0.0.1:{free_port()}',
+    'distributed.num_processes': 2,
+  }
   config = load_config('vae_base', overrides, data_dir)
   for split in ('train', 'validation'):  # Prepared once here: the processes must not race to prepare it.
     data_pipeline.create_data_source(config.data, split)
   workdir = str(tmp_path / 'run')
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu',
-         'WANDB_MODE': 'disabled'}
-  command = [sys.executable, 'train.py', '--config', 'configs/vae_base.py:tiny', '--workdir', workdir,
-             *cli_overrides(overrides)]
-  procs = [subprocess.Popen(command + [f'--config.distributed.process_id={i}'], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  env = {
+    **os.environ,
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+    'JAX_PLATFORMS': 'cpu',
+    'WANDB_MODE': 'disabled',
+  }
+  command = [
+    sys.executable,
+    'train.py',
+    '--config',
+    'configs/vae_base.py:tiny',
+    '--workdir',
+    workdir,
+    *cli_overrides(overrides),
+  ]
+  procs = [
+    subprocess.Popen(
+      command + [f'--config.distributed.process_id={i}'],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     results = [proc.communicate(timeout=900) + (proc.returncode,) for proc in procs]
   finally:

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from support import LDM, VAE, load_config
 from diffusion import checkpoint
 from diffusion import workdir as workdir_lib
 from diffusion.errors import ConfigError
 from diffusion.images import make_grid, to_uint8
 from diffusion.training import TASKS, train_and_evaluate
 from diffusion.training.task import resolved_copy
+from support import LDM, VAE, load_config
 
 
 class RegressionTask:
@@ -76,8 +76,14 @@ def regress_config(data_dir):
   """A factory of tiny configs for the regression task (the VAE preset's data, train and optim sections)."""
 
   def make(**more):
-    settings = {'model_type': 'regress', 'optim.lr': 1e-2, 'train.num_steps': 3, 'train.eval_every': 3,
-                'train.sample_every': 3, **more}
+    settings = {
+      'model_type': 'regress',
+      'optim.lr': 1e-2,
+      'train.num_steps': 3,
+      'train.eval_every': 3,
+      'train.sample_every': 3,
+      **more,
+    }
     return load_config('vae_base', VAE, data_dir, **settings)
 
   return make
@@ -93,11 +99,15 @@ def test_a_registered_task_trains_checkpoints_and_resumes_bit_identically(tmp_pa
   train_and_evaluate(regress_config(**{'train.num_steps': 2}), resumed)
   final_resumed = train_and_evaluate(regress_config(), resumed)
   assert int(final_resumed.step) == 3
-  for a, b in zip(_leaves((final.params, final.ema_params, final.opt_state)),
-                  _leaves((final_resumed.params, final_resumed.ema_params, final_resumed.opt_state))):
+  for a, b in zip(
+    _leaves((final.params, final.ema_params, final.opt_state)),
+    _leaves((final_resumed.params, final_resumed.ema_params, final_resumed.opt_state)),
+  ):
     np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(np.asarray(final.params['w']), np.asarray(RegressionTask(regress_config(), '')
-                                                                       .init_params(jax.random.PRNGKey(0))['w']))
+  assert not np.array_equal(
+    np.asarray(final.params['w']),
+    np.asarray(RegressionTask(regress_config(), '').init_params(jax.random.PRNGKey(0))['w']),
+  )
   rows = [json.loads(line) for line in open(os.path.join(straight, 'metrics.jsonl'))]
   assert [r['step'] for r in rows if 'loss' in r] == [1, 2, 3] and any('eval/mse' in r for r in rows)
   assert os.path.exists(os.path.join(straight, 'samples', 'samples_0000003.png'))
@@ -122,8 +132,15 @@ def trained_regress(tmp_path, regress_config) -> str:
 
 def test_init_from_starts_from_the_source_ema_params_and_records_them(tmp_path, regress_config, trained_regress):
   workdir = str(tmp_path / 'tuned')
-  config = regress_config(**{'init_from': trained_regress, 'optim.lr': 1e-30, 'train.num_steps': 1,
-                             'train.eval_every': 0, 'train.sample_every': 0})
+  config = regress_config(
+    **{
+      'init_from': trained_regress,
+      'optim.lr': 1e-30,
+      'train.num_steps': 1,
+      'train.eval_every': 0,
+      'train.sample_every': 0,
+    }
+  )
   state = train_and_evaluate(config, workdir)
   source = checkpoint.Checkpointer(trained_regress, read_only=True).restore_params(item='ema_params')
   for a, b in zip(_leaves(state.params), _leaves(source)):  # lr ~0: the params are still those it started from.
@@ -140,7 +157,7 @@ def test_a_base_whose_params_changed_is_refused_at_resume(tmp_path, regress_conf
   train_and_evaluate(regress_config(**{'base_workdir': trained_regress, 'train.num_steps': 1, **quick}), workdir)
   record = workdir_lib.load_built_on(workdir)
   assert set(record) == {'base_workdir'} and record['base_workdir']['path'] == trained_regress
-  with pytest.raises(ConfigError, match=r"^config\.base_workdir: is empty, but the run in .* is built on"):
+  with pytest.raises(ConfigError, match=r'^config\.base_workdir: is empty, but the run in .* is built on'):
     train_and_evaluate(regress_config(**{'train.num_steps': 2, **quick}), workdir)
   train_and_evaluate(regress_config(**{'train.num_steps': 4, **quick}), trained_regress)  # The base trains on.
   with pytest.raises(ConfigError, match=r'^config\.base_workdir: the params of .* changed since the run'):
@@ -148,19 +165,21 @@ def test_a_base_whose_params_changed_is_refused_at_resume(tmp_path, regress_conf
 
 
 def test_init_from_with_other_shapes_names_the_first_mismatching_param(tmp_path, data_dir, vae_workdir):
-  config = load_config('vae_base', VAE, data_dir, init_from=vae_workdir,
-                       **{'model.vae.block_out_channels': (8, 16, 32)})
+  config = load_config(
+    'vae_base', VAE, data_dir, init_from=vae_workdir, **{'model.vae.block_out_channels': (8, 16, 32)}
+  )
   with pytest.raises(ConfigError) as error:
     train_and_evaluate(config, str(tmp_path / 'run'))
-  assert str(error.value) == (f"config.init_from: param ['decoder']['conv_in']['bias'] has shape (16,) in "
-                              f"'{vae_workdir}', this task wants (32,)")  # The first in tree order that differs.
+  assert str(error.value) == (
+    f"config.init_from: param ['decoder']['conv_in']['bias'] has shape (16,) in '{vae_workdir}', this task wants (32,)"
+  )  # The first in tree order that differs.
   assert not os.path.exists(os.path.join(tmp_path, 'run', 'config.json'))
 
 
 @pytest.mark.parametrize('key', ['init_from', 'base_workdir'])
 def test_a_missing_workdir_error_names_its_key(tmp_path, regress_config, key):
   missing = str(tmp_path / 'nope')
-  expected = (rf"^config\.{key}: '{missing}' (is not a training workdir \(no config\.json\)|has no checkpoints)")
+  expected = rf"^config\.{key}: '{missing}' (is not a training workdir \(no config\.json\)|has no checkpoints)"
   with pytest.raises(ConfigError, match=expected):
     train_and_evaluate(regress_config(**{key: missing}), str(tmp_path / 'run'))
 

@@ -11,17 +11,29 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from support import ROOT
-from diffusion.logging import MetricWriter
 from diffusion import throughput
+from diffusion.logging import MetricWriter
+from support import ROOT
 
 
-@pytest.mark.parametrize('kind, name', [
-    ('TPU v4', 'TPU v4'), ('TPU v5 lite', 'TPU v5e'), ('TPU v5e', 'TPU v5e'), ('TPU v5', 'TPU v5p'),
-    ('TPU v5p', 'TPU v5p'), ('TPU v6 lite', 'TPU v6e'), ('TPU v6e', 'TPU v6e'),
-    ('NVIDIA A100-SXM4-80GB', 'A100'), ('NVIDIA A100-PCIE-40GB', 'A100'), ('NVIDIA H100 80GB HBM3', 'H100 SXM'),
-    ('NVIDIA H100 PCIe', 'H100 PCIe'), ('NVIDIA H100 NVL', 'H100 NVL'), ('NVIDIA H200', 'H200'),
-])
+@pytest.mark.parametrize(
+  'kind, name',
+  [
+    ('TPU v4', 'TPU v4'),
+    ('TPU v5 lite', 'TPU v5e'),
+    ('TPU v5e', 'TPU v5e'),
+    ('TPU v5', 'TPU v5p'),
+    ('TPU v5p', 'TPU v5p'),
+    ('TPU v6 lite', 'TPU v6e'),
+    ('TPU v6e', 'TPU v6e'),
+    ('NVIDIA A100-SXM4-80GB', 'A100'),
+    ('NVIDIA A100-PCIE-40GB', 'A100'),
+    ('NVIDIA H100 80GB HBM3', 'H100 SXM'),
+    ('NVIDIA H100 PCIe', 'H100 PCIe'),
+    ('NVIDIA H100 NVL', 'H100 NVL'),
+    ('NVIDIA H200', 'H200'),
+  ],
+)
 def test_device_kinds_match_their_peak(kind, name):
   assert throughput.device_peak(kind).name == name
 
@@ -37,17 +49,24 @@ def test_unknown_devices_and_dtypes():
 
 
 def _training_config(model_type: str, model_dtype: str, compute_dtype: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      'model_type': model_type, 'train': {'compute_dtype': compute_dtype},
-      'model': {'unet': {'dtype': model_dtype}, 'vae': {'dtype': 'float32'}}})
+  return ml_collections.ConfigDict(
+    {
+      'model_type': model_type,
+      'train': {'compute_dtype': compute_dtype},
+      'model': {'unet': {'dtype': model_dtype}, 'vae': {'dtype': 'float32'}},
+    }
+  )
 
 
-@pytest.mark.parametrize('model_dtype, compute_dtype, peak', [
+@pytest.mark.parametrize(
+  'model_dtype, compute_dtype, peak',
+  [
     ('float32', 'bfloat16', 989.0),  # The step computes in bf16: the bf16 peak, not the TF32 one.
     ('float32', '', 495.0),
     ('bfloat16', '', 989.0),
     ('bfloat16', 'float32', 495.0),
-])
+  ],
+)
 def test_mfu_peak_follows_the_step_compute_dtype(model_dtype, compute_dtype, peak):
   config = _training_config('ldm', model_dtype, compute_dtype)
   assert throughput.config_peak_tflops(config, 'NVIDIA H100 80GB HBM3') == peak
@@ -94,19 +113,22 @@ def test_flops_of_a_matmul_and_of_old_style_cost_lists():
 
     def cost_analysis(self):
       return self.cost
+
   assert throughput.compiled_flops(Compiled([{'flops': 7.0}])) == 7.0
   assert throughput.compiled_flops(Compiled({'flops': 0.0})) is None
   assert throughput.compiled_flops(Compiled(None)) is None
 
 
 def test_compiled_flops_are_per_device_on_a_mesh():
-  code = ('import jax, jax.numpy as jnp\n'
-          'from jax.sharding import NamedSharding, PartitionSpec as P\n'
-          'from diffusion import throughput\n'
-          'mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))\n'
-          'x = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("data")))\n'
-          'w = jax.device_put(jnp.ones((32, 16)), NamedSharding(mesh, P()))\n'
-          'print(throughput.jit_flops(jax.jit(lambda x, w: x @ w), x, w))\n')
+  code = (
+    'import jax, jax.numpy as jnp\n'
+    'from jax.sharding import NamedSharding, PartitionSpec as P\n'
+    'from diffusion import throughput\n'
+    'mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))\n'
+    'x = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("data")))\n'
+    'w = jax.device_put(jnp.ones((32, 16)), NamedSharding(mesh, P()))\n'
+    'print(throughput.jit_flops(jax.jit(lambda x, w: x @ w), x, w))\n'
+  )
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
