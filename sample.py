@@ -95,7 +95,7 @@ def _overrides() -> dict:
     timestep_spacing=_SPACING.value,
     s_churn=_CHURN.value,
   )
-  samplers.SamplingSettings.check_overrides(**overrides)
+  samplers.SamplingSettings.check_overrides(flag_prefix='--', **overrides)
   return overrides
 
 

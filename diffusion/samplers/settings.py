@@ -94,9 +94,10 @@ class SamplingSettings:
     return cls(options=tuple(options.items()), **values)
 
   @classmethod
-  def check_overrides(cls, **overrides: Any) -> None:
+  def check_overrides(cls, flag_prefix: str = '', **overrides: Any) -> None:
     """Checks overrides on their own, before any config is at hand (flags, before a workdir is loaded): each value's
-    range, and the options against the sampler where one is given. A bad one is a `UserError` naming it."""
+    range, and the options against the sampler where one is given. A bad one is a `UserError` naming it (as
+    `--name` with `flag_prefix='--'`, for command-line tools)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     values = {
       'sampler': None,
@@ -108,7 +109,9 @@ class SamplingSettings:
     }
     values.update({k: overrides.pop(k) for k in _FIELDS if k in overrides})
     for key, phrase, message in _problems(_Candidate(options=tuple(overrides.items()), **values)):
-      raise UserError(message or f'{key} {phrase}')
+      raise UserError(
+        f'{flag_prefix}{key}: {message}' if message and flag_prefix else message or f'{flag_prefix}{key} {phrase}'
+      )
 
   def replace(self, **overrides: Any) -> 'SamplingSettings':
     """A copy with the overrides that are not None applied (validated again, a bad one is a `UserError`).
