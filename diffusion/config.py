@@ -79,8 +79,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     'model_type',
     f'must name a task (the training task registry checks the name), got {model_type!r}',
   )
+  parallel.validate_config(config)  # The mesh first: the batch-size check below divides by its degrees.
   _validate_train(config)
-  parallel.validate_config(config)
   data_validation.validate_config(config)
   models.validate_config(config)
   losses.validate_config(config)

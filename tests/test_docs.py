@@ -29,6 +29,9 @@ def doc_root(tmp_path):
   if os.path.isdir(results):
     shutil.copytree(results, tmp_path / 'docs' / 'results')
   (tmp_path / 'docs' / 'results').mkdir(exist_ok=True)
+  images = os.path.join(ROOT, 'docs', 'images')  # The demo record names its grid image there.
+  if os.path.isdir(images):
+    shutil.copytree(images, tmp_path / 'docs' / 'images')
   return tmp_path
 
 
