@@ -106,7 +106,7 @@ def main(argv: list[str]) -> None:
   cli.require(_BATCH.value >= 1, f'--batch_size must be >= 1, got {_BATCH.value}')
   num_steps, guidance = cli.comma_list(_NUM_STEPS, int, minimum=1), cli.comma_list(_GUIDANCE, float, minimum=0)
   overrides = _overrides()
-  samplers.editing_strength(_STRENGTH.value, _INIT.value is not None, _MASK.value is not None)
+  samplers.editing_strength(_STRENGTH.value, _INIT.value is not None, _MASK.value is not None, flag_prefix='--')
   for flag in (_INIT, _MASK):
     cli.require(flag.value is None or os.path.isfile(flag.value), f'--{flag.name} {flag.value!r} does not exist')
   prompts, seeds = _prompts()

@@ -278,16 +278,20 @@ def _model_fn(denoise_fn: DenoiseFn, prediction_type: str, vp_input: bool) -> Mo
   return model
 
 
-def editing_strength(strength: float | None, init: bool, mask: bool) -> float:
+def editing_strength(strength: float | None, init: bool, mask: bool, flag_prefix: str = '') -> float:
   """The strength of an edit, checked: `strength` in (0, 1], by default diffusers' 0.8 for img2img and 1.0 with a
-  mask (inpainting); 1.0 without an init image, where a mask or another strength is a `UserError`."""
+  mask (inpainting); 1.0 without an init image, where a mask or another strength is a `UserError`. Errors name the
+  options as `flag_prefix + name` (sample.py passes '--', so they name its flags)."""
+  names = {key: f'{flag_prefix}{key}' for key in ('strength', 'mask', 'init_image')}
   if not init:
-    if mask or strength not in (None, 1.0):
-      raise UserError('a mask or a strength needs an init image (the image to edit)')
+    if mask:
+      raise UserError(f'{names["mask"]} needs an init image ({names["init_image"]}, the image to edit)')
+    if strength not in (None, 1.0):
+      raise UserError(f'{names["strength"]} {strength} needs an init image ({names["init_image"]}, the image to edit)')
     return 1.0
   strength = (1.0 if mask else 0.8) if strength is None else float(strength)
   if not 0.0 < strength <= 1.0:
-    raise UserError(f'strength must be in (0, 1], got {strength}')
+    raise UserError(f'{names["strength"]} must be in (0, 1], got {strength}')
   return strength
 
 
