@@ -1,5 +1,5 @@
-# Two commands for a fresh machine (Python 3.11, no GPU):  make demo  |  make test
-PYTHON ?= python3.11
+# Two commands for a fresh machine (Python 3.12 or 3.13, no GPU needed):  make demo  |  make test
+PYTHON ?= python3.12
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
