@@ -43,6 +43,8 @@ def get_unet_config() -> ml_collections.ConfigDict:
   unet.dtype = 'float32'
   unet.remat = False  # Recompute each resnet / transformer block's activations in the backward pass.
   unet.remat_policy = 'nothing_saveable'  # Or 'dots_saveable', 'dots_with_no_batch_dims_saveable'.
+  unet.remat_blocks = 'all'  # With remat: which blocks recompute, 'all' | 'resnet' | 'attention'.
+  unet.attention = 'auto'  # Attention implementation: 'auto' | 'xla' | 'cudnn' (NVIDIA GPU) | 'splash' (TPU).
   return unet
 
 
@@ -63,6 +65,7 @@ def get_text_config() -> ml_collections.ConfigDict:
   text.projection_dim = ml_collections.FieldReference(None, field_type=int)
   text.trainable = True
   text.dtype = 'float32'
+  text.attention = 'auto'  # 'auto' | 'xla' | 'cudnn' | 'splash', as model.unet.attention.
   return text
 
 
@@ -197,7 +200,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.ema_decay = 0.9999
   else:
     raise ValueError(f'unknown preset {preset!r} for configs/ldm_base.py; known: base, tiny, sd15')
+  config.model.vae.attention = 'auto'  # 'auto' | 'xla' | 'cudnn' | 'splash', as model.unet.attention.
   # '' encodes images with the frozen VAE every step; a directory written by scripts/precompute_latents.py trains
   # from its stored posteriors instead (same losses, no encoder pass).
   config.data.latent_cache = ''
+  # Streamed sources (data.name = 'webdataset' | 'parquet', docs/data.md): shard patterns of the training and eval
+  # splits ('' eval: the training shards), samples in the shuffle window, shards read at once (a thread each).
+  config.data.webdataset = ml_collections.ConfigDict(dict(urls='', eval_urls='', shuffle_buffer=1000, cycle_length=8))
+  config.data.parquet = ml_collections.ConfigDict(
+    dict(files='', eval_files='', image_column='image', caption_column='text', shuffle_buffer=1000, cycle_length=8)
+  )
+  config.train.frozen_param_dtype = 'float32'  # 'bfloat16': frozen VAE / text encoder params in bf16 (half memory).
   return config

@@ -57,4 +57,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.ema_decay = 0.99
   else:
     raise ValueError(f'unknown preset {preset!r} for configs/vae_base.py; known: base, tiny')
+  # Streamed sources (data.name = 'webdataset' | 'parquet', docs/data.md): shard patterns of the training and eval
+  # splits ('' eval: the training shards), samples in the shuffle window, shards read at once (a thread each).
+  config.data.webdataset = ml_collections.ConfigDict(dict(urls='', eval_urls='', shuffle_buffer=1000, cycle_length=8))
+  config.data.parquet = ml_collections.ConfigDict(
+    dict(files='', eval_files='', image_column='image', caption_column='text', shuffle_buffer=1000, cycle_length=8)
+  )
+  config.model.vae.attention = 'auto'  # Attention: 'auto' | 'xla' | 'cudnn' (NVIDIA GPU) | 'splash' (TPU).
   return config

@@ -2,7 +2,8 @@
 
 Factories read `config.model.vae` / `.unet` / `.text` (fields named like diffusers / transformers) and
 return unbound Flax modules; parameters are created by `module.init`. `MODELS` maps a name to a factory
-(`'vae'`, `'unet'`, `'text/<type>'`); add a model with `register_model`.
+(`'vae'`, `'unet'`, `'text/<type>'`); add a model with `register_model`. Each section's `attention` key
+('auto' when absent, as in imported configs) picks the attention implementation (`diffusion.models.attention`).
 """
 
 from collections.abc import Callable
@@ -49,6 +50,7 @@ def create_vae(vae_config: Any) -> AutoencoderKL:
     norm_num_groups=c.norm_num_groups,
     act_fn=c.act_fn,
     mid_block_add_attention=c.mid_block_add_attention,
+    attention=c.get('attention', 'auto'),
     dtype=jnp.dtype(c.dtype),
   )
 
@@ -78,6 +80,8 @@ def create_unet(unet_config: Any) -> UNet2DConditionModel:
     act_fn=c.act_fn,
     remat=bool(c.get('remat', False)),
     remat_policy=c.get('remat_policy', 'nothing_saveable'),
+    remat_blocks=c.get('remat_blocks', 'all'),
+    attention=c.get('attention', 'auto'),
     dtype=jnp.dtype(c.dtype),
   )
 
@@ -108,6 +112,7 @@ def _create_clip_text_transformer(text_config: Any) -> CLIPTextTransformer:
     layer_norm_eps=c.layer_norm_eps,
     eos_token_id=c.eos_token_id,
     projection_dim=c.projection_dim,
+    attention=c.get('attention', 'auto'),
     dtype=jnp.dtype(c.dtype),
   )
 

@@ -55,6 +55,7 @@ class CLIPVisionTransformer(nn.Module):
   hidden_act: str = 'quick_gelu'
   layer_norm_eps: float = 1e-5
   projection_dim: int | None = 512
+  attention: str = 'auto'  # the attention implementation (diffusion.models.attention)
 
   @nn.compact
   def __call__(self, pixel_values: Array) -> Array:
@@ -69,8 +70,9 @@ class CLIPVisionTransformer(nn.Module):
       self.num_attention_heads,
       self.hidden_act,
       self.layer_norm_eps,
+      self.attention,
       name='encoder',
-    )(x, None)[-1]
+    )(x)[-1]
     pooled = nn.LayerNorm(epsilon=self.layer_norm_eps, name='post_layernorm')(x[:, 0])
     if self.projection_dim is not None:
       pooled = nn.Dense(self.projection_dim, use_bias=False, name='visual_projection')(pooled)

@@ -5,7 +5,9 @@ named like its PyTorch counterpart with `.` turned into `_` for list indices (`t
 `resnets.1` -> `resnets_1`), so weight conversion is a mechanical, table-driven rename plus the usual
 layout changes (Conv kernel HWIO <-> OIHW, Dense kernel transposed, `scale` <-> `weight`,
 `embedding` <-> `weight`). Activations are NHWC (images) or (B, L, D) (sequences). Every module computes in
-`dtype` and keeps its parameters in `param_dtype` (float32).
+`dtype` and keeps its parameters in `param_dtype` (float32). Every attention module takes an `attention` field,
+the implementation of `diffusion.models.attention.dot_product_attention` ('auto', 'xla', 'cudnn', 'splash'),
+re-exported here.
 """
 
 import math
@@ -15,6 +17,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from diffusion.models.attention import IMPLEMENTATIONS as IMPLEMENTATIONS
+from diffusion.models.attention import dot_product_attention as dot_product_attention
 
 Array = jax.Array
 Dtype = Any
@@ -41,33 +46,6 @@ def get_activation(name: str) -> Callable[[Array], Array]:
   if name not in _ACTIVATIONS:
     raise ValueError(f'Unknown activation {name!r}; known: {sorted(_ACTIVATIONS)}.')
   return _ACTIVATIONS[name]
-
-
-def dot_product_attention(
-  query: Array, key: Array, value: Array, mask: Array | None = None, dtype: Dtype = jnp.float32
-) -> Array:
-  """softmax(q k^T / sqrt(d)) v with the softmax in float32.
-
-  Args:
-    query: (B, Lq, H, D).
-    key: (B, Lk, H, D).
-    value: (B, Lk, H, D).
-    mask: optional boolean array broadcastable to (B, H, Lq, Lk); True means "attend". A query row that
-      is fully masked attends uniformly (like an additive -10000 bias would), never NaN.
-    dtype: the compute dtype of the two matmuls.
-
-  Returns:
-    (B, Lq, H, D) in `dtype`.
-  """
-  scale = query.shape[-1] ** -0.5
-  # Heads moved next to the batch axis first, so both matmuls are plain batched matmuls (batch dims leading): with
-  # the heads in the middle XLA's CPU backend ran the U-Net forward pass ~2.5x slower (scripts/bench_sample.py).
-  q, k, v = (a.astype(dtype).transpose(0, 2, 1, 3) for a in (query, key, value))
-  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32) * scale
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  return jnp.einsum('bhqk,bhkd->bhqd', weights, v).transpose(0, 2, 1, 3)
 
 
 def get_timestep_embedding(
@@ -217,14 +195,20 @@ class Attention(nn.Module):
   norm_num_groups: int | None = None
   eps: float = 1e-5
   residual_connection: bool = False
+  attention: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(
-    self, hidden_states: Array, encoder_hidden_states: Array | None = None, mask: Array | None = None
+    self,
+    hidden_states: Array,
+    encoder_hidden_states: Array | None = None,
+    mask: Array | None = None,
+    kv_mask: Array | None = None,
   ) -> Array:
-    """`mask` is boolean, broadcastable to (B, heads, Lq, Lk); True means "attend"."""
+    """`mask` is boolean, broadcastable to (B, heads, Lq, Lk); True means "attend". `kv_mask` (B, Lk) marks the
+    real keys (a padding mask, which every attention implementation takes)."""
     residual = hidden_states
     shape = hidden_states.shape
     channels = shape[-1]
@@ -242,7 +226,7 @@ class Attention(nn.Module):
     q = split(dense('to_q', inner, self.bias)(hidden_states))
     k = split(dense('to_k', inner, self.bias)(context))
     v = split(dense('to_v', inner, self.bias)(context))
-    out = dot_product_attention(q, k, v, mask, self.dtype)
+    out = dot_product_attention(q, k, v, mask, self.dtype, self.attention, kv_mask=kv_mask)
     out = out.reshape(out.shape[0], out.shape[1], inner)
     out = dense('to_out_0', channels, self.out_bias)(out).reshape(shape)
     if self.residual_connection:
@@ -284,16 +268,20 @@ class BasicTransformerBlock(nn.Module):
   num_attention_heads: int
   attention_head_dim: int
   norm_eps: float = 1e-5
+  attention: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, context: Array, context_mask: Array | None = None) -> Array:
+    """`context_mask`: optional (B, L) boolean, True for the real context tokens."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: nn.LayerNorm(epsilon=self.norm_eps, name=name, **kw)
-    attn = lambda name: Attention(self.num_attention_heads, self.attention_head_dim, name=name, **kw)
+    attn = lambda name: Attention(
+      self.num_attention_heads, self.attention_head_dim, attention=self.attention, name=name, **kw
+    )
     x = attn('attn1')(norm('norm1')(x)) + x
-    x = attn('attn2')(norm('norm2')(x), context, context_mask) + x
+    x = attn('attn2')(norm('norm2')(x), context, kv_mask=context_mask) + x
     return FeedForward(name='ff', **kw)(norm('norm3')(x)) + x
 
 
@@ -310,6 +298,7 @@ class Transformer2DModel(nn.Module):
   norm_num_groups: int = 32
   use_linear_projection: bool = False
   norm_eps: float = 1e-5
+  attention: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -325,10 +314,15 @@ class Transformer2DModel(nn.Module):
       x = nn.Dense(inner, name='proj_in', **kw)(x.reshape(b, height * width, channels))
     else:
       x = conv(inner, 1, name='proj_in', **kw)(x).reshape(b, height * width, inner)
-    mask = None if context_mask is None else context_mask[:, None, None, :].astype(bool)
+    mask = None if context_mask is None else context_mask.astype(bool)
     for k in range(self.num_layers):
       x = BasicTransformerBlock(
-        self.num_attention_heads, self.attention_head_dim, self.norm_eps, name=f'transformer_blocks_{k}', **kw
+        self.num_attention_heads,
+        self.attention_head_dim,
+        self.norm_eps,
+        self.attention,
+        name=f'transformer_blocks_{k}',
+        **kw,
       )(x, context, mask)
     if self.use_linear_projection:
       x = nn.Dense(channels, name='proj_out', **kw)(x).reshape(b, height, width, channels)

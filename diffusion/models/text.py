@@ -42,16 +42,18 @@ class CLIPAttention(nn.Module):
 
   hidden_size: int
   num_attention_heads: int
+  attention: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array) -> Array:
+  def __call__(self, x: Array, kv_mask: Array | None = None, causal: bool = False) -> Array:
+    """`kv_mask` (B, L): True for real tokens (padding is masked out); `causal`: token i sees tokens <= i."""
     head_dim = self.hidden_size // self.num_attention_heads
     dense = lambda name: nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.num_attention_heads, head_dim)
     q, k, v = (split(dense(name)(x)) for name in ('q_proj', 'k_proj', 'v_proj'))
-    out = dot_product_attention(q, k, v, mask, self.dtype)
+    out = dot_product_attention(q, k, v, None, self.dtype, self.attention, causal=causal, kv_mask=kv_mask)
     return dense('out_proj')(out.reshape(x.shape[0], x.shape[1], self.hidden_size))
 
 
@@ -63,14 +65,16 @@ class CLIPEncoderLayer(nn.Module):
   num_attention_heads: int
   hidden_act: str = 'quick_gelu'
   layer_norm_eps: float = 1e-5
+  attention: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array) -> Array:
+  def __call__(self, x: Array, kv_mask: Array | None = None, causal: bool = False) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = nn.LayerNorm(epsilon=self.layer_norm_eps, name='layer_norm1', **kw)(x)
-    x = x + CLIPAttention(self.hidden_size, self.num_attention_heads, name='self_attn', **kw)(h, mask)
+    attn = CLIPAttention(self.hidden_size, self.num_attention_heads, self.attention, name='self_attn', **kw)
+    x = x + attn(h, kv_mask, causal)
     h = nn.LayerNorm(epsilon=self.layer_norm_eps, name='layer_norm2', **kw)(x)
     h = MLP(self.intermediate_size, self.hidden_act, name='mlp', **kw)(h)
     return x + h
@@ -101,11 +105,13 @@ class CLIPEncoder(nn.Module):
   num_attention_heads: int
   hidden_act: str = 'quick_gelu'
   layer_norm_eps: float = 1e-5
+  attention: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array) -> list[Array]:
+  def __call__(self, x: Array, kv_mask: Array | None = None, causal: bool = False) -> list[Array]:
+    """`kv_mask` (B, L): True for real tokens; `causal`: token i sees tokens <= i (the text tower)."""
     hidden_states = [x]
     for i in range(self.num_hidden_layers):
       x = CLIPEncoderLayer(
@@ -114,10 +120,11 @@ class CLIPEncoder(nn.Module):
         self.num_attention_heads,
         self.hidden_act,
         self.layer_norm_eps,
+        self.attention,
         self.dtype,
         self.param_dtype,
         name=f'layers_{i}',
-      )(x, mask)
+      )(x, kv_mask, causal)
       hidden_states.append(x)
     return hidden_states
 
@@ -125,7 +132,8 @@ class CLIPEncoder(nn.Module):
 class CLIPTextTransformer(nn.Module):
   """transformers' `CLIPTextTransformer` (+ `text_projection` when projection_dim is set).
 
-  Causal self-attention, optionally also masking padding (attention_mask (B, L), 1 = token). The pooled
+  Causal self-attention, optionally also masking padding (attention_mask (B, L), 1 = token); `attention` names the
+  implementation (`diffusion.models.attention`). The pooled
   output is the final hidden state at the first `eos_token_id` of each row; with eos_token_id None or
   negative it is taken at argmax(input_ids), like the original CLIP (whose EOT has the largest id).
   Note: transformers treats eos_token_id == 2 as "legacy" and then also uses argmax; here 2 is a real id.
@@ -141,6 +149,7 @@ class CLIPTextTransformer(nn.Module):
   layer_norm_eps: float = 1e-5
   eos_token_id: int | None = 2
   projection_dim: int | None = None
+  attention: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -161,9 +170,7 @@ class CLIPTextTransformer(nn.Module):
     x = CLIPTextEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings, name='embeddings', **kw)(
       input_ids
     )
-    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
-    if attention_mask is not None:
-      mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    kv_mask = None if attention_mask is None else attention_mask.astype(bool)
     hidden_states = CLIPEncoder(
       self.num_hidden_layers,
       self.hidden_size,
@@ -171,9 +178,10 @@ class CLIPTextTransformer(nn.Module):
       self.num_attention_heads,
       self.hidden_act,
       self.layer_norm_eps,
+      self.attention,
       name='encoder',
       **kw,
-    )(x, mask)
+    )(x, kv_mask, causal=True)
     final_layer_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, name='final_layer_norm', **kw)
     last = final_layer_norm(hidden_states[-1])
     pooled = last[jnp.arange(last.shape[0]), eos_positions(input_ids, self.eos_token_id)]

@@ -39,6 +39,20 @@ REMAT_POLICIES = {
 }
 
 
+# Which block types `remat_blocks` rematerialises (when `remat` is on).
+REMAT_BLOCKS = {'all': ('resnet', 'attention'), 'resnet': ('resnet',), 'attention': ('attention',)}
+
+
+def remat_block_types(remat: bool | str, remat_blocks: str = 'all') -> tuple[str, ...]:
+  """The block types ('resnet', 'attention') that recompute their activations: none without `remat`, else those
+  `remat_blocks` names. `remat` may also be a block selection itself ('all', 'resnet', 'attention')."""
+  if isinstance(remat, str):
+    remat, remat_blocks = True, remat
+  if remat_blocks not in REMAT_BLOCKS:
+    raise ValueError(f'Unknown remat_blocks {remat_blocks!r}; known: {sorted(REMAT_BLOCKS)}.')
+  return REMAT_BLOCKS[remat_blocks] if remat else ()
+
+
 def _remat(cls: type, remat: bool, policy: str) -> type:
   """`cls`, or `nn.remat(cls)` (same parameter names) recomputing its activations in the backward pass."""
   if not remat:
@@ -60,13 +74,14 @@ class _BlockCommon(nn.Module):
   resnet_groups: int = 32
   resnet_eps: float = 1e-5
   act_fn: str = 'silu'
-  remat: bool = False
+  remat_types: tuple[str, ...] = ()
   remat_policy: str = 'nothing_saveable'
+  attention: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def _resnet(self, j: int) -> ResnetBlock2D:
-    cls = _remat(ResnetBlock2D, self.remat, self.remat_policy)
+    cls = _remat(ResnetBlock2D, 'resnet' in self.remat_types, self.remat_policy)
     return cls(
       self.out_channels,
       self.resnet_groups,
@@ -78,13 +93,14 @@ class _BlockCommon(nn.Module):
     )
 
   def _attention(self, j: int) -> Transformer2DModel:
-    cls = _remat(Transformer2DModel, self.remat, self.remat_policy)
+    cls = _remat(Transformer2DModel, 'attention' in self.remat_types, self.remat_policy)
     return cls(
       self.num_attention_heads,
       self.out_channels // self.num_attention_heads,
       num_layers=self.transformer_layers_per_block,
       norm_num_groups=self.resnet_groups,
       use_linear_projection=self.use_linear_projection,
+      attention=self.attention,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name=f'attentions_{j}',
@@ -159,8 +175,10 @@ class UNet2DConditionModel(nn.Module):
 
   Heads follow diffusers' semantics: `num_attention_heads or attention_head_dim` heads per level, each of
   width channels // heads. Spatial sizes must be divisible by 2 ** (len(block_out_channels) - 1).
-  With `remat`, every resnet and spatial transformer recomputes its activations in the backward pass
-  (`remat_policy` names what it may keep); parameters and outputs are unchanged.
+  With `remat`, the resnets and / or spatial transformers `remat_blocks` selects ('all', 'resnet', 'attention')
+  recompute their activations in the backward pass (`remat_policy` names what they may keep); parameters and
+  outputs are unchanged. `attention` is the attention implementation of every spatial transformer
+  (`diffusion.models.attention`: 'auto', 'xla', 'cudnn', 'splash').
   """
 
   sample_size: int | None = None
@@ -181,8 +199,10 @@ class UNet2DConditionModel(nn.Module):
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   act_fn: str = 'silu'
-  remat: bool = False
+  remat: bool | str = False
   remat_policy: str = 'nothing_saveable'
+  remat_blocks: str = 'all'
+  attention: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -228,8 +248,9 @@ class UNet2DConditionModel(nn.Module):
       resnet_groups=self.norm_num_groups,
       resnet_eps=self.norm_eps,
       act_fn=self.act_fn,
-      remat=self.remat,
+      remat_types=remat_block_types(self.remat, self.remat_blocks),
       remat_policy=self.remat_policy,
+      attention=self.attention,
       **kw,
     )
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))

@@ -37,6 +37,7 @@ class UNetMidBlock2D(nn.Module):
   norm_num_groups: int = 32
   act_fn: str = 'silu'
   add_attention: bool = True
+  attention: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -54,6 +55,7 @@ class UNetMidBlock2D(nn.Module):
         norm_num_groups=self.norm_num_groups,
         eps=_VAE_EPS,
         residual_connection=True,
+        attention=self.attention,
         name='attentions_0',
         **kw,
       )(x)
@@ -111,6 +113,7 @@ class Encoder(nn.Module):
   norm_num_groups: int = 32
   act_fn: str = 'silu'
   mid_block_add_attention: bool = True
+  attention: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -123,7 +126,9 @@ class Encoder(nn.Module):
       x = DownEncoderBlock2D(
         channels, self.layers_per_block, i != last, self.norm_num_groups, self.act_fn, name=f'down_blocks_{i}', **kw
       )(x)
-    x = UNetMidBlock2D(self.norm_num_groups, self.act_fn, self.mid_block_add_attention, name='mid_block', **kw)(x)
+    x = UNetMidBlock2D(
+      self.norm_num_groups, self.act_fn, self.mid_block_add_attention, self.attention, name='mid_block', **kw
+    )(x)
     x = group_norm(self.norm_num_groups, _VAE_EPS, name='conv_norm_out', **kw)(x)
     x = get_activation(self.act_fn)(x)
     return conv(2 * self.out_channels, 3, name='conv_out', **kw)(x)
@@ -138,6 +143,7 @@ class Decoder(nn.Module):
   norm_num_groups: int = 32
   act_fn: str = 'silu'
   mid_block_add_attention: bool = True
+  attention: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -145,7 +151,9 @@ class Decoder(nn.Module):
   def __call__(self, z: Array) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = conv(self.block_out_channels[-1], 3, name='conv_in', **kw)(z)
-    x = UNetMidBlock2D(self.norm_num_groups, self.act_fn, self.mid_block_add_attention, name='mid_block', **kw)(x)
+    x = UNetMidBlock2D(
+      self.norm_num_groups, self.act_fn, self.mid_block_add_attention, self.attention, name='mid_block', **kw
+    )(x)
     reversed_channels = list(reversed(self.block_out_channels))
     last = len(reversed_channels) - 1
     for i, channels in enumerate(reversed_channels):
@@ -172,6 +180,7 @@ class AutoencoderKL(nn.Module):
   norm_num_groups: int = 32
   act_fn: str = 'silu'
   mid_block_add_attention: bool = True
+  attention: str = 'auto'  # the mid-block attention's implementation (diffusion.models.attention)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -182,6 +191,7 @@ class AutoencoderKL(nn.Module):
       norm_num_groups=self.norm_num_groups,
       act_fn=self.act_fn,
       mid_block_add_attention=self.mid_block_add_attention,
+      attention=self.attention,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
     )

@@ -1,16 +1,19 @@
 """Checks of `config.model` (vae / unet / text) and the sizes the networks must agree on, before anything compiles.
 
 Each error is a `ConfigError` naming the key and what would fix it: image size vs the VAE factor and the U-Net
-levels, heads vs channels, text width vs cross-attention width, U-Net input channels vs the VAE latents.
+levels, heads vs channels, text width vs cross-attention width, U-Net input channels vs the VAE latents, an
+attention implementation this backend (or the section's dtype / head dims) cannot run, unknown remat settings.
 """
 
-from typing import Any
-
-import ml_collections
+from typing import TYPE_CHECKING, Any
 
 from diffusion.errors import ConfigError
+from diffusion.models.attention import IMPLEMENTATIONS, backend_error, kernel_limitation
 from diffusion.models.sizes import downsample_factor
-from diffusion.models.unet import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES
+from diffusion.models.unet import DOWN_BLOCK_TYPES, REMAT_BLOCKS, REMAT_POLICIES, UP_BLOCK_TYPES
+
+if TYPE_CHECKING:  # Only for annotations: the networks import without ml_collections (scripts/unet_memory.py).
+  import ml_collections
 
 MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -49,7 +52,7 @@ def _channels(section: Any, key: str) -> tuple:
   return channels
 
 
-def _validate_vae(config: ml_collections.ConfigDict) -> None:
+def _validate_vae(config: 'ml_collections.ConfigDict') -> None:
   vae = config.model.vae
   _channels(vae, 'model.vae')
   _check(vae.layers_per_block >= 1, 'model.vae.layers_per_block', 'must be >= 1')
@@ -63,7 +66,7 @@ def _validate_vae(config: ml_collections.ConfigDict) -> None:
   )
 
 
-def _validate_unet(config: ml_collections.ConfigDict) -> None:
+def _validate_unet(config: 'ml_collections.ConfigDict') -> None:
   unet = config.model.unet
   channels = _channels(unet, 'model.unet')
   levels = len(channels)
@@ -84,7 +87,44 @@ def _validate_unet(config: ml_collections.ConfigDict) -> None:
       _check(isinstance(n, int) and n >= 1, f'model.unet.{key}', f'entries must be integers >= 1, got {unet[key]!r}')
 
 
-def _validate_agreement(config: ml_collections.ConfigDict) -> None:
+def _validate_remat(unet: Any) -> None:
+  _check(isinstance(unet.get('remat', False), bool), 'model.unet.remat', f'must be True or False, got {unet.remat!r}')
+  for key, known in (('remat_policy', REMAT_POLICIES), ('remat_blocks', REMAT_BLOCKS)):
+    if key in unet:
+      _check(unet[key] in known, f'model.unet.{key}', f'unknown {unet[key]!r}; known: {", ".join(known)}')
+
+
+def _attention_head_dims(name: str, section: Any) -> tuple[int, ...]:
+  """The head dims of the attention layers of model.<name> (the checks of that section have passed)."""
+  if name == 'text':
+    return (section.hidden_size // section.num_attention_heads,)
+  channels = tuple(section.block_out_channels)
+  if name == 'vae':
+    return (channels[-1],) if section.get('mid_block_add_attention', True) else ()
+  heads = _per_level(section.num_attention_heads or section.attention_head_dim, len(channels), 'heads')
+  with_attention = [
+    i
+    for i in range(len(channels))
+    if section.down_block_types[i].startswith('CrossAttn') or section.up_block_types[-1 - i].startswith('CrossAttn')
+  ]
+  if section.get('mid_block_type', 'UNetMidBlock2DCrossAttn') is not None:
+    with_attention.append(len(channels) - 1)
+  return tuple(sorted({channels[i] // heads[i] for i in with_attention}))
+
+
+def _validate_attention(config: 'ml_collections.ConfigDict', name: str) -> None:
+  """model.<name>.attention: a known implementation that this backend, dtype and these head dims can run."""
+  section, key = config.model[name], f'model.{name}.attention'
+  value = section.get('attention', 'auto')
+  _check(value in IMPLEMENTATIONS, key, f'unknown {value!r}; known: {", ".join(IMPLEMENTATIONS)}')
+  _check(backend_error(value) is None, key, str(backend_error(value)))
+  if value != 'auto' and 'dtype' in section:
+    for head_dim in _attention_head_dims(name, section):
+      reason = kernel_limitation(value, head_dim, section.dtype)
+      _check(reason is None, key, f'{reason} (model.{name}.dtype / head dims); use "auto" to fall back to xla')
+
+
+def _validate_agreement(config: 'ml_collections.ConfigDict') -> None:
   """The sizes the VAE, U-Net and text encoder of a stage-2 model must agree on."""
   vae, unet, text = config.model.vae, config.model.unet, config.model.text
   _check(
@@ -122,13 +162,17 @@ def _validate_agreement(config: ml_collections.ConfigDict) -> None:
   )
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: 'ml_collections.ConfigDict') -> None:
   """Checks `config.model`: the VAE always, the U-Net, the text encoder and their size agreements for stage 2."""
   for name in ('vae', 'unet', 'text'):
     if name in config.model and 'dtype' in config.model[name]:
       value = config.model[name].dtype
       _check(value in MODEL_DTYPES, f'model.{name}.dtype', f'unknown {value!r}; known: {", ".join(MODEL_DTYPES)}')
   _validate_vae(config)
+  _validate_attention(config, 'vae')
   if config.model_type == 'ldm':
     _validate_unet(config)
+    _validate_remat(config.model.unet)
     _validate_agreement(config)
+    _validate_attention(config, 'unet')
+    _validate_attention(config, 'text')
