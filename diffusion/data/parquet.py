@@ -52,17 +52,20 @@ def row_groups(paths: list[str]) -> list[list]:
 
 def process_units(groups: list[list], process_index: int, process_count: int) -> list[list]:
   """This process's [path, row group, first row, end row] units: every `process_count`-th row group, or with fewer
-  row groups than processes, the `process_index`-th of `process_count` equal row slices of each. Disjoint over
-  processes; their union is every row."""
-  if not groups:
-    raise UserError(f'{KEY}: the files hold no rows')
+  row groups than processes, the `process_index`-th of `process_count` equal slices of all rows (cut at row-group
+  boundaries into units). Disjoint over processes; their union is every row."""
+  total = sum(g[3] for g in groups)
+  if total < process_count:
+    raise UserError(f'{KEY}: the files hold {total} rows for {process_count} processes: each needs at least one')
   if len(groups) >= process_count:
     return groups[process_index::process_count]
-  units = []
+  lo, hi = total * process_index // process_count, total * (process_index + 1) // process_count
+  units, start = [], 0
   for path, group, _, rows in groups:
-    lo, hi = rows * process_index // process_count, rows * (process_index + 1) // process_count
-    if hi > lo:
-      units.append([path, group, lo, hi])
+    first, end = max(lo - start, 0), min(hi - start, rows)
+    if end > first:
+      units.append([path, group, first, end])
+    start += rows
   return units
 
 

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from diffusion.data import transforms
+from diffusion.errors import UserError
 
 Reader = Callable[[Any, int], Iterator[tuple[dict, int]]]
 
@@ -151,6 +152,8 @@ def create_stream_pipeline(
   """This process's batches from its `units` (already its disjoint share), as `pipeline.create_image_pipeline`
   documents them. `num_epochs=None` repeats forever; `iter()` starts from the top each time; the result's
   `data_stats` holds this process's counts (`num_records`, when known, makes it log its summary after one pass)."""
+  if not units:
+    raise UserError(f'{name}: this process has no shard to read')
   stats = transforms.DataStats(name, num_records=num_records, shards=True)
   decode = _DecodeResize(
     transforms.DecodeRecord(data_config.image_key, data_config.caption_key, stats), data_config.image_size
