@@ -18,13 +18,13 @@ def create_input_pipeline(
   process_index: int = 0,
   process_count: int = 1,
   drop_remainder: bool = True,
-) -> grain.DataLoader:
+) -> grain.DataLoader | grain.IterDataset:
   """This host's batches of `split` (`batch_size` per host; `num_epochs=None` repeats forever).
 
   With `data_config.latent_cache` set (stage 2), the training split (and any other split the cache holds) is read
   from the precomputed latents: batches then carry `latent_mean` / `latent_logvar` in place of `image`, in the same
   order, with the same captions and flips (see `diffusion.data.latent_cache`). Otherwise see
-  `pipeline.create_image_pipeline`.
+  `pipeline.create_image_pipeline` (a grain `IterDataset` for the streamed sources, webdataset and parquet).
   """
   kwargs = dict(
     tokenizer=tokenizer,

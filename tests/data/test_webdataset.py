@@ -5,6 +5,7 @@ shard), the same pixels as the folder source, a seeded order, exact resume, disj
 and their errors, and a tiny VAE trained (and resumed) from shards through the training loop.
 """
 
+import gzip
 import io
 import json
 import os
@@ -146,6 +147,31 @@ def test_resume_continues_exactly(clean, tok):
     _, state = batches(config, tok, k)
     resumed, _ = batches(config, tok, 14 - k, state=state)
     assert_same_batches(resumed, straight[k:])
+
+
+def test_gzipped_shards_read_and_resume(clean, tmp_path, tok):
+  directory = os.path.dirname(clean)
+  for s in range(2):
+    with open(os.path.join(directory, f'{s:05d}.tar'), 'rb') as f, gzip.open(tmp_path / f'{s}.tar.gz', 'wb') as g:
+      g.write(f.read())
+  config = _config(str(tmp_path / '{0,1}.tar.gz'))
+  assert sorted(read_all(config, tok)[0]) == sorted(caption(i) for i in range(2 * PER_SHARD))
+  straight, _ = batches(config, tok, 6)
+  _, state = batches(config, tok, 2)
+  assert_same_batches(batches(config, tok, 4, state=state)[0], straight[2:])
+
+
+def test_splits_and_fresh_iterations(clean, tok):
+  """The eval split reads eval_urls; each iter() of a loader starts from the top (the loop's evaluations do)."""
+  eval_urls = clean.replace('{00000..00003}', '00003')
+  config = _config(clean, webdataset=dict(urls=clean, eval_urls=eval_urls, shuffle_buffer=4, cycle_length=2))
+  loader = pipeline.create_image_pipeline(
+    config, 'validation', tokenizer=tok, batch_size=2, seed=0, num_epochs=1, drop_remainder=False
+  )
+  first, again = [[tok.batch_decode(b['input_ids'], skip_special_tokens=True) for b in loader] for _ in range(2)]
+  assert first == again and sorted(sum(first, [])) == sorted(caption(i) for i in range(15, 20))  # Shard 3 only.
+  with pytest.raises(ConfigError, match=r"has the splits 'train' .* and 'validation' .*; got 'test'"):
+    pipeline.create_data_source(config, 'test')
 
 
 def test_process_shares_are_disjoint_and_cover_the_shards(clean, tok):
