@@ -170,9 +170,10 @@ def _splash_kernel(causal: bool, pq: int, pk: int, heads: int, interpret: bool) 
   static = splash.CausalMask((pq, pk)) if causal else splash.FullMask((pq, pk))
   bq, bkv = _splash_block(pq), _splash_block(pk)
   blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_q_dkv=bq, block_kv_dkv=bkv, block_q_dq=bq, block_kv_dq=bkv)
-  return splash.make_splash_mha_single_device(
-    splash.MultiHeadMask([static] * heads), block_sizes=blocks, interpret=interpret
-  )
+  with jax.ensure_compile_time_eval():  # Concrete mask tables, so a kernel built inside one trace serves them all.
+    return splash.make_splash_mha_single_device(
+      splash.MultiHeadMask([static] * heads), block_sizes=blocks, interpret=interpret
+    )
 
 
 def splash_attention(
