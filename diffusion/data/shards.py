@@ -97,7 +97,8 @@ def list_shards(pattern: str, key: str, suffixes: tuple[str, ...]) -> list[str]:
   if not paths:
     raise ConfigError(key, f'{pattern!r} matches no file')
   if missing:
-    raise ConfigError(key, f'{pattern!r} names {len(missing)} files that do not exist, e.g. {missing[0]!r}')
+    count = f'{len(missing)} of {len(missing) + len(paths)}'
+    raise ConfigError(key, f'{pattern!r} names files that do not exist ({count}, e.g. {missing[0]!r})')
   return list(dict.fromkeys(paths))
 
 

@@ -55,6 +55,12 @@ def _validate_stream_section(data: ml_collections.ConfigDict, name: str, key: st
   section = data.get(name)
   if section is None:
     raise ConfigError(f'data.{name}', f'is missing but data.name is {name!r}')
+  if data.worker_count:
+    raise ConfigError(
+      'data.worker_count',
+      f'worker processes are not implemented for data.name={name!r}: it decodes in its data.{name}.cycle_length '
+      'reader threads; set data.worker_count=0',
+    )
   if not section.cycle_length >= 1:
     raise ConfigError(f'data.{name}.cycle_length', f'must be >= 1, got {section.cycle_length!r}')
   if not section.shuffle_buffer >= 0:

@@ -206,12 +206,14 @@ def test_bad_patterns_fail_validation(tmp_path, clean):
   _validate(_config(clean))
   with pytest.raises(ConfigError, match=r"^config\.data\.webdataset\.urls: '.*/nothing-\*\.tar' matches no file$"):
     _validate(_config(str(tmp_path / 'nothing-*.tar')))
-  with pytest.raises(ConfigError, match=r'config\.data\.webdataset\.urls: .* names 1 files that do not exist'):
+  with pytest.raises(ConfigError, match=r"urls: .* names files that do not exist \(1 of 5, e\.g\. '.*00004\.tar'\)"):
     _validate(_config(clean.replace('00003', '00004')))
   with pytest.raises(ConfigError, match=r'config\.data\.webdataset\.eval_urls: .* matches no file'):
     _validate(_config(clean, webdataset=dict(urls=clean, eval_urls=str(tmp_path / 'x{0..3}.tar'))))
   with pytest.raises(ConfigError, match=r'config\.data\.webdataset\.urls: is empty'):
     _validate(_config(''))
+  with pytest.raises(ConfigError, match=r'config\.data\.worker_count: worker processes are not implemented'):
+    _validate(_config(clean, worker_count=2))
   with pytest.raises(ConfigError, match=r'config\.data\.webdataset\.cycle_length: must be >= 1'):
     _validate(_config(clean, webdataset=dict(urls=clean, eval_urls='', shuffle_buffer=4, cycle_length=0)))
 
