@@ -8,6 +8,7 @@ and their errors, and a tiny VAE trained (and resumed) from shards through the t
 import gzip
 import io
 import json
+import logging
 import os
 import tarfile
 
@@ -72,7 +73,7 @@ def tok():
   return word_tokenizer()
 
 
-def test_bad_samples_are_skipped_and_counted(tmp_path, tok):
+def test_bad_samples_are_skipped_and_counted(tmp_path, tok, caplog):
   with tarfile.open(tmp_path / 'a.tar', 'w') as tar:
     for i in range(20, 26):
       _sample(tar, i, image=b'\x89PNG not an image' if i == 21 else None, text=i != 22, has_image=i != 23)
@@ -83,7 +84,8 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tok):
   cut = data.getvalue().index(encoded_image(28, 'PNG')[:64]) + 40  # Inside the last sample's image.
   (tmp_path / 'b.tar').write_bytes(data.getvalue()[:cut])
   config = _config(str(tmp_path / '{a,b}.tar'))
-  captions, images, stats = read_all(config, tok)  # The two shards interleaved.
+  with caplog.at_level(logging.INFO):
+    captions, images, stats = read_all(config, tok)  # The two shards interleaved.
   assert sorted(captions) == [caption(i) for i in (20, 24, 25, 26, 27)] and images.shape == (5, 8, 8, 3)
   assert {k: v for k, v in stats.counts.items() if v} == {
     'undecodable': 1,
@@ -93,6 +95,8 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tok):
   }
   assert stats.seen == 9 and stats.dropped == 4 and 'effective size 5 of 9' in stats.summary()
   assert '1 truncated' in stats.summary() and '1 without a caption' in stats.summary()
+  summaries = [r.getMessage() for r in caplog.records if 'effective size' in r.getMessage()]
+  assert summaries == [stats.summary()]  # Logged once, after one pass over the shards.
 
 
 def test_a_shard_cut_inside_a_header_is_truncated(tmp_path, tok):
