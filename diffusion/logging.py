@@ -34,17 +34,34 @@ class MetricWriter:
     self._wandb = None
     self._last_time, self._last_step = None, None
     self._flops_per_device, self._peak_tflops, self._num_devices = None, None, jax.device_count()
+    self._analytic_flops, self._data_wait = None, None
     if self.is_lead:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
       self._wandb = _init_wandb(workdir, config)
 
   def start(self, step: int) -> None:
+    """Starts a timed interval at `step` (after compiling, checkpointing or evaluating: not counted)."""
     self._last_time, self._last_step = time.perf_counter(), step
+    if self._data_wait is not None:
+      self._data_wait.take()
 
-  def set_step_flops(self, flops_per_device: float | None, peak_tflops_per_device: float | None) -> None:
-    """FLOPs of one train step per device (XLA's count) and the device's peak rate, for TFLOP/s and MFU."""
+  def set_step_flops(
+    self,
+    flops_per_device: float | None,
+    peak_tflops_per_device: float | None,
+    analytic_flops_per_device: float | None = None,
+  ) -> None:
+    """FLOPs of one train step per device (XLA's count, and the analytic model count where the task has one) and
+    the device's peak rate, for TFLOP/s and MFU."""
     self._flops_per_device, self._peak_tflops = flops_per_device, peak_tflops_per_device
+    self._analytic_flops = analytic_flops_per_device
+
+  def set_data_wait(self, source: Any) -> None:
+    """Where the input wait comes from: an object whose `take()` returns the seconds the loop was blocked on its
+    input since the last call (`throughput.DataWait`); logged per interval as `data_wait_ms` (per step) and
+    `data_wait_frac` (of the interval's wall time)."""
+    self._data_wait = source
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any], progress: bool = True) -> None:
     """Logs one step's scalars; with `progress`, adds and prints steps/s, images/s, TFLOP/s, MFU and ETA."""
@@ -53,18 +70,13 @@ class MetricWriter:
     scalars = {k: float(v) for k, v in scalars.items()}
     if progress and self._last_time is not None and step > self._last_step:
       now = time.perf_counter()
-      steps_per_sec = (step - self._last_step) / (now - self._last_time)
-      speed = self._throughput(steps_per_sec)
+      steps, elapsed = step - self._last_step, now - self._last_time
+      speed = self._throughput(steps / elapsed)
+      if self._data_wait is not None:
+        wait = self._data_wait.take()
+        speed.update(data_wait_ms=1e3 * wait / steps, data_wait_frac=min(wait / elapsed, 1.0))
       self._last_time, self._last_step = now, step
-      eta = _format_eta((self.total_steps - step) / max(steps_per_sec, 1e-9))
-      shown = ' '.join(f'{k}={v:.4g}' for k, v in scalars.items())
-      rate = f' TFLOP/s={speed["tflops"]:.3g}' if 'tflops' in speed else ''
-      rate += f' MFU={100 * speed["mfu"]:.1f}%' if 'mfu' in speed else ''
-      print(
-        f'step {step}/{self.total_steps} {shown} steps/s={steps_per_sec:.2f} '
-        f'images/s={speed["images_per_s"]:.1f}{rate} eta={eta}',
-        flush=True,
-      )
+      print(self._progress_line(step, scalars, speed), flush=True)
       scalars.update(speed)
     elif scalars:
       print(f'step {step} ' + ' '.join(f'{k}={v:.4g}' for k, v in scalars.items()), flush=True)
@@ -77,9 +89,31 @@ class MetricWriter:
     from diffusion.throughput import throughput
 
     speed = throughput(
-      1.0 / steps_per_sec, self.batch_size, self._num_devices, self._flops_per_device, self._peak_tflops
+      1.0 / steps_per_sec,
+      self.batch_size,
+      self._num_devices,
+      self._flops_per_device,
+      self._peak_tflops,
+      self._analytic_flops,
     )
     return {'steps_per_sec': steps_per_sec, 'images_per_sec': speed['images_per_s'], **speed}
+
+  def _progress_line(self, step: int, scalars: Mapping[str, float], speed: Mapping[str, float]) -> str:
+    """`step N/T <scalars> steps/s=.. images/s=.. images/s/device=.. [TFLOP/s=.. MFU=..% MFU_analytic=..%]
+    [data_wait=..ms(..%)] eta=..`."""
+    steps_per_sec = speed['steps_per_sec']
+    eta = _format_eta((self.total_steps - step) / max(steps_per_sec, 1e-9))
+    shown = ' '.join(f'{k}={v:.4g}' for k, v in scalars.items())
+    rate = f' images/s/device={speed["images_per_s_per_device"]:.3g}'
+    rate += f' TFLOP/s={speed["tflops"]:.3g}' if 'tflops' in speed else ''
+    rate += f' MFU={100 * speed["mfu"]:.1f}%' if 'mfu' in speed else ''
+    rate += f' MFU_analytic={100 * speed["mfu_analytic"]:.1f}%' if 'mfu_analytic' in speed else ''
+    if 'data_wait_ms' in speed:
+      rate += f' data_wait={speed["data_wait_ms"]:.3g}ms({100 * speed["data_wait_frac"]:.0f}%)'
+    return (
+      f'step {step}/{self.total_steps} {shown} steps/s={steps_per_sec:.2f} images/s={speed["images_per_s"]:.1f}'
+      f'{rate} eta={eta}'
+    )
 
   def write_images(self, step: int, name: str, grid: np.ndarray, caption: str = '') -> str | None:
     """Saves a uint8 grid as `<workdir>/samples/<name>_<step>.png` and logs it to W&B."""

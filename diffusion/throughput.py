@@ -304,14 +304,15 @@ def unet_train_step_flops(arch: Any, height: int, width: int, context_length: in
 
 def config_train_step_flops(config: Any, batch: Any) -> float | None:
   """Analytic model FLOPs per step of a training config on one global `batch` (arrays with shapes): the U-Net's
-  3x forward for 'ldm' (latent side `model.unet.sample_size`, context length from `input_ids`); None for a task
-  without an analytic count. Frozen parts (VAE encoder, a frozen text encoder) are not model work of the step."""
-  if config.get('model_type') != 'ldm' or 'input_ids' not in batch:
+  3x forward for 'ldm' (latent side `model.unet.sample_size`; context length from `text_embedding` (B, L, D) of a
+  text cache, else `input_ids` (B, L)); None for a task without an analytic count. Frozen parts (VAE encoder, a
+  frozen text encoder) are not model work of the step."""
+  text = batch.get('text_embedding', batch.get('input_ids'))
+  if config.get('model_type') != 'ldm' or text is None:
     return None
   unet = config.model.unet
   side = int(unet.sample_size)
-  ids = batch['input_ids']
-  return unet_train_step_flops(unet, side, side, int(ids.shape[-1]), int(ids.shape[0]))
+  return unet_train_step_flops(unet, side, side, int(text.shape[1]), int(text.shape[0]))
 
 
 class DataWait:

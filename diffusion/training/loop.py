@@ -229,10 +229,14 @@ class _Run:
     )
     step = int(state.step)
     first = next(batches)  # Compiles the step here (FLOPs for TFLOP/s and MFU), outside the timed interval.
-    batches = itertools.chain([first], batches)
+    batches = throughput.DataWait(itertools.chain([first], batches))  # Time blocked on the input, per interval.
+    analytic = throughput.config_train_step_flops(config, first)
     writer.set_step_flops(
-      throughput.jit_flops(self.train_step, state, first, self.frozen), throughput.config_peak_tflops(config)
+      throughput.jit_flops(self.train_step, state, first, self.frozen),
+      throughput.config_peak_tflops(config),
+      analytic / jax.device_count() if analytic else None,
     )
+    writer.set_data_wait(batches)
     writer.start(step)
     pending = []
     with _StopRequest() as stop:

@@ -125,5 +125,7 @@ def test_config_train_step_flops():
   config = ml_collections.ConfigDict({'model_type': 'ldm', 'model': {'unet': unet}})
   batch = {'image': np.zeros((6, 128, 128, 3)), 'input_ids': np.zeros((6, 8), np.int32)}
   assert throughput.config_train_step_flops(config, batch) == 3 * throughput.unet_forward_flops(TINY, 16, 16, 8, 6)
+  cached = {'latent_mean': np.zeros((6, 16, 16, 4)), 'text_embedding': np.zeros((6, 8, 48))}  # A text cache's.
+  assert throughput.config_train_step_flops(config, cached) == 3 * throughput.unet_forward_flops(TINY, 16, 16, 8, 6)
   config.model_type = 'vae'
   assert throughput.config_train_step_flops(config, batch) is None

@@ -156,7 +156,9 @@ def test_training_run_logs_throughput(ldm_workdir):
   progress = [r for r in rows if 'loss' in r]
   assert progress
   for row in progress:
-    for key in ('images_per_s', 'images_per_s_per_device', 'step_time_s', 'tflops'):
+    for key in ('images_per_s', 'images_per_s_per_device', 'step_time_s', 'tflops', 'tflops_analytic'):
       assert row[key] > 0, (key, row)
+    assert 0 <= row['data_wait_frac'] <= 1 and row['data_wait_ms'] >= 0
+    assert row['tflops_analytic'] < row['tflops']  # XLA's count adds the frozen VAE encoder and elementwise ops.
     assert row['images_per_s'] == pytest.approx(row['images_per_s_per_device'] * jax.device_count())
     assert ('mfu' in row) == (throughput.peak_tflops(jax.devices()[0].device_kind, 'float32') is not None)
