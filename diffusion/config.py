@@ -63,6 +63,10 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
     'train.compute_dtype',
     f'unknown {dtype!r}; known: {", ".join(COMPUTE_DTYPES)} ("" = each model.*.dtype)',
   )
+  frozen = train.get('frozen_param_dtype', 'float32')
+  _check(
+    frozen in COMPUTE_DTYPES, 'train.frozen_param_dtype', f'unknown {frozen!r}; known: {", ".join(COMPUTE_DTYPES)}'
+  )
 
 
 def _validate_sample(config: ml_collections.ConfigDict, schedule: process.NoiseSchedule) -> None:
