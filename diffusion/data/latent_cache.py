@@ -8,19 +8,37 @@ undecodable image, kept as a placeholder so record indices equal the dataset's),
 and float32 posterior `mean` / `logvar` of shape (variants, h, w, c): variant 0 the centre-cropped image, variant 1
 (when stored) its horizontal flip.
 
+Text embeddings (optional, `precompute(..., text_encoder=...)`, for a frozen text encoder): each record also holds
+`text_embeddings` (captions, L, D), the encoder hidden states the U-Net cross-attends to for each caption, and
+`flipped_text_embeddings`, the same for `flipped_captions` (an empty array when no caption changes under the flip or
+no flip is stored: the reader then uses `text_embeddings`). `DIR/<split>/null_text_embedding.npy` holds the empty
+prompt's (L, D) embedding once (caption dropout), always float32. The metadata's `text_encoder` entry names the
+encoder (its workdir, `checkpoint.params_hash` of its params, its architecture, the tokenizer's vocabulary hash, L,
+D) and the storage dtype (`float32` by default, exact; `float16` / `bfloat16` halve it). Size per caption variant:
+L x D x 4 bytes in float32: 77 x 768 x 4 = 236,544 bytes (231 KiB) for CLIP ViT-L, 115.5 KiB in 16 bits; a sample
+with 5 captions whose flipped captions differ stores 10 of them (2.3 MiB in float32). The U-Net consumes only the
+hidden states (no attention mask, no pooled output), so nothing else is stored.
+
 Training from the cache (`config.data.latent_cache = DIR`) reads the records with the same grain sampler as the
 image pipeline and replays `pipeline.draw_augmentation` with the same per-example generator, so every example gets
 the same caption and flip as on the fly; the task then samples the latent from the stored posterior with the same
 per-example key (`ldm_task.sample_posterior`). Random crops cannot be cached (`data.random_crop` must be False).
+With text embeddings, the batches also carry `text_embedding` (B, L, D) float32: the embedding of the caption (and
+flip) that example drew, so a frozen text encoder need not run (`ldm_task`); caption dropout then swaps in the stored
+empty-prompt embedding. A cache with text embeddings is refused for a trained text encoder (`model.text.trainable`):
+its embeddings would be stale.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
 
 import grain
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import serialization
@@ -34,6 +52,9 @@ FORMAT = 'ldm-jax-latent-cache'
 VERSION = 1
 VARIANTS = {'none': ('original',), 'both': ('original', 'flipped')}
 _METADATA = 'metadata.json'
+NULL_TEXT_EMBEDDING = 'null_text_embedding.npy'
+TEXT_EMBEDDING_DTYPES = ('float32', 'float16', 'bfloat16')
+_TEXT_FIELDS = ('type', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'hidden_act', 'layer_norm_eps')
 
 
 def split_dir(cache_dir: str, split: str) -> str:
@@ -58,6 +79,26 @@ def _architecture(vae_config: ml_collections.ConfigDict) -> dict:
   """The VAE config minus what does not change the encoder's output (scaling factor, dtype)."""
   skip = ('scaling_factor', 'dtype')
   return json.loads(json.dumps({k: v for k, v in vae_config.to_dict().items() if k not in skip}, default=list))
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+  """sha256 of the tokenizer's vocabulary (token -> id): which ids the cached embeddings were computed from."""
+  vocab = sorted(tokenizer.get_vocab().items())
+  return hashlib.sha256(json.dumps([type(tokenizer).__name__, vocab]).encode()).hexdigest()
+
+
+def text_encoder_identity(text_config: ml_collections.ConfigDict, tokenizer: Any, max_text_length: int) -> dict:
+  """What decides the text embeddings besides the params: architecture, tokenizer, padded length."""
+  # The fields that shape the hidden states (the params hash covers the weights; pooling fields are not used).
+  config = {k: text_config.get(k) for k in _TEXT_FIELDS}
+  return {'config': config, 'tokenizer_sha256': tokenizer_hash(tokenizer), 'max_text_length': int(max_text_length)}
+
+
+def text_params_hashes(params: Any) -> dict:
+  """`checkpoint.params_hash` of the text params in float32 and in bfloat16: a run keeping its frozen text encoder in
+  `train.frozen_param_dtype='bfloat16'` holds the bf16 rounding of the params the embeddings were computed with."""
+  cast = lambda dtype: jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+  return {'params_sha256': params_hash(cast(np.float32)), 'bfloat16_params_sha256': params_hash(cast(jnp.bfloat16))}
 
 
 def expected_metadata(config: ml_collections.ConfigDict, split: str) -> dict:
@@ -113,8 +154,38 @@ def _mismatches(meta: dict, expected: dict, prefix: str = '') -> list[str]:
   return out
 
 
-def check_cache(config: ml_collections.ConfigDict, split: str, vae_params: Any = None) -> dict:
-  """Refuses (ConfigError naming the mismatch) a cache that was not made for this config and frozen VAE."""
+def _text_problems(config: ml_collections.ConfigDict, meta: dict, text: tuple | None) -> list[str]:
+  """Mismatches of a cache's text embeddings with this run's text encoder; `text`: (frozen params, tokenizer)."""
+  stored = meta.get('text_encoder')
+  if not stored:
+    return []
+  if config.model.text.trainable:
+    return [
+      'text_encoder: the cache holds embeddings of a frozen text encoder, but model.text.trainable=True trains it '
+      '(the embeddings would be stale); precompute without --text_embeddings or freeze the text encoder'
+    ]
+  if text is None:
+    return []
+  params, tokenizer = text
+  bf16 = {np.dtype(x.dtype) for x in jax.tree.leaves(params)} == {np.dtype(jnp.bfloat16)}
+  digest_key = 'bfloat16_params_sha256' if bf16 else 'params_sha256'
+  problems = [
+    f'text_encoder.{p}'
+    for p in _mismatches(stored, text_encoder_identity(config.model.text, tokenizer, config.data.max_text_length))
+  ]
+  if stored.get(digest_key) != params_hash(params):
+    problems.append(
+      f'text encoder params: the embeddings were computed with the text encoder of {stored.get("workdir")!r} '
+      f"(params hash {str(stored.get(digest_key))[:12]}...), not this run's frozen text encoder"
+    )
+  return problems
+
+
+def check_cache(
+  config: ml_collections.ConfigDict, split: str, vae_params: Any = None, text: tuple | None = None
+) -> dict:
+  """Refuses (ConfigError naming the mismatch) a cache that was not made for this config and frozen VAE (and, when
+  it holds text embeddings, this run's frozen text encoder: `text` = (its params, the tokenizer))."""
   cache_dir = config.data.latent_cache
   meta = load_metadata(cache_dir, split)
   problems = _mismatches(meta, expected_metadata(config, split))
@@ -128,6 +199,7 @@ def check_cache(config: ml_collections.ConfigDict, split: str, vae_params: Any =
       f'VAE params: the cache was encoded with the VAE of {meta.get("vae_workdir")!r} (params hash '
       f"{str(meta.get('vae_params_sha256'))[:12]}...), not this run's frozen VAE"
     )
+  problems += _text_problems(config, meta, text)
   if problems:
     raise ConfigError(
       'data.latent_cache',
@@ -138,11 +210,21 @@ def check_cache(config: ml_collections.ConfigDict, split: str, vae_params: Any =
   return meta
 
 
-def check_training_cache(config: ml_collections.ConfigDict, vae_params: Any) -> None:
+def check_training_cache(config: ml_collections.ConfigDict, vae_params: Any, text: tuple | None = None) -> None:
   """`check_cache` for the training split and, when the cache holds it, the evaluation split."""
-  check_cache(config, config.data.train_split, vae_params)
+  check_cache(config, config.data.train_split, vae_params, text)
   if config.data.eval_split != config.data.train_split and has_split(config.data.latent_cache, config.data.eval_split):
-    check_cache(config, config.data.eval_split, vae_params)
+    check_cache(config, config.data.eval_split, vae_params, text)
+
+
+def has_text_embeddings(cache_dir: str, split: str) -> bool:
+  """Whether the split's cache holds text embeddings (cheap: reads the metadata only)."""
+  return has_split(cache_dir, split) and bool(load_metadata(cache_dir, split).get('text_encoder'))
+
+
+def load_null_text_embedding(cache_dir: str, split: str) -> np.ndarray:
+  """The empty prompt's (L, D) float32 embedding stored with the split (what caption dropout trains on)."""
+  return np.load(os.path.join(split_dir(cache_dir, split), NULL_TEXT_EMBEDDING)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -199,19 +281,26 @@ class CachedAugment(grain.transforms.RandomMap):
       rng, len(element['captions']), s, s, s, False, self.random_flip
     )
     captions = element['flipped_captions'] if flip else element['captions']
-    return {
+    out = {
       'latent_mean': element['mean'][int(flip)],
       'latent_logvar': element['logvar'][int(flip)],
       'caption': captions[choice],
     }
+    if 'text_embeddings' in element:  # The same choice picks the caption's stored embedding.
+      flipped = element['flipped_text_embeddings']
+      out['text_embedding'] = (flipped if flip and len(flipped) else element['text_embeddings'])[choice]
+    return out
 
 
 def _stack(elements: list[dict]) -> dict:
-  return {
+  out = {
     'latent_mean': np.stack([e['latent_mean'] for e in elements]).astype(np.float32),
     'latent_logvar': np.stack([e['latent_logvar'] for e in elements]).astype(np.float32),
     'caption': [e['caption'] for e in elements],
   }
+  if 'text_embedding' in elements[0]:
+    out['text_embedding'] = np.stack([e['text_embedding'] for e in elements]).astype(np.float32)
+  return out
 
 
 def create_cached_pipeline(
@@ -227,7 +316,8 @@ def create_cached_pipeline(
   process_count: int = 1,
   drop_remainder: bool = True,
 ) -> grain.DataLoader:
-  """This host's batches: dict(latent_mean, latent_logvar: float32 (B, h, w, c), input_ids: int32 (B, L)).
+  """This host's batches: dict(latent_mean, latent_logvar: float32 (B, h, w, c), input_ids: int32 (B, L)), plus
+  text_embedding: float32 (B, L, D) when the cache holds text embeddings.
 
   Same sampler, sharding and augmentation draws as `pipeline.create_image_pipeline` on the image dataset.
   """

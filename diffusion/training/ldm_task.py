@@ -9,8 +9,19 @@ tokenizer into `<workdir>/tokenizer`, and (`calibrate`) computes the latent scal
 samples, as LDM does); the factor, the VAE config and the vocabulary size are then part of the saved `config.json`, so
 the workdir is self-contained. On resume everything is read back from the workdir. The task never changes the config it
 is given: `task.config` is its resolved copy.
+
+A frozen text encoder (`model.text.trainable=False`) with a latent cache holding its embeddings (scripts/
+precompute_latents.py --text_embeddings) never runs in the train step: the batches carry each example's caption
+embedding and caption dropout swaps in the cache's empty-prompt embedding, so the loss equals encoding on the fly. Its
+params stay in the train state (sampling and checkpoints use them); the cache is refused unless it was computed with
+exactly these params (`latent_cache.check_training_cache`), and refused for a trained text encoder.
+
+`train.frozen_param_dtype='bfloat16'` keeps the frozen VAE and a frozen text encoder in bfloat16 on the devices (half
+their memory); the networks still compute in their compute dtype (float32 by default) from the bf16-rounded weights.
+The VAE workdir's float32 params are what `built_on` records and what the cache check hashes.
 """
 
+import os
 from typing import Any, Callable
 
 import jax
@@ -18,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion import losses, models, process
+from diffusion import checkpoint, losses, models, process
 from diffusion import workdir as workdir_lib
 from diffusion.data import latent_cache
 from diffusion.data import shapes as shapes_lib
@@ -76,6 +87,24 @@ def frozen_param_groups(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return () if config.model.text.trainable else ('text',)
 
 
+def frozen_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+  """The dtype frozen params are kept in on the devices (`train.frozen_param_dtype`, default float32)."""
+  return jnp.dtype(config.train.get('frozen_param_dtype', 'float32') or 'float32')
+
+
+def cast_tree(tree: Any, dtype: jnp.dtype) -> Any:
+  """Floating leaves of `tree` in `dtype` (others unchanged); the tree itself when nothing changes."""
+  if all(jnp.dtype(x.dtype) == dtype or not jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(tree)):
+    return tree
+  return jax.tree.map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return False
+  return checkpoint.Checkpointer(os.path.abspath(workdir), read_only=True).latest_step() is not None
+
+
 @TASKS.register('ldm')
 class LDMTask:
   """The task protocol (`diffusion.training.task.Task`) for stage 2: params, loss, validation loss, sample grids."""
@@ -89,26 +118,54 @@ class LDMTask:
       previous = workdir_lib.load_workdir_config(workdir, expect='ldm')
       config.model.vae = previous.model.vae
       config.model.text.vocab_size = previous.model.text.vocab_size
-    self.frozen = {'vae': _frozen_vae(config, workdir)}
-    if config.data.get('latent_cache'):  # Refuse latents made by another VAE, dataset or augmentation setting.
-      latent_cache.check_training_cache(config, self.frozen['vae'])
+    vae = _frozen_vae(config, workdir)
+    self._vae_source = vae  # float32, as the VAE workdir holds it: what built_on records.
     self.tokenizer = _tokenizer(config, workdir)
     config.model.text.vocab_size = len(self.tokenizer)
     self.config = config
     self.vae = models.create_vae(with_compute_dtype(config.model.vae, config.train))
     self.unet = models.create_unet(with_compute_dtype(config.model.unet, config.train))
-    self.text_encoder = models.create_text_encoder(with_compute_dtype(config.model.text, config.train))
+    text_config = with_compute_dtype(config.model.text, config.train)
+    self.text_encoder = models.create_text_encoder(text_config)
+    self.text_dtype = jnp.dtype(text_config.dtype)
     self.schedule = process.get_noise_schedule(config.diffusion)
     self.diffusion_loss = losses.get_diffusion_loss_fn(config.diffusion)
     self._pipeline = None
     self.null_ids = jnp.asarray(tokenizer_lib.tokenize(self.tokenizer, [''], config.data.max_text_length)[0])
+    self.null_context = None  # The cache's empty-prompt embedding, when the batches carry text embeddings.
+    cache = config.data.get('latent_cache')
+    if cache:  # Refuse latents (and text embeddings) made by another VAE, text encoder, dataset or augmentation.
+      text_cached = latent_cache.has_text_embeddings(cache, config.data.train_split)
+      frozen_text = text_cached and not config.model.text.trainable
+      text = (self._frozen_text_params(workdir), self.tokenizer) if frozen_text else None
+      latent_cache.check_training_cache(config, vae, text)
+      if frozen_text:
+        self.null_context = jnp.asarray(latent_cache.load_null_text_embedding(cache, config.data.train_split))
+    self.frozen = {'vae': cast_tree(jax.device_get(vae), frozen_dtype(config)) if self._bf16_frozen else vae}
+
+  @property
+  def _bf16_frozen(self) -> bool:
+    return frozen_dtype(self.config) != jnp.float32
+
+  def _frozen_text_params(self, workdir: str) -> Any:
+    """The frozen text params this run's train state will hold (in `train.frozen_param_dtype`): the workdir's latest
+    checkpoint's (a resume, or a scripts/convert.py import), else the `init_from` workdir's EMA params, else the fresh
+    init from the loop's init key (`split(PRNGKey(seed))[0]`)."""
+    if _has_checkpoint(workdir):
+      params = workdir_lib.load_trained_params(workdir, 'params')[0]['text']
+    elif self.config.get('init_from'):
+      params = workdir_lib.load_trained_params(self.config.init_from, 'ema_params', key='init_from')[0]['text']
+    else:
+      rng_init = jax.random.split(jax.random.PRNGKey(self.config.seed))[0]
+      params = jax.jit(self.init_params)(rng_init)['text']
+    return cast_tree(params, frozen_dtype(self.config))
 
   @property
   def frozen_param_groups(self) -> tuple[str, ...]:
     return frozen_param_groups(self.config)
 
   def built_on(self) -> dict[str, Any]:
-    return {'vae_workdir': self.frozen['vae']}
+    return {'vae_workdir': self._vae_source}
 
   def calibrate(self, batches: Batches, num_batches: int = 4) -> str | None:
     """Unless set, model.vae.scaling_factor = 1 / std of posterior latent samples over a few global batches."""
@@ -130,6 +187,8 @@ class LDMTask:
     text = self.text_encoder.init(k_text, ids)['params']
     context = jnp.zeros((1, c.data.max_text_length, c.model.unet.cross_attention_dim), jnp.float32)
     unet = self.unet.init(k_unet, x, jnp.zeros((1,), jnp.int32), context)['params']
+    if not c.model.text.trainable:  # A frozen text encoder is kept in train.frozen_param_dtype.
+      text = cast_tree(text, frozen_dtype(c))
     return {'unet': unet, 'text': text}
 
   def _forward(self, params: Any, frozen: Any, batch: dict, keys: jax.Array, drop_captions: bool) -> tuple:
@@ -140,14 +199,25 @@ class LDMTask:
     z0 = jax.vmap(sample_posterior)(*self._posterior(frozen['vae'], batch), k_latent) * c.model.vae.scaling_factor
     noised = lambda kt, kn, z: losses.noised_example(kt, kn, z, self.schedule, c.diffusion.offset_noise)
     x_t, t, noise = jax.vmap(noised)(k_t, k_noise, z0)  # t per the schedule: integer, EDM log-normal or flow.
-    ids = batch['input_ids']
+    drop = None
     if drop_captions and c.diffusion.caption_dropout > 0:
       drop = jax.vmap(lambda k: jax.random.uniform(k) < c.diffusion.caption_dropout)(k_drop)
-      ids = jnp.where(drop[:, None], self.null_ids[None], ids)
-    text_params = params['text'] if c.model.text.trainable else jax.lax.stop_gradient(params['text'])
-    context = self.text_encoder.apply({'params': text_params}, ids)[0]
-    output = self.unet.apply({'params': params['unet']}, x_t, t, context)
+    output = self.unet.apply({'params': params['unet']}, x_t, t, self._context(params, batch, drop))
     return output.astype(jnp.float32), z0, noise, t  # The loss in float32 whatever the compute dtype.
+
+  def _context(self, params: Any, batch: dict, drop: jax.Array | None) -> jax.Array:
+    """The text encoder's hidden states of the batch's captions (the empty prompt where `drop`): read from the latent
+    cache's embeddings when the batch carries them (the encoder does not run), else encoded."""
+    if 'text_embedding' in batch and self.null_context is not None:
+      context = batch['text_embedding']
+      if drop is not None:
+        context = jnp.where(drop[:, None, None], self.null_context[None], context)
+      return context.astype(self.text_dtype)
+    ids = batch['input_ids']
+    if drop is not None:
+      ids = jnp.where(drop[:, None], self.null_ids[None], ids)
+    text_params = params['text'] if self.config.model.text.trainable else jax.lax.stop_gradient(params['text'])
+    return self.text_encoder.apply({'params': text_params}, ids)[0]
 
   def _posterior(self, vae_params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
     """(mean, logvar) of q(z|x): read from a latent-cache batch, else the frozen VAE encodes the images."""

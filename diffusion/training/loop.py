@@ -78,7 +78,7 @@ def _input_pipeline(
 
 def _global_batches(iterator, mesh):
   for batch in iterator:
-    keys = ('image', 'input_ids', 'latent_mean', 'latent_logvar')  # Latents: batches of a latent cache.
+    keys = ('image', 'input_ids', 'latent_mean', 'latent_logvar', 'text_embedding')  # Latents: a latent cache's.
     yield parallel.make_global_batch({k: batch[k] for k in keys if k in batch}, mesh)
 
 
