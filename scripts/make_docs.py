@@ -156,54 +156,37 @@ def render_bench_text_cache(record: dict) -> list[str]:
 
 
 def render_bench_gpu(record: dict) -> list[str]:
-  s = record['settings']
-  peak = record.get('peak_tflops')
   lines = [
-    f'Device {", ".join(record.get("device_kinds", [])) or "?"}; {s["dtype"]} compute, dense peak {peak or "unknown"} '
-    f'TFLOP/s; analytic U-Net forward {record["analytic_forward_tflop_per_image"]:.3g} TFLOP per image. '
-    "MFU from the analytic model FLOPs and, for ours, from XLA's count of the compiled program; "
-    '"ours / PyTorch" is the time ratio measured in the same run (below 1: ours is faster).',
+    f'Dense bf16 peak of the device: {record["peak_bf16_tflops"]} TFLOP/s.',
     '',
-    '| what | implementation | batch | time | images/s | MFU (analytic) | MFU (XLA count) | peak memory | '
-    'ours / PyTorch |',
-    '|---|---|---|---|---|---|---|---|---|',
+    '| what | resolution | batch | step time | images/s | TFLOP/s | MFU |',
+    '|---|---|---|---|---|---|---|',
   ]
-  pct = lambda r, key: f'{100 * r[key]:.1f}%' if r.get(key) is not None else '-'
   for r in record['results']:
-    memory = f'{r["peak_memory_gib"]:.1f} GiB' if r.get('peak_memory_gib') is not None else '-'
-    ratio = f'{r["time_ours_over_torch"]:.2f}' if 'time_ours_over_torch' in r else '-'
+    mfu = f'{100 * r["mfu"]:.1f}%' if 'mfu' in r else '-'
+    tflops = _g(r['tflops']) if 'tflops' in r else '-'
     lines.append(
-      f'| {r["what"]} ({r["resolution_px"]} px) | {r["impl"]} | {r["batch"]} | {1e3 * r["seconds"]:.1f} ms | '
-      f'{_g(r["images_per_s"])} | {pct(r, "mfu_analytic")} | {pct(r, "mfu")} | {memory} | {ratio} |'
+      f'| {r["what"]} | {r["resolution_px"]} px | {r["batch"]} | {1e3 * r["step_time_s"]:.1f} ms | '
+      f'{_g(r["images_per_s"])} | {tflops} | {mfu} |'
     )
-  missing = record.get('not_measured') or {}
-  if missing:
-    lines += ['', 'Not measured: ' + '; '.join(f'{k} ({v})' for k, v in missing.items()) + '.']
   return lines
 
 
-def _unet_memory_setting(r: dict) -> str:
-  """The size / attention / remat / batch / dtype cells of a unet_memory row (records before the attention and size
-  columns measured 64x64 latents with the einsum attention)."""
-  latent, attention = r.get('latent', 64), r.get('attention', 'xla')
-  return f'| {8 * latent} px ({latent}x{latent}) | {attention} | `{r["remat"]}` | {r["batch"]} | {r["dtype"]} |'
-
-
 def render_unet_memory(record: dict) -> list[str]:
-  head = '| image (latents) | attention | remat | batch | dtype |'
-  if record['settings'].get('run'):
-    lines = [f'{head} peak memory | step time | compile |', '|---|---|---|---|---|---|---|---|']
+  measured = record['settings'].get('run')
+  if measured:
+    lines = ['| batch | remat | dtype | peak memory | step time | compile |', '|---|---|---|---|---|---|']
     for r in record['results']:
       lines.append(
-        f'{_unet_memory_setting(r)} {r.get("peak_gib", float("nan")):.1f} GiB | '
+        f'| {r["batch"]} | `{r["remat"]}` | {r["dtype"]} | {r.get("peak_gib", float("nan")):.1f} GiB | '
         f'{1e3 * r["step_s"]:.0f} ms | {r["compile_s"]:.0f} s |'
       )
     return lines
-  lines = [f'{head} compiled total | of which temporaries | compile |', '|---|---|---|---|---|---|---|---|']
+  lines = ['| batch | remat | dtype | compiled total | of which temporaries | compile |', '|---|---|---|---|---|---|']
   for r in record['results']:
     lines.append(
-      f'{_unet_memory_setting(r)} {r["compiled_total_gib"]:.1f} GiB | {r["compiled_temp_gib"]:.2f} GiB | '
-      f'{r["compile_s"]:.0f} s |'
+      f'| {r["batch"]} | `{r["remat"]}` | {r["dtype"]} | {r["compiled_total_gib"]:.1f} GiB | '
+      f'{r["compiled_temp_gib"]:.1f} GiB | {r["compile_s"]:.0f} s |'
     )
   return lines
 
@@ -258,7 +241,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], list[str]], str]] = {
   ),
   'unet_memory_compiled_cpu': (
     render_unet_memory,
-    '`python scripts/unet_memory.py --batch 1 --sizes 32,64`',
+    '`python scripts/unet_memory.py --batch 1 --settings off,nothing_saveable`',
   ),
 }
 
