@@ -126,6 +126,26 @@ def test_splash_gradients_match_xla():
     assert _rel(ours, theirs) <= 1e-5
 
 
+@pytest.mark.parametrize('causal,lk', [(True, 7), (False, 5)], ids=['text-causal+padding', 'cross-attention-odd-keys'])
+def test_cudnn_path_keeps_the_xla_semantics(monkeypatch, causal, lk):
+  """The 'cudnn' path's own masking (rows without a key, an odd key count padded with a masked-out key) around
+  jax's kernel call, checked with jax's xla implementation standing in for the cuDNN kernel (no GPU here)."""
+  reference = jax.nn.dot_product_attention
+  calls = []
+
+  def fake_cudnn(q, k, v, mask=None, implementation=None):
+    calls.append((implementation, k.shape[1]))
+    return reference(q, k, v, mask=mask, implementation='xla')
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', fake_cudnn)
+  q, k, v = _qkv(b=2, lq=7, lk=lk)
+  kv = jnp.asarray(np.stack([np.arange(lk) >= 2, np.zeros(lk, bool)]))  # Leading padding; a row of padding only.
+  full = attention.combined_mask(None, causal, kv, 7, lk)
+  ours = attention._cudnn_attention(q, k, v, full, jnp.float32)
+  assert calls == [('cudnn', lk + lk % 2)]
+  assert _rel(ours, attention.dot_product_attention(q, k, v, causal=causal, kv_mask=kv)) <= 1e-6
+
+
 def test_auto_resolves_per_backend_and_logs_a_fallback_once(caplog):
   assert jax.default_backend() == 'cpu'
   assert attention.resolve_implementation('auto', 64, jnp.bfloat16) == 'xla'
