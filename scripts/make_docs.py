@@ -137,38 +137,30 @@ def render_bench_latent_cache(record: dict) -> list[str]:
   return lines
 
 
-def render_bench_text_cache(record: dict) -> list[str]:
-  s = record['settings']
-  lines = [
-    f'Global batch {s["batch_size"]}, {s["num_train"]} training images, {s["steps"]} timed steps per way in '
-    f'chunks of {s["chunk"]}; embeddings stored as {s["text_embedding_dtype"]}.',
-    '',
-    '| text encoder | latents | encoded on the fly | cached embeddings | ratio cache / on the fly | bytes / caption |',
-    '|---|---|---|---|---|---|',
-  ]
-  for r in record['results']:
-    lines.append(
-      f'| {r["text_encoder"]} | {r["latent_side"]}x{r["latent_side"]}x4 | {r["on_the_fly_steps_per_s"]:.3f} steps/s | '
-      f'{r["cache_steps_per_s"]:.3f} steps/s | {r["ratio_cache_over_on_the_fly"]:.2f} | '
-      f'{r["embedding_bytes_per_caption"]:,} |'
-    )
-  return lines
-
-
 def render_bench_gpu(record: dict) -> list[str]:
+  s = record['settings']
+  peak = record.get('peak_tflops')
   lines = [
-    f'Dense bf16 peak of the device: {record["peak_bf16_tflops"]} TFLOP/s.',
+    f'Device {", ".join(record.get("device_kinds", [])) or "?"}; {s["dtype"]} compute, dense peak {peak or "unknown"} '
+    f'TFLOP/s; analytic U-Net forward {record["analytic_forward_tflop_per_image"]:.3g} TFLOP per image. '
+    "MFU from the analytic model FLOPs and, for ours, from XLA's count of the compiled program; "
+    '"ours / PyTorch" is the time ratio measured in the same run (below 1: ours is faster).',
     '',
-    '| what | resolution | batch | step time | images/s | TFLOP/s | MFU |',
-    '|---|---|---|---|---|---|---|',
+    '| what | implementation | batch | time | images/s | MFU (analytic) | MFU (XLA count) | peak memory | '
+    'ours / PyTorch |',
+    '|---|---|---|---|---|---|---|---|---|',
   ]
+  pct = lambda r, key: f'{100 * r[key]:.1f}%' if r.get(key) is not None else '-'
   for r in record['results']:
-    mfu = f'{100 * r["mfu"]:.1f}%' if 'mfu' in r else '-'
-    tflops = _g(r['tflops']) if 'tflops' in r else '-'
+    memory = f'{r["peak_memory_gib"]:.1f} GiB' if r.get('peak_memory_gib') is not None else '-'
+    ratio = f'{r["time_ours_over_torch"]:.2f}' if 'time_ours_over_torch' in r else '-'
     lines.append(
-      f'| {r["what"]} | {r["resolution_px"]} px | {r["batch"]} | {1e3 * r["step_time_s"]:.1f} ms | '
-      f'{_g(r["images_per_s"])} | {tflops} | {mfu} |'
+      f'| {r["what"]} ({r["resolution_px"]} px) | {r["impl"]} | {r["batch"]} | {1e3 * r["seconds"]:.1f} ms | '
+      f'{_g(r["images_per_s"])} | {pct(r, "mfu_analytic")} | {pct(r, "mfu")} | {memory} | {ratio} |'
     )
+  missing = record.get('not_measured') or {}
+  if missing:
+    lines += ['', 'Not measured: ' + '; '.join(f'{k} ({v})' for k, v in missing.items()) + '.']
   return lines
 
 
@@ -233,7 +225,6 @@ RENDERERS: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     render_bench_latent_cache,
     '`python scripts/bench_latent_cache.py --image_sizes 32,64 --steps 10 --chunk 5`',
   ),
-  'bench_text_cache': (render_bench_text_cache, '`python scripts/bench_text_cache.py --steps 6 --chunk 2`'),
   'bench_gpu': (render_bench_gpu, '`python scripts/bench_gpu.py` on a GPU or TPU'),
   'unet_memory_measured_gpu': (
     render_unet_memory,
