@@ -9,7 +9,8 @@ float32. The weights are one random diffusers `UNet2DConditionModel`, saved with
 each side (`diffusion.interop.load_unet`; `FlaxUNet2DConditionModel.from_pretrained(from_pt=True)`), so the three
 compute the same function with the same FLOPs; the script checks that their forward outputs agree. The JAX steps
 are jitted with the params and optimizer state donated. Warm-up steps are excluded; the table gives the median of
-`--repeats` timed steps. diffusers-Flax needs diffusers <= 0.39 (the last release with Flax models).
+`--repeats` timed steps. diffusers-Flax needs diffusers <= 0.39 (the last release with Flax models). Each row has
+XLA's FLOP count (JAX sides) and the analytic model count (`throughput.unet_train_step_flops`, every side).
 """
 
 import argparse
@@ -270,9 +271,13 @@ def main() -> None:
       runs[side], flops[side], compile_s = jax_train_step(apply, params, batch)
       extra[side] = {'compile_s': compile_s}
   times = time_runs(runs, args.warmup, args.repeats)
-  rows = [
-    summarize(side, times[side], args.batch, flops[side], {**extra[side], 'times_s': times[side]}) for side in runs
-  ]
+  # Analytic model FLOPs (3x the forward; the same network on every side), so PyTorch gets a TFLOP/s figure too.
+  analytic = throughput.unet_train_step_flops(arch, args.latent, args.latent, args.context_length, args.batch)
+  rows = []
+  for side in runs:
+    median = statistics.median(times[side])
+    model = {'analytic_gflops_per_run': analytic / 1e9, 'analytic_tflops': analytic / median / 1e12}
+    rows.append(summarize(side, times[side], args.batch, flops[side], {**extra[side], **model, 'times_s': times[side]}))
   print_table(
     f'train step (fwd+bwd+AdamW, float32), {args.preset} U-Net, batch {args.batch}, '
     f'{args.latent}x{args.latent} latents; load avg {load_at_start} -> {results.load_average()}',
@@ -280,7 +285,7 @@ def main() -> None:
     'step',
   )
   flops_line = ', '.join(f'{r["label"]} {r["gflops_per_run"]:.1f}' for r in rows if 'gflops_per_run' in r)
-  print(f'XLA FLOPs per step (GFLOP): {flops_line}')
+  print(f'XLA FLOPs per step (GFLOP): {flops_line}; analytic model FLOPs {analytic / 1e9:.1f} GFLOP')
   results.write_record(
     'bench_train',
     rows,
