@@ -240,10 +240,11 @@ def unet_flops_breakdown(
   Counts matmuls and convolutions only (2 FLOPs per multiply-add), the usual model-FLOPs convention: the norms,
   activations, softmax, residual adds and the upsampling copy are left out. A 3x3 conv counts all 9 taps at every
   output position (what a dense conv kernel computes). XLA's cost analysis differs in two ways: it counts only the
-  taps that fall inside the input, not on the zero padding (`valid_taps=True` counts that way; about 2% fewer conv
-  FLOPs at 64x64, 8% at 8x8 for SD 1.5), and it counts every elementwise op too (a few per cent of a small U-Net,
-  under one per cent of SD 1.5). SD 1.5 at 64x64 latents with 77 tokens: 0.803 TFLOP per image, of which 0.126 are
-  the attention Q K^T and A V matmuls (0.677 without them).
+  taps that fall inside the input, not on the zero padding (`valid_taps=True` counts that way: a 3x3 conv loses 2%
+  of its taps at 64x64, 16% at 8x8; SD 1.5's forward at 64x64 latents is 0.782 TFLOP so counted), and it counts
+  every elementwise op too (on CPU its count is 1.0% above the valid-tap count for SD 1.5, 3.9% for the small U-Net
+  of tests/training/test_analytic_flops.py). SD 1.5 at 64x64 latents with 77 tokens: 0.803 TFLOP per image, of
+  which 0.126 are the attention Q K^T and A V matmuls (0.677 without them).
   """
   get = _arch_get(arch)
   channels = tuple(get('block_out_channels'))
