@@ -225,6 +225,8 @@ def jax_worker(args) -> dict:
     return {**info, 'skipped': f'attention cudnn needs a GPU (backend {jax.default_backend()})'}
   unet, has_field = _our_unet(args.arch, args.latent, args.impl, args.dtype)
   if not has_field:
+    if args.impl != args.attention.split(',')[0]:  # One default path only: the other settings would repeat it.
+      return {**info, 'skipped': f'attention {args.impl}: the U-Net has no attention field (measured once, default)'}
     info['attention'] = 'default (the U-Net has no attention field)'
   peak = throughput.peak_tflops(device.device_kind, args.dtype)
   zeros = (jnp.zeros((1, args.latent, args.latent, 4)), jnp.zeros((1,), jnp.int32))
