@@ -137,6 +137,24 @@ def render_bench_latent_cache(record: dict) -> list[str]:
   return lines
 
 
+def render_bench_text_cache(record: dict) -> list[str]:
+  s = record['settings']
+  lines = [
+    f'Global batch {s["batch_size"]}, {s["num_train"]} training images, {s["steps"]} timed steps per way in '
+    f'chunks of {s["chunk"]}; embeddings stored as {s["text_embedding_dtype"]}.',
+    '',
+    '| text encoder | latents | encoded on the fly | cached embeddings | ratio cache / on the fly | bytes / caption |',
+    '|---|---|---|---|---|---|',
+  ]
+  for r in record['results']:
+    lines.append(
+      f'| {r["text_encoder"]} | {r["latent_side"]}x{r["latent_side"]}x4 | {r["on_the_fly_steps_per_s"]:.3f} steps/s | '
+      f'{r["cache_steps_per_s"]:.3f} steps/s | {r["ratio_cache_over_on_the_fly"]:.2f} | '
+      f'{r["embedding_bytes_per_caption"]:,} |'
+    )
+  return lines
+
+
 def render_bench_gpu(record: dict) -> list[str]:
   s = record['settings']
   peak = record.get('peak_tflops')
@@ -225,6 +243,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     render_bench_latent_cache,
     '`python scripts/bench_latent_cache.py --image_sizes 32,64 --steps 10 --chunk 5`',
   ),
+  'bench_text_cache': (render_bench_text_cache, '`python scripts/bench_text_cache.py --steps 6 --chunk 2`'),
   'bench_gpu': (render_bench_gpu, '`python scripts/bench_gpu.py` on a GPU or TPU'),
   'unet_memory_measured_gpu': (
     render_unet_memory,
