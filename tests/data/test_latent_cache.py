@@ -153,6 +153,11 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
   assert no_out.returncode == 2 and no_out.stderr.startswith('error: --out is required')
   not_vae = run_cli('scripts/precompute_latents.py', '--vae_workdir', str(tmp_path), '--out', str(tmp_path / 'o'))
   assert not_vae.returncode == 2 and 'is not a training workdir' in not_vae.stderr
+  no_text = run_cli('scripts/precompute_latents.py', '--vae_workdir', str(tmp_path), '--out', 'o', '--text_embeddings')
+  assert no_text.returncode == 2
+  assert no_text.stderr.strip().splitlines() == [
+    'error: --text_embeddings needs --text_workdir (the frozen text encoder)'
+  ]
   assert 'Traceback' not in not_vae.stderr
 
 

@@ -203,3 +203,38 @@ def test_the_loop_trains_from_cached_embeddings_as_from_the_encoder(setup, data_
   assert list(runs['text'][:, 0]) == [1, 2, 3]
   np.testing.assert_allclose(runs['text'], runs['encoder'], rtol=1e-5)
   np.testing.assert_allclose(runs['bf16'][:, 1], runs['text'][:, 1], rtol=3e-2)
+
+
+def test_each_caption_variant_is_embedded_once_stored_in_its_dtype_and_read_with_its_draw():
+  from flax import serialization
+
+  from diffusion.data import pipeline as data_pipeline
+
+  class Embedder:  # A caption's "embedding" is its length, so a test can tell which caption a row belongs to.
+    dtype, calls = 'bfloat16', []
+
+    def stored(self, texts):
+      self.calls.append(list(texts))
+      return np.stack([np.full((2, 3), len(t)) for t in texts]).astype(self.dtype)
+
+  two = 'a red circle to the left of a blue square'
+  pending = [{'image': 1, 'captions': [two, 'a red circle']}, {'image': 1, 'captions': ['a red circle']}]
+  pending.append({'image': None, 'captions': ['unreadable']})
+  fields = latent_cache_writer._text_fields(Embedder(), pending, flips=True)
+  flipped = data_pipeline.swap_left_right(two)
+  assert sorted(Embedder.calls[0]) == sorted({two, 'a red circle', flipped})  # One call, each text once.
+  assert fields[0]['text_embeddings'].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(fields[0]['text_embeddings'][:, 0, 0], [len(two), 12])
+  np.testing.assert_array_equal(fields[0]['flipped_text_embeddings'][:, 0, 0], [len(flipped), 12])
+  assert fields[1]['flipped_text_embeddings'].size == 0 and fields[2]['text_embeddings'].size == 0
+  record = {'captions': pending[0]['captions'], 'flipped_captions': [flipped, 'a red circle'], **fields[0]}
+  record = serialization.msgpack_restore(serialization.msgpack_serialize(record))
+  record.update(mean=np.zeros((2, 1, 1, 1)), logvar=np.zeros((2, 1, 1, 1)))
+  augment, seen = latent_cache.CachedAugment(8, random_flip=True), set()
+  for seed in range(16):
+    out = augment.random_map(record, np.random.default_rng(seed))
+    choice, _, _, flip = data_pipeline.draw_augmentation(np.random.default_rng(seed), 2, 8, 8, 8, False, True)
+    assert float(out['text_embedding'][0, 0]) == len(out['caption'])  # The drawn caption's own embedding.
+    seen.add((choice, flip))
+  assert len(seen) == 4
+  assert latent_cache._stack([out, out])['text_embedding'].dtype == np.float32
