@@ -182,21 +182,28 @@ def render_bench_gpu(record: dict) -> list[str]:
   return lines
 
 
+def _unet_memory_setting(r: dict) -> str:
+  """The size / attention / remat / batch / dtype cells of a unet_memory row (records before the attention and size
+  columns measured 64x64 latents with the einsum attention)."""
+  latent, attention = r.get('latent', 64), r.get('attention', 'xla')
+  return f'| {8 * latent} px ({latent}x{latent}) | {attention} | `{r["remat"]}` | {r["batch"]} | {r["dtype"]} |'
+
+
 def render_unet_memory(record: dict) -> list[str]:
-  measured = record['settings'].get('run')
-  if measured:
-    lines = ['| batch | remat | dtype | peak memory | step time | compile |', '|---|---|---|---|---|---|']
+  head = '| image (latents) | attention | remat | batch | dtype |'
+  if record['settings'].get('run'):
+    lines = [f'{head} peak memory | step time | compile |', '|---|---|---|---|---|---|---|---|']
     for r in record['results']:
       lines.append(
-        f'| {r["batch"]} | `{r["remat"]}` | {r["dtype"]} | {r.get("peak_gib", float("nan")):.1f} GiB | '
+        f'{_unet_memory_setting(r)} {r.get("peak_gib", float("nan")):.1f} GiB | '
         f'{1e3 * r["step_s"]:.0f} ms | {r["compile_s"]:.0f} s |'
       )
     return lines
-  lines = ['| batch | remat | dtype | compiled total | of which temporaries | compile |', '|---|---|---|---|---|---|']
+  lines = [f'{head} compiled total | of which temporaries | compile |', '|---|---|---|---|---|---|---|---|']
   for r in record['results']:
     lines.append(
-      f'| {r["batch"]} | `{r["remat"]}` | {r["dtype"]} | {r["compiled_total_gib"]:.1f} GiB | '
-      f'{r["compiled_temp_gib"]:.1f} GiB | {r["compile_s"]:.0f} s |'
+      f'{_unet_memory_setting(r)} {r["compiled_total_gib"]:.1f} GiB | {r["compiled_temp_gib"]:.2f} GiB | '
+      f'{r["compile_s"]:.0f} s |'
     )
   return lines
 
@@ -251,7 +258,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], list[str]], str]] = {
   ),
   'unet_memory_compiled_cpu': (
     render_unet_memory,
-    '`python scripts/unet_memory.py --batch 1 --settings off,nothing_saveable`',
+    '`python scripts/unet_memory.py --batch 1 --sizes 32,64`',
   ),
 }
 
