@@ -157,7 +157,7 @@ class LDMTask:
       params = workdir_lib.load_trained_params(self.config.init_from, 'ema_params', key='init_from')[0]['text']
     else:
       rng_init = jax.random.split(jax.random.PRNGKey(self.config.seed))[0]
-      params = jax.jit(self.init_params)(rng_init)['text']
+      params = jax.jit(self.init_text_params)(rng_init)
     return cast_tree(params, frozen_dtype(self.config))
 
   @property
@@ -182,14 +182,16 @@ class LDMTask:
     c = self.config
     latent = c.model.unet.sample_size
     x = jnp.zeros((1, latent, latent, c.model.unet.in_channels), jnp.float32)
-    ids = jnp.zeros((1, c.data.max_text_length), jnp.int32)
-    k_unet, k_text = jax.random.split(rng)
-    text = self.text_encoder.init(k_text, ids)['params']
     context = jnp.zeros((1, c.data.max_text_length, c.model.unet.cross_attention_dim), jnp.float32)
-    unet = self.unet.init(k_unet, x, jnp.zeros((1,), jnp.int32), context)['params']
-    if not c.model.text.trainable:  # A frozen text encoder is kept in train.frozen_param_dtype.
-      text = cast_tree(text, frozen_dtype(c))
-    return {'unet': unet, 'text': text}
+    unet = self.unet.init(jax.random.split(rng)[0], x, jnp.zeros((1,), jnp.int32), context)['params']
+    return {'unet': unet, 'text': self.init_text_params(rng)}
+
+  def init_text_params(self, rng: jax.Array) -> Any:
+    """The text encoder's part of `init_params(rng)` (a frozen one in train.frozen_param_dtype)."""
+    c = self.config
+    ids = jnp.zeros((1, c.data.max_text_length), jnp.int32)
+    text = self.text_encoder.init(jax.random.split(rng)[1], ids)['params']
+    return text if c.model.text.trainable else cast_tree(text, frozen_dtype(c))
 
   def _forward(self, params: Any, frozen: Any, batch: dict, keys: jax.Array, drop_captions: bool) -> tuple:
     """Noises the latents of `batch` with each example's key and returns (network output, z0, noise, t)."""

@@ -11,7 +11,7 @@ from diffusion.data import inputs, latent_cache
 from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import ConfigError
 from diffusion.training import state as state_lib
-from support import LDM, load_config
+from support import LDM, load_config, random_params
 
 SETTINGS = {
   **LDM,
@@ -33,6 +33,17 @@ def _init_key(config) -> jax.Array:
   return jax.random.split(jax.random.PRNGKey(config.seed))[0]  # The loop's init key.
 
 
+def _unet_args(config) -> list:
+  """The U-Net's init arguments (latents, timesteps, context) at batch 1."""
+  side, unet = config.model.unet.sample_size, config.model.unet
+  length = config.data.max_text_length
+  return [
+    jnp.zeros((1, side, side, unet.in_channels)),
+    jnp.zeros((1,), jnp.int32),
+    jnp.zeros((1, length, unet.cross_attention_dim)),
+  ]
+
+
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory, data_dir, vae_workdir):
   """(cache dir, the frozen text encoder's params, the loop's fresh params): the training split with both flips and
@@ -41,7 +52,11 @@ def setup(tmp_path_factory, data_dir, vae_workdir):
 
   config = _config(data_dir, vae_workdir)
   task = LDMTask(config, str(tmp_path_factory.mktemp('plain')))
-  params = jax.jit(task.init_params)(_init_key(config))
+  # A fresh run's text params (the loop's init key) and random U-Net params (drawn with numpy: no init compile).
+  params = {
+    'unet': random_params(task.unet, *_unet_args(config)),
+    'text': jax.jit(task.init_text_params)(_init_key(config)),
+  }
   text = latent_cache_writer.FrozenTextEncoder(task.config.model.text, params['text'], task.tokenizer, 'fresh init')
   out = str(tmp_path_factory.mktemp('latents'))
   latent_cache_writer.precompute(config, vae_workdir, out, batch_size=24, text_encoder=text, log=lambda line: None)
@@ -200,6 +215,12 @@ def test_the_loop_trains_from_cached_embeddings_as_from_the_encoder(setup, data_
     train_and_evaluate(_config(data_dir, vae_workdir, **{'train.num_steps': STEPS, **more}), str(tmp_path / name))
     lines = [json.loads(line) for line in open(tmp_path / name / 'metrics.jsonl')]
     runs[name] = np.array([(l['step'], l['loss'], l['grad_norm']) for l in lines if 'loss' in l])
+  from diffusion import workdir as workdir_lib
+
+  trained = workdir_lib.load_trained_params(str(tmp_path / 'text'), 'params')[0]['text']
+  assert checkpoint.params_hash(trained) == checkpoint.params_hash(
+    setup[1].params
+  )  # The loop's fresh init is the same.
   assert list(runs['text'][:, 0]) == [1, 2, 3]
   np.testing.assert_allclose(runs['text'], runs['encoder'], rtol=1e-5)
   np.testing.assert_allclose(runs['bf16'][:, 1], runs['text'][:, 1], rtol=3e-2)
