@@ -7,9 +7,12 @@ import jax
 import ml_collections
 import pytest
 
-from support import LDM, VAE, load_config
+from support import LDM, VAE, load_config, with_test_xla_flags
 
 os.environ.setdefault('WANDB_MODE', 'disabled')
+# Read when the first computation creates the CPU client (not yet: nothing above runs one); the CLIs and workers the
+# tests start inherit it.
+os.environ['XLA_FLAGS'] = with_test_xla_flags(os.environ.get('XLA_FLAGS', ''))
 # One persistent XLA compilation cache for the session, shared with the CLIs the tests start (they inherit the
 # variable): the suite compiles the same tiny models many times (fixtures, resumed runs, CLI subprocesses), and a
 # cache hit loads the executable the first compile produced, so results are unchanged.

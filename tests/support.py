@@ -15,6 +15,23 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('WANDB_MODE', 'disabled')
+# LLVM's -O3 spends minutes on the unrolled threefry loops of a whole network's init (292 s for the tiny VAE's under
+# load, 14 s at -O2) and a third more on a train step; -O2 keeps IEEE semantics (no fast math at any level), so the
+# tests check the same numbers. tests/conftest.py sets it for the session, and `device_env` passes it on.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=2'
+
+
+def with_test_xla_flags(flags: str = '') -> str:
+  """`flags` (an XLA_FLAGS value) with the tests' compiler flags first, so a flag in `flags` wins."""
+  return ' '.join(f for f in (TEST_XLA_FLAGS, flags) if f)
+
+
+def device_env(count: int | None = None, **more: str) -> dict:
+  """The environment for a subprocess on CPU with `count` forced host devices (None: the default one) and the
+  tests' XLA flags: `{**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}` would drop those."""
+  forced = f'--xla_force_host_platform_device_count={count}' if count else ''
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': with_test_xla_flags(forced), **more}
+
 
 COMMON = {
   'train.num_steps': 2,

@@ -7,7 +7,7 @@ import pytest
 
 from diffusion.config import config_from_json, config_to_json, validate_config
 from diffusion.errors import ConfigError
-from support import LDM, ROOT, VAE, load_config, load_config_file
+from support import LDM, ROOT, VAE, device_env, load_config, load_config_file
 
 CONFIG_FILES = sorted(
   f for f in glob.glob(os.path.join(ROOT, 'configs', '*.py')) if not f.endswith(('__init__.py', 'common.py'))
@@ -128,7 +128,7 @@ def test_batch_not_divisible_by_data_parallelism_in_a_subprocess():
     'print(parallel.check_batch_size(16, m));'
     'parallel.check_batch_size(12, m)'
   )
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
+  env = device_env(8)
   result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert result.stdout.strip() == '16'
   assert 'train.batch_size: 12 is not divisible by the data parallelism 8' in result.stderr

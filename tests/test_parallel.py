@@ -18,12 +18,12 @@ from jax.sharding import PartitionSpec as P
 from diffusion import models, parallel
 from diffusion.config import validate_config
 from diffusion.errors import ConfigError
-from support import LDM, ROOT, VAE, load_config, load_config_file
+from support import LDM, ROOT, VAE, device_env, load_config, load_config_file
 
 
 def run_worker(tmp_path, cases: list[str]) -> tuple[dict, dict]:
   out = str(tmp_path / 'params.npz')
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
+  env = device_env(8)
   result = subprocess.run(
     [sys.executable, os.path.join(ROOT, 'tests', 'parallel_worker.py'), 'meshes', out, ','.join(cases)],
     cwd=ROOT,

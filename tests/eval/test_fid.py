@@ -10,6 +10,7 @@ from pytorch_fid import fid_score
 
 from diffusion.errors import UserError
 from diffusion.evaluation import fid
+from support import device_env
 
 
 def test_feature_sums_equal_numpy_in_any_batching_and_split():
@@ -120,7 +121,7 @@ print('RESULT', f2.shape, float(np.abs(f1 - f2).max()), float(np.abs(stats.sigma
 
 
 def test_features_are_the_same_sharded_over_two_devices():
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  env = device_env(2)
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   result = subprocess.run(
     [sys.executable, '-c', _SHARDED], cwd=root, env=env, capture_output=True, text=True, timeout=600

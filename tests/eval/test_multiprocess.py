@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+from support import device_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, 'tests', 'eval', 'eval_worker.py')
 LOCAL_BATCH = 2
@@ -28,8 +30,7 @@ def _free_port() -> int:
 
 def _run(workdir: str, out: str, num_processes: int) -> dict:
   """Runs the worker on `num_processes` processes (1 CPU device each) on its own copy of the workdir."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'WANDB_MODE': 'disabled'}
-  env.pop('XLA_FLAGS', None)
+  env = device_env(None, WANDB_MODE='disabled')  # One device each: no forced device count.
   port = _free_port()
   procs = [
     subprocess.Popen(

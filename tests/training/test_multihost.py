@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from support import ROOT
+from support import ROOT, device_env
 from test_parallel import assert_same_params, run_worker
 
 WORKER = os.path.join(ROOT, 'tests', 'parallel_worker.py')
@@ -27,7 +27,7 @@ def free_port() -> int:
 
 
 def run_processes(out_dir: str, num_processes: int = 2) -> list[str]:
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
+  env = device_env(4)
   port = free_port()
   procs = [
     subprocess.Popen(
@@ -94,12 +94,7 @@ def test_train_py_on_two_processes_logs_once_and_checkpoints(tmp_path, data_dir)
   for split in ('train', 'validation'):  # Prepared once here: the processes must not race to prepare it.
     data_pipeline.create_data_source(config.data, split)
   workdir = str(tmp_path / 'run')
-  env = {
-    **os.environ,
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
-    'JAX_PLATFORMS': 'cpu',
-    'WANDB_MODE': 'disabled',
-  }
+  env = device_env(4, WANDB_MODE='disabled')
   command = [
     sys.executable,
     'train.py',
