@@ -49,10 +49,18 @@ def _frozen_vae(config: ml_collections.ConfigDict, workdir: str) -> Any:
   if not config.vae_workdir:
     raise ConfigError('vae_workdir', 'is empty: stage 2 needs a trained VAE (train configs/vae_base.py first)')
   vae_config = workdir_lib.load_workdir_config(config.vae_workdir, expect='vae', key='vae_workdir')
-  config.model.vae = vae_config.model.vae
+  config.model.vae = _vae_section(vae_config.model.vae, config.model.vae)
   params, _ = workdir_lib.load_trained_params(config.vae_workdir, item='ema_params', key='vae_workdir')
   workdir_lib.save_frozen(workdir, 'vae', params)  # Every process takes part in the (collective) save.
   return params
+
+
+def _vae_section(architecture: ml_collections.ConfigDict, run: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The VAE section a stage-2 run uses: the architecture of the VAE it was built on, with this run's choice of
+  attention kernel (an implementation detail of the device, not of the weights)."""
+  section = ml_collections.ConfigDict(architecture.to_dict())
+  section.attention = run.get('attention', 'auto')
+  return section
 
 
 def _vocabulary(data_config: ml_collections.ConfigDict) -> list[str]:
@@ -116,7 +124,7 @@ class LDMTask:
     if workdir_lib.has_config(workdir):
       # Resume: model facts computed at the start of the run win over the command line.
       previous = workdir_lib.load_workdir_config(workdir, expect='ldm')
-      config.model.vae = previous.model.vae
+      config.model.vae = _vae_section(previous.model.vae, config.model.vae)
       config.model.text.vocab_size = previous.model.text.vocab_size
     vae = _frozen_vae(config, workdir)
     self._vae_source = vae  # float32, as the VAE workdir holds it: what built_on records.
