@@ -155,6 +155,20 @@ def render_bench_text_cache(record: dict) -> list[str]:
   return lines
 
 
+def render_bench_data_sources(record: dict) -> list[str]:
+  s = record['settings']
+  lines = [
+    f'One shuffled epoch of {s["num_images"]} JPEGs ({s["source_size"]} px wide, cropped to {s["image_size"]} px), '
+    f'batches of {s["batch_size"]}; {s["num_shards"]} tar shards / parquet files read {s["cycle_length"]} at a time; '
+    f'best of {s["repeats"]}.',
+    '',
+    '| source | images/s |',
+    '|---|---|',
+  ]
+  lines += [f'| {r["source"]} | {r["images_per_s"]:.0f} |' for r in record['results']]
+  return lines
+
+
 def render_bench_gpu(record: dict) -> list[str]:
   s = record['settings']
   peak = record.get('peak_tflops')
@@ -251,6 +265,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     '`python scripts/bench_latent_cache.py --image_sizes 32,64 --steps 10 --chunk 5`',
   ),
   'bench_text_cache': (render_bench_text_cache, '`python scripts/bench_text_cache.py --steps 6 --chunk 2`'),
+  'bench_data_sources': (render_bench_data_sources, '`python scripts/bench_data_sources.py --repeats 3`'),
   'bench_gpu': (render_bench_gpu, '`python scripts/bench_gpu.py` on a GPU or TPU'),
   'unet_memory_measured_gpu': (
     render_unet_memory,
