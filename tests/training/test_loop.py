@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,26 +54,30 @@ def test_ldm_stage_is_self_contained(ldm_workdir, vae_workdir):
   assert built_on == {'vae_workdir': {'path': vae_workdir, 'params_sha256': checkpoint.params_hash(vae_ema)}}
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, data_dir, vae_workdir):
-  """2 steps, stop, then continue to 3 steps: bit-identical to 3 steps in one go (params, EMA, data order)."""
-  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-  make = lambda steps: load_config(
-    'ldm_base',
-    LDM,
-    data_dir,
-    vae_workdir=vae_workdir,
-    **{'train.num_steps': steps, 'train.sample_every': 0, 'train.eval_every': 0},
+def test_resume_equals_uninterrupted_run(tmp_path, data_dir, vae_workdir, ldm_workdir):
+  """The session's 2-step run, stopped after step 1 and continued: step 2 is bit-identical to the uninterrupted
+  run's (params, EMA, optimizer state, data order); rerunning the finished run does nothing."""
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(ldm_workdir, resumed, ignore=shutil.ignore_patterns('eval', 'wandb'))
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '2'))  # As if killed after saving step 1.
+  assert checkpoint.Checkpointer(resumed, read_only=True).all_steps() == [1]
+  # The session run's config; sampling and evals do not touch the train state, so they are left out here.
+  config = load_config(
+    'ldm_base', LDM, data_dir, vae_workdir=vae_workdir, **{'train.sample_every': 0, 'train.eval_every': 0}
   )
-  final = train_and_evaluate(make(3), straight)
-  train_and_evaluate(make(2), resumed)
-  final_resumed = train_and_evaluate(make(3), resumed)
-  assert int(final_resumed.step) == 3
-  for a, b in zip(
-    jax.tree.leaves((final.params, final.ema_params, final.opt_state)),
-    jax.tree.leaves((final_resumed.params, final_resumed.ema_params, final_resumed.opt_state)),
-  ):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert train_and_evaluate(make(3), resumed) is None  # Finished: says so, does nothing.
+  final_resumed = train_and_evaluate(config, resumed)
+  assert int(final_resumed.step) == 2
+  straight = checkpoint.Checkpointer(ldm_workdir, read_only=True)
+  for item in ('params', 'ema_params', 'opt_state'):
+    a, b = jax.tree.leaves(straight.restore_params(2, item)), jax.tree.leaves(getattr(final_resumed, item))
+    assert len(a) == len(b) > 0, item
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=item)
+  step1 = jax.tree.leaves(straight.restore_params(1, 'params'))
+  assert any(
+    not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(step1, jax.tree.leaves(final_resumed.params))
+  )
+  assert train_and_evaluate(config, resumed) is None  # Finished: says so, does nothing.
 
 
 def test_nan_batch_is_skipped_and_stops_after_max_bad_steps(tmp_path, data_dir, vae_workdir, monkeypatch):
