@@ -110,6 +110,7 @@ def _batches(data_config, tokenizer):
   return [{k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(STEPS)]
 
 
+@pytest.mark.slow  # Two train-step compiles (~75 s on 2 cores); the fast tests check the stored embeddings.
 def test_training_from_cached_embeddings_equals_encoding_and_never_runs_the_encoder(
   setup, data_dir, vae_workdir, tmp_path
 ):
