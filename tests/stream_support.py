@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from diffusion.data import pipeline, tokenizer
+from support import device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'data', 'stream_worker.py')
@@ -99,8 +100,7 @@ def run_two_processes(config: ml_collections.ConfigDict, tmp_path) -> list[dict]
   config_path = str(tmp_path / 'config.json')
   with open(config_path, 'w') as f:
     json.dump(config.to_dict(), f)
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  env.pop('XLA_FLAGS', None)
+  env = device_env(None)
   port, outs = _free_port(), [str(tmp_path / f'out{i}.json') for i in range(2)]
   procs = [
     subprocess.Popen(

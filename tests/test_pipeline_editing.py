@@ -17,7 +17,7 @@ from diffusion.errors import UserError
 from diffusion.images import to_uint8
 from diffusion.pipeline import LatentDiffusionPipeline
 from diffusion.samplers import SamplingSettings
-from support import LDM, load_config  # pylint: disable=g-import-not-at-top
+from support import LDM, device_env, load_config
 
 
 def _config(**diffusion):
@@ -202,7 +202,7 @@ def test_images_do_not_depend_on_the_device_count(pipeline, tmp_path):
   device, up to float rounding."""
   import subprocess  # pylint: disable=g-import-not-at-top
 
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
+  env = device_env(4)
   out = tmp_path / 'sharded.npy'
   subprocess.run(
     [sys.executable, '-c', _SHARDED_SCRIPT, os.path.dirname(__file__), str(out)], env=env, check=True, timeout=600

@@ -13,7 +13,7 @@ import pytest
 
 from diffusion import throughput
 from diffusion.logging import MetricWriter
-from support import ROOT
+from support import ROOT, device_env
 
 
 @pytest.mark.parametrize(
@@ -129,7 +129,7 @@ def test_compiled_flops_are_per_device_on_a_mesh():
     'w = jax.device_put(jnp.ones((32, 16)), NamedSharding(mesh, P()))\n'
     'print(throughput.jit_flops(jax.jit(lambda x, w: x @ w), x, w))\n'
   )
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
+  env = device_env(8)
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert float(out.stdout.split()[-1]) == 2 * 64 * 32 * 16 / 8
