@@ -1,5 +1,8 @@
 # Two commands for a fresh machine (Python 3.12 or 3.13, no GPU needed):  make demo  |  make test
-PYTHON ?= python3.12
+# The first Python 3.12 / 3.13 that runs (a pyenv shim of a version that is installed but not selected does not):
+# on PATH, else pyenv's installed versions. `make PYTHON=/path/to/python3.x ...` picks one.
+PYTHON ?= $(firstword $(foreach p,python3.12 python3.13,$(if $(shell $(p) -c '' 2>/dev/null && echo ok),$(p))) \
+  $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 $(HOME)/.pyenv/versions/3.13*/bin/python3.13))
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -9,7 +12,7 @@ DEMO_DIR ?= workdirs/demo
 
 # A stamp per extra: the venv is reused while pyproject.toml is unchanged.
 $(VENV)/.stamp-runtime: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || { test -n "$(PYTHON)" || { echo 'error: no Python 3.12 or 3.13 found (make PYTHON=...)' >&2; exit 2; }; $(PYTHON) -m venv $(VENV); }
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -e .
 	touch $@
