@@ -2,7 +2,8 @@
 # The first Python 3.12 / 3.13 that runs (a pyenv shim of a version that is installed but not selected does not):
 # on PATH, else pyenv's installed versions. `make PYTHON=/path/to/python3.x ...` picks one.
 PYTHON ?= $(firstword $(foreach p,python3.12 python3.13,$(if $(shell $(p) -c '' 2>/dev/null && echo ok),$(p))) \
-  $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 $(HOME)/.pyenv/versions/3.13*/bin/python3.13))
+  $(foreach r,$(or $(shell pyenv root 2>/dev/null),$(PYENV_ROOT),$(HOME)/.pyenv),\
+    $(wildcard $(r)/versions/3.12*/bin/python3.12 $(r)/versions/3.13*/bin/python3.13)))
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
