@@ -151,7 +151,8 @@ def test_auto_resolves_per_backend_and_logs_a_fallback_once(caplog):
   assert attention.resolve_implementation('auto', 64, jnp.bfloat16, backend='gpu') == 'cudnn'
   assert attention.resolve_implementation('auto', 64, jnp.float32, backend='tpu') == 'splash'
   attention._log_fallback_once.cache_clear()
-  with caplog.at_level(logging.INFO):
+  # The absl logger's own level: another test (or absl.app) may have set its verbosity to warnings only.
+  with caplog.at_level(logging.INFO, logger='absl'):
     for _ in range(3):
       assert attention.resolve_implementation('auto', 64, jnp.float32, backend='gpu') == 'xla'
     assert attention.resolve_implementation('auto', 12, jnp.bfloat16, backend='gpu') == 'xla'
