@@ -37,7 +37,8 @@ def _config(image_size: int, batch_size: int, num_train: int, data_dir: str, vae
   return config
 
 
-def _train_vae(root: str, data_dir: str) -> str:
+def train_tiny_vae(root: str, data_dir: str) -> str:
+  """A 1-step tiny VAE on 64 shapes images under `root`/vae (the frozen stage 1 of the cache benchmarks)."""
   from configs import vae_base  # pylint: disable=import-outside-toplevel
   from diffusion.training import train_and_evaluate  # pylint: disable=import-outside-toplevel
 
@@ -161,7 +162,7 @@ def main() -> None:
   root = args.root or tempfile.mkdtemp(prefix='bench_latent_cache_')
   load_at_start = results.load_average()
   print(f'load average at start: {load_at_start} on {os.cpu_count()} cores; scratch {root}', flush=True)
-  vae_workdir = args.vae_workdir or _train_vae(root, os.path.join(root, 'tfds'))
+  vae_workdir = args.vae_workdir or train_tiny_vae(root, os.path.join(root, 'tfds'))
   rows = [_bench_size(args, size, root, vae_workdir) for size in sizes]
   print(f'load average at end: {results.load_average()}', flush=True)
   results.write_record(

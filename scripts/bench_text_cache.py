@@ -18,6 +18,8 @@ import os
 import tempfile
 import time
 
+from bench_latent_cache import train_tiny_vae  # scripts/ is on the path of a script run from it.
+
 from diffusion import results
 from diffusion.errors import UserError, user_errors_exit
 
@@ -40,23 +42,6 @@ def _config(args, data_dir: str, vae_workdir: str, cache: str = ''):
   config.vae_workdir = vae_workdir
   config.wandb.mode = 'disabled'
   return config
-
-
-def _train_vae(root: str, data_dir: str) -> str:
-  from configs import vae_base  # pylint: disable=import-outside-toplevel
-  from diffusion.training import train_and_evaluate  # pylint: disable=import-outside-toplevel
-
-  config = vae_base.get_config('tiny')
-  config.data.data_dir = data_dir
-  config.data.shapes.num_train = 64
-  config.data.shapes.num_eval = 16
-  config.train.num_steps = config.train.log_every = config.train.checkpoint_every = 1
-  config.train.batch_size = 8
-  config.train.eval_every = config.train.sample_every = 0
-  config.wandb.mode = 'disabled'
-  workdir = os.path.join(root, 'vae')
-  train_and_evaluate(config, workdir)
-  return workdir
 
 
 def _random_params(shapes, seed: int = 0):
@@ -187,7 +172,7 @@ def main() -> None:
   root = args.root or tempfile.mkdtemp(prefix='bench_text_cache_')
   load_at_start = results.load_average()
   print(f'load average at start: {load_at_start} on {os.cpu_count()} cores; scratch {root}', flush=True)
-  row = _bench(args, root, _train_vae(root, os.path.join(root, 'tfds')))
+  row = _bench(args, root, train_tiny_vae(root, os.path.join(root, 'tfds')))
   print(f'load average at end: {results.load_average()}', flush=True)
   results.write_record(
     'bench_text_cache',

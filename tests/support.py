@@ -33,6 +33,29 @@ def device_env(count: int | None = None, **more: str) -> dict:
   return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': with_test_xla_flags(forced), **more}
 
 
+# A one-level text U-Net (diffusers config fields): compiled gradients stay cheap, and the down, mid and up blocks still
+# hold resnets and spatial transformers. Tests that check remat or attention settings start from it.
+ONE_LEVEL_UNET = dict(
+  sample_size=8,
+  in_channels=4,
+  out_channels=4,
+  block_out_channels=(16,),
+  layers_per_block=1,
+  down_block_types=('CrossAttnDownBlock2D',),
+  up_block_types=('CrossAttnUpBlock2D',),
+  mid_block_type='UNetMidBlock2DCrossAttn',
+  attention_head_dim=2,
+  num_attention_heads=None,
+  cross_attention_dim=12,
+  transformer_layers_per_block=1,
+  use_linear_projection=False,
+  flip_sin_to_cos=True,
+  freq_shift=0,
+  norm_num_groups=8,
+  norm_eps=1e-5,
+  act_fn='silu',
+)
+
 COMMON = {
   'train.num_steps': 2,
   'train.batch_size': 8,

@@ -11,6 +11,7 @@ import pytest
 
 from diffusion import models
 from diffusion.interop import configs, naming
+from support import ONE_LEVEL_UNET
 
 # stable-diffusion-v1-5/unet/config.json as published (diffusers 0.6 era keys).
 SD15_CONFIG = {
@@ -82,27 +83,7 @@ def test_sd15_unet_builds_counts_and_runs(ref):
   assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.std(out)) > 0
 
 
-# One level, so that the two compiled gradients stay cheap; still resnets and transformers in every block.
-TINY = dict(
-  sample_size=8,
-  in_channels=4,
-  out_channels=4,
-  block_out_channels=(16,),
-  layers_per_block=1,
-  down_block_types=('CrossAttnDownBlock2D',),
-  up_block_types=('CrossAttnUpBlock2D',),
-  mid_block_type='UNetMidBlock2DCrossAttn',
-  attention_head_dim=2,
-  num_attention_heads=None,
-  cross_attention_dim=12,
-  transformer_layers_per_block=1,
-  use_linear_projection=False,
-  flip_sin_to_cos=True,
-  freq_shift=0,
-  norm_num_groups=8,
-  norm_eps=1e-5,
-  act_fn='silu',
-)
+TINY = ONE_LEVEL_UNET
 
 
 def test_remat_gives_the_same_results_and_gradients():

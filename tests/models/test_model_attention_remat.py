@@ -13,29 +13,9 @@ from diffusion import models
 from diffusion.models import attention as attention_lib
 from diffusion.models.clip_vision import CLIPVisionTransformer
 from diffusion.models.unet import UNetMidBlock2DCrossAttn, remat_block_types
+from support import ONE_LEVEL_UNET
 
-# One level: the compiled gradients stay cheap; still resnets and spatial transformers in the down, mid and up blocks.
-TINY_UNET = dict(
-  sample_size=8,
-  in_channels=4,
-  out_channels=4,
-  block_out_channels=(16,),
-  layers_per_block=1,
-  down_block_types=('CrossAttnDownBlock2D',),
-  up_block_types=('CrossAttnUpBlock2D',),
-  mid_block_type='UNetMidBlock2DCrossAttn',
-  attention_head_dim=2,
-  num_attention_heads=None,
-  cross_attention_dim=12,
-  transformer_layers_per_block=1,
-  use_linear_projection=False,
-  flip_sin_to_cos=True,
-  freq_shift=0,
-  norm_num_groups=8,
-  norm_eps=1e-5,
-  act_fn='silu',
-  dtype='float32',
-)
+TINY_UNET = {**ONE_LEVEL_UNET, 'dtype': 'float32'}
 TINY_TEXT = dict(
   type='transformer',
   vocab_size=50,
