@@ -76,8 +76,7 @@ def test_rows_carry_the_time_ratio_to_pytorch_and_render():
 
 def test_the_committed_tiny_record_renders():
   path = os.path.join(ROOT, 'docs', 'results', 'bench_gpu_tiny.json')
-  if not os.path.exists(path):
-    pytest.skip('no tiny record yet')
+  assert os.path.exists(path), 'docs/results/bench_gpu_tiny.json: run python scripts/bench_gpu.py --tiny'
   record = json.load(open(path))
   text = '\n'.join(make_docs.render_bench_gpu(record))
   assert record['results'] and all(r['seconds'] > 0 for r in record['results'])
