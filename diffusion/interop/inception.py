@@ -2,25 +2,22 @@
 `diffusion.models.inception.InceptionV3`.
 
 The file is read from a local path, from the cache where pytorch-fid keeps it, or (with `download=True`) downloaded
-there; zip-format `.pth` files are read without PyTorch. The conversion is table-driven and strict.
+there; `.pth` files are read without PyTorch (`diffusion.interop.pth`). The conversion is table-driven and strict.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import pickle
 import re
 import sys
-import zipfile
-from collections import OrderedDict
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
 from diffusion.errors import UserError
+from diffusion.interop import pth
 from diffusion.models import inception
 
 FID_WEIGHTS_URL = (
@@ -158,69 +155,12 @@ def resolve_weights_path(path: str | None = None, download: bool = False) -> str
   return path
 
 
-_TORCH_DTYPES = {
-  'DoubleStorage': np.float64,
-  'FloatStorage': np.float32,
-  'HalfStorage': np.float16,
-  'BFloat16Storage': None,
-  'LongStorage': np.int64,
-  'IntStorage': np.int32,
-  'ShortStorage': np.int16,
-  'CharStorage': np.int8,
-  'ByteStorage': np.uint8,
-  'BoolStorage': np.bool_,
-}
-
-
-def _read_pth_without_torch(path: str) -> dict[str, np.ndarray]:
-  """Reads a state dict saved by `torch.save` (zip format) into NumPy arrays, without PyTorch."""
-  if not zipfile.is_zipfile(path):
-    raise UserError(f'{path} is not a PyTorch zip checkpoint')
-  with zipfile.ZipFile(path) as archive:
-    pickle_name = next((n for n in archive.namelist() if n.endswith('data.pkl')), None)
-    if pickle_name is None:
-      raise UserError(f'{path} holds no data.pkl: not a torch.save file')
-    prefix = pickle_name[: -len('data.pkl')]
-
-    def rebuild(storage, offset, size, stride, *unused):
-      itemsize = storage.dtype.itemsize
-      return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), tuple(s * itemsize for s in stride)).copy()
-
-    class Unpickler(pickle.Unpickler):
-      def find_class(self, module: str, name: str) -> Any:
-        if module == 'torch._utils' and name == '_rebuild_tensor_v2':
-          return rebuild
-        if module == 'torch' and name in _TORCH_DTYPES:
-          return name
-        if module == 'collections' and name == 'OrderedDict':
-          return OrderedDict
-        raise UserError(f'{path}: unsupported object {module}.{name} in the checkpoint')
-
-      def persistent_load(self, pid: tuple) -> np.ndarray:
-        _, storage_type, key, _, _ = pid
-        dtype = _TORCH_DTYPES.get(storage_type)
-        if dtype is None:
-          raise UserError(f'{path}: unsupported tensor type {storage_type}')
-        return np.frombuffer(archive.read(f'{prefix}data/{key}'), dtype=dtype)
-
-    state = Unpickler(io.BytesIO(archive.read(pickle_name))).load()
-  return dict(state.get('state_dict', state))
+_read_pth_without_torch = pth.read_zip_pth  # The shared torch-free reader (diffusion.interop.pth).
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A .pth state dict as NumPy arrays: zip-format files are read directly, old-format ones with PyTorch."""
-  if zipfile.is_zipfile(path):
-    return _read_pth_without_torch(path)
-  try:
-    import torch
-  except ImportError:
-    raise UserError(f"{path} is in PyTorch's old (non-zip) format; reading it needs PyTorch: pip install torch")
-  try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  # Any unreadable file is the user's.
-    raise UserError(f'cannot read Inception weights {path}: {str(e).splitlines()[0] if str(e) else e!r}') from None
-  state = state.get('state_dict', state)
-  return {k: v.detach().cpu().numpy() for k, v in state.items()}
+  """A .pth state dict as NumPy arrays, read without PyTorch (zip and legacy `torch.save` formats)."""
+  return pth.read_pth(path)
 
 
 def load_variables(path: str | None = None, download: bool = False) -> dict:
