@@ -30,7 +30,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict()
   config.loss.rec_loss = 'l1'  # 'l1' | 'l2'
   config.loss.kl_weight = 1e-6
-  config.loss.perceptual_weight = 0.0  # Not implemented yet: must stay 0 (a nonzero value is refused at load).
+  # LPIPS on (input, reconstruction), added at every pixel as in taming's LPIPSWithDiscriminator (0: off).
+  config.loss.perceptual_weight = 0.0
+  config.loss.lpips_net = 'vgg'  # LPIPS backbone: 'vgg' | 'alex'.
+  # The backbone's torchvision state dict ('': torch hub's cache, ~/.cache/torch/hub/checkpoints/vgg16-397923af.pth)
+  # and the lpips package's linear heads ('': the installed package's weights/v0.1/<net>.pth); 'random' for either is
+  # the explicit, labelled choice of random weights (tests, CPU demos).
+  config.loss.vgg_weights = ''
+  config.loss.lpips_weights = ''
   config.loss.adversarial_weight = 0.0  # Not implemented yet: must stay 0 (a nonzero value is refused at load).
   config.train = common.get_train_config()
   config.optim = common.get_optim_config()
@@ -41,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.wandb = common.get_wandb_config('ldm-jax-vae')
 
   if preset == 'base':
-    pass
+    config.loss.perceptual_weight = 1.0  # SD's f8 VAE (LDM's kl-f8 config): KL 1e-6, LPIPS 1.0.
   elif preset == 'tiny':
     config.data = common.get_data_config(image_size=32)
     config.data.shapes.max_objects = 1

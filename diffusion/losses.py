@@ -150,13 +150,24 @@ def _per_example_sum(x: Array) -> Array:
 
 
 def vae_loss(
-  x: Array, reconstruction: Array, mean: Array, logvar: Array, *, kl_weight: float, rec_loss: str = 'l1'
+  x: Array,
+  reconstruction: Array,
+  mean: Array,
+  logvar: Array,
+  *,
+  kl_weight: float,
+  rec_loss: str = 'l1',
+  perceptual: Array | None = None,
+  perceptual_weight: float = 0.0,
+  nll_logvar: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-  """The LDM autoencoder loss: reconstruction + kl_weight * KL(q(z|x) || N(0, I)).
+  """The LDM autoencoder loss: reconstruction (+ perceptual) as taming's NLL, + kl_weight * KL(q(z|x) || N(0, I)).
 
-  As in LDM, the reconstruction error and the KL are summed over each example's pixels / latent dims and
-  averaged over the batch, so LDM's kl_weight (1e-6) means the same here. Metrics: 'rec_loss' (mean per pixel,
-  as LDM logs it), 'kl' (per example) and 'loss'.
+  As in LDM (taming's `LPIPSWithDiscriminator`), the per-pixel term is |x - x_rec| + perceptual_weight * LPIPS
+  (the example's LPIPS `perceptual` (B,) added at every pixel), divided by exp(nll_logvar) plus nll_logvar (the
+  learned log-variance; None: 0, the plain sum), summed over each example's pixels and averaged over the batch;
+  the KL is summed over latent dims, so LDM's weights (kl_weight 1e-6, perceptual_weight 1.0) mean the same here.
+  Metrics: 'rec_loss' (mean per pixel, as LDM logs it), 'kl' (per example), 'perceptual', 'nll', 'loss'.
   """
   if rec_loss not in _RECONSTRUCTION:
     raise ConfigError('loss.rec_loss', f'unknown reconstruction loss {rec_loss!r}; known: {", ".join(_RECONSTRUCTION)}')
@@ -165,7 +176,14 @@ def vae_loss(
   mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
   kl = 0.5 * _per_example_sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
   metrics = {'rec_loss': jnp.mean(error), 'kl': jnp.mean(kl)}
-  loss = jnp.mean(_per_example_sum(error)) + kl_weight * metrics['kl']
+  pixel = error
+  if perceptual is not None:
+    metrics['perceptual'] = jnp.mean(perceptual)
+    pixel = pixel + perceptual_weight * perceptual.astype(jnp.float32).reshape((-1,) + (1,) * (error.ndim - 1))
+  if nll_logvar is not None:
+    pixel = pixel / jnp.exp(nll_logvar) + nll_logvar
+  metrics['nll'] = jnp.mean(_per_example_sum(pixel))
+  loss = metrics['nll'] + kl_weight * metrics['kl']
   metrics['loss'] = loss
   return loss, metrics
 
@@ -173,20 +191,28 @@ def vae_loss(
 # ----------------------------------------------------------------------------------------------------------
 # Config checks.
 
-NOT_IMPLEMENTED_TERMS = ('perceptual_weight', 'adversarial_weight')  # Stable config keys, no implementation yet.
+NOT_IMPLEMENTED_TERMS = ('adversarial_weight',)  # Stable config keys, no implementation yet.
+LPIPS_NETS = ('vgg', 'alex')
+
+
+def _validate_vae_loss(loss: Mapping[str, Any]) -> None:
+  if loss['rec_loss'] not in _RECONSTRUCTION:
+    raise ConfigError('loss.rec_loss', f'unknown {loss["rec_loss"]!r}; known: {", ".join(_RECONSTRUCTION)}')
+  for key in ('kl_weight', 'perceptual_weight'):
+    if not loss.get(key, 0.0) >= 0:
+      raise ConfigError(f'loss.{key}', f'must be >= 0, got {loss[key]!r}')
+  if loss.get('perceptual_weight', 0.0) > 0 and loss.get('lpips_net', 'vgg') not in LPIPS_NETS:
+    raise ConfigError('loss.lpips_net', f'unknown {loss["lpips_net"]!r}; known: {", ".join(LPIPS_NETS)}')
+  for key in NOT_IMPLEMENTED_TERMS:
+    if loss.get(key, 0.0) != 0:
+      raise ConfigError(f'loss.{key}', 'not implemented yet')
 
 
 def validate_config(config: Mapping[str, Any]) -> None:
   """Checks the loss keys: `config.loss` for stage 1 (vae), `diffusion.loss_weighting` and its parameters for
-  stage 2 (ldm). Raises `ConfigError` naming the key."""
+  stage 2 (ldm). Raises `ConfigError` naming the key. (The LPIPS weight files are read, and checked, when the VAE
+  task is built: still before anything is compiled.)"""
   if config['model_type'] == 'vae':
-    loss = config['loss']
-    if loss['rec_loss'] not in _RECONSTRUCTION:
-      raise ConfigError('loss.rec_loss', f'unknown {loss["rec_loss"]!r}; known: {", ".join(_RECONSTRUCTION)}')
-    if not loss['kl_weight'] >= 0:
-      raise ConfigError('loss.kl_weight', f'must be >= 0, got {loss["kl_weight"]!r}')
-    for key in NOT_IMPLEMENTED_TERMS:
-      if loss.get(key, 0.0) != 0:
-        raise ConfigError(f'loss.{key}', 'not implemented yet')
+    _validate_vae_loss(config['loss'])
   if config['model_type'] == 'ldm':
     get_diffusion_loss_fn(config['diffusion'])  # Checks the weighting, min_snr_gamma and edm_sigma_data.

@@ -93,7 +93,7 @@ def test_bad_values_name_the_key(key, mutate):
 
 def test_vae_loss_terms_must_be_registered():
   config = load(os.path.join(ROOT, 'configs', 'vae_base.py'), 'tiny')
-  config.loss.perceptual_weight = 0.1
+  config.loss.perceptual_weight = -0.1
   with pytest.raises(ConfigError, match='perceptual'):
     validate_config(config)
   config.loss.perceptual_weight = 0.0

@@ -4,11 +4,14 @@ Two files, as the `lpips` package uses them: the backbone is torchvision's state
 `alexnet-owt-7be5be79.pth`: `features.<i>.weight|bias`; the classifier is ignored; an `lpips` package state dict
 with `net.slice<k>.<i>.*` keys works too), the linear heads are the package's `weights/v0.1/<net>.pth`
 (`lin<k>.model.1.weight`, shape (1, C, 1, 1)). `'random'` for either is the explicit, labelled choice of random
-weights (tests, the CPU demo). A missing or mis-shaped file is one `ConfigError` naming the config key.
+weights (tests, the CPU demo); `''` is the usual place: torch hub's cache for the backbone (where torchvision puts
+its download), the installed `lpips` package's file for the heads (found without importing it, or torch). A missing
+or mis-shaped file is one `ConfigError` naming the config key.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from typing import Any, Mapping
@@ -20,6 +23,7 @@ from diffusion.interop import pth
 from diffusion.models import lpips
 
 RANDOM = 'random'
+BACKBONE_FILES = {'vgg': 'vgg16-397923af.pth', 'alex': 'alexnet-owt-7be5be79.pth'}  # torchvision's file names.
 _BACKBONE_KEY = re.compile(r'(?:features|net\.slice\d+)\.(\d+)\.(weight|bias)')
 _HEAD_KEY = re.compile(r'lin(\d+)\.model\.[01]\.weight')
 
@@ -85,6 +89,30 @@ def convert_heads(state: Mapping[str, Any], net: str = 'vgg', key: str | None = 
   return params
 
 
+def default_backbone_path(net: str) -> str:
+  """torchvision's download location of the backbone (torch hub's cache, as `$TORCH_HOME` says)."""
+  torch_home = os.environ.get('TORCH_HOME') or os.path.join(
+    os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'torch'
+  )
+  return os.path.join(torch_home, 'hub', 'checkpoints', BACKBONE_FILES[net])
+
+
+def default_heads_path(net: str) -> str | None:
+  """The `lpips` package's bundled heads (`lpips/weights/v0.1/<net>.pth`), None when it is not installed."""
+  spec = importlib.util.find_spec('lpips')
+  if spec is None or not spec.origin:
+    return None
+  return os.path.join(os.path.dirname(spec.origin), 'weights', 'v0.1', f'{net}.pth')
+
+
+def _resolve(path: str, default: str | None, key: str | None, what: str) -> str:
+  if path:
+    return path
+  if default is None:
+    raise _error(key, f'no {what} given and the lpips package (which ships them) is not installed: name the file')
+  return default
+
+
 def _read(path: str, key: str | None) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise _error(key, f'weight file {path!r} does not exist (or use {RANDOM!r}, labelled random weights)')
@@ -103,9 +131,12 @@ def load_params(
   backbone_key: str | None = None,
   head_key: str | None = None,
 ) -> dict:
-  """LPIPS params from the two weight files (or `'random'` for either: `lpips.random_params(net, seed)`'s part)."""
+  """LPIPS params from the two weight files (`'random'` for either: `lpips.random_params(net, seed)`'s part; `''`:
+  the usual place, see the module docstring)."""
   if net not in lpips.NETS:
     raise UserError(f'unknown LPIPS network {net!r}; known: {", ".join(lpips.NETS)}')
+  backbone_weights = _resolve(backbone_weights, default_backbone_path(net), backbone_key, 'backbone weights')
+  head_weights = _resolve(head_weights, default_heads_path(net), head_key, 'linear heads')
   random = lpips.random_params(net, seed) if RANDOM in (backbone_weights, head_weights) else None
   if backbone_weights == RANDOM:
     backbone = random['backbone']
@@ -120,5 +151,5 @@ def load_params(
 
 def describe(backbone_weights: str, head_weights: str, net: str = 'vgg') -> str:
   """A label for records and logs: which weights an LPIPS number was computed with."""
-  label = lambda w: 'random' if w == RANDOM else os.path.basename(w)
+  label = lambda w: 'random' if w == RANDOM else os.path.basename(w) or 'default'
   return f'LPIPS-{net} (backbone: {label(backbone_weights)}, heads: {label(head_weights)})'

@@ -1,4 +1,10 @@
-"""Stage 1: the AutoencoderKL task (reconstruction + KL loss; PSNR on held-out images)."""
+"""Stage 1: the AutoencoderKL task, as latent diffusion trains it: reconstruction (+ LPIPS) as taming's NLL + KL;
+PSNR, L1 (and LPIPS) on held-out images.
+
+With `loss.perceptual_weight` > 0 the LPIPS network (`diffusion.models.lpips`; weights from `loss.vgg_weights` and
+`loss.lpips_weights`, or 'random') is a frozen part of the task (`frozen['lpips']`): read at every start, never
+trained or saved.
+"""
 
 from typing import Any, Callable
 
@@ -9,6 +15,8 @@ import numpy as np
 
 from diffusion import losses, models
 from diffusion.images import make_grid, to_uint8
+from diffusion.interop import lpips as lpips_weights
+from diffusion.models import lpips
 from diffusion.training.state import with_compute_dtype
 from diffusion.training.task import TASKS, Batches, resolved_copy
 
@@ -32,6 +40,18 @@ class VAETask:
     self.vae = models.create_vae(with_compute_dtype(self.config.model.vae, self.config.train))
     self.tokenizer = None
     self.frozen = {}
+    self.lpips = None
+    loss = self.config.loss
+    if loss.get('perceptual_weight', 0.0) > 0:
+      net = loss.get('lpips_net', 'vgg')
+      self.lpips = lpips.LPIPS(net, dtype=jnp.dtype(with_compute_dtype(self.config.model.vae, self.config.train).dtype))
+      self.frozen['lpips'] = lpips_weights.load_params(
+        loss.get('vgg_weights', ''),
+        loss.get('lpips_weights', ''),
+        net,
+        backbone_key='loss.vgg_weights',
+        head_key='loss.lpips_weights',
+      )
     self._held_out = None
 
   def built_on(self) -> dict[str, Any]:
@@ -46,24 +66,43 @@ class VAETask:
     x = jnp.zeros((1, size, size, self.config.model.vae.in_channels), jnp.float32)
     return self.vae.init({'params': rng}, x, rng)['params']
 
+  def _perceptual(self, frozen: Any, x: jax.Array, rec: jax.Array) -> jax.Array | None:
+    """Per-example LPIPS(x, rec) (B,), float32; None without the perceptual term."""
+    if self.lpips is None:
+      return None
+    return self.lpips.apply({'params': frozen['lpips']}, x, rec).astype(jnp.float32)
+
   def loss_fn(self, params: Any, frozen: Any, batch: dict, keys: jax.Array, step: jax.Array):
-    del frozen, step
+    del step
     x = batch['image']
     f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)  # Losses in float32 whatever the compute dtype.
     mean, logvar = f32(self.vae.apply({'params': params}, x, method='encode'))
     noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(keys)  # Per-example draws.
     rec = f32(self.vae.apply({'params': params}, mean + jnp.exp(0.5 * logvar) * noise, method='decode'))
     loss_cfg = self.config.loss
-    loss, metrics = losses.vae_loss(x, rec, mean, logvar, kl_weight=loss_cfg.kl_weight, rec_loss=loss_cfg.rec_loss)
+    loss, metrics = losses.vae_loss(
+      x,
+      rec,
+      mean,
+      logvar,
+      kl_weight=loss_cfg.kl_weight,
+      rec_loss=loss_cfg.rec_loss,
+      perceptual=self._perceptual(frozen, x, rec),
+      perceptual_weight=loss_cfg.get('perceptual_weight', 0.0),
+    )
     metrics = {k: v for k, v in metrics.items() if k != 'loss'}
     metrics['psnr'] = jnp.mean(psnr(x, rec))
     return loss, metrics
 
   def eval_step(self, params: Any, frozen: Any, batch: dict, keys: jax.Array) -> dict:
-    del frozen, keys  # Reconstructions from the posterior mean: no randomness.
-    mean, _ = self.vae.apply({'params': params}, batch['image'], method='encode')
+    del keys  # Reconstructions from the posterior mean: no randomness.
+    x = batch['image']
+    mean, _ = self.vae.apply({'params': params}, x, method='encode')
     rec = self.vae.apply({'params': params}, mean, method='decode')
-    return {'psnr': jnp.mean(psnr(batch['image'], rec)), 'l1': jnp.mean(jnp.abs(jnp.clip(rec, -1, 1) - batch['image']))}
+    metrics = {'psnr': jnp.mean(psnr(x, rec)), 'l1': jnp.mean(jnp.abs(jnp.clip(rec, -1, 1) - x))}
+    if self.lpips is not None:
+      metrics['lpips'] = jnp.mean(self._perceptual(frozen, x, jnp.clip(rec, -1, 1)))
+    return metrics
 
   def prepare_sampling(self, held_out: Callable[[], dict]) -> None:
     """Keeps the first 8 images of the held-out batch: the grid shows the same images at every step."""
