@@ -10,6 +10,7 @@
 (`path_and_scale`).
 """
 
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -187,6 +188,18 @@ def path_and_scale(text: str, default: float | None = None) -> tuple[str, float 
   if not path:
     raise UserError(f'{text!r} has no path: expected PATH or PATH:SCALE')
   return path, default if scale is None else float(scale)
+
+
+def adapter_and_scale(text: str, flag: str) -> tuple[str, float]:
+  """A repeated `--<flag> PATH[:SCALE]` value (scale 1 by default), e.g. `--lora style.safetensors:0.7`.
+
+  Unlike `path_and_scale`, a trailing `:x` that is not a number is refused (unless the whole text is an existing
+  path, or `x` holds the '/' or backslash of a URL or drive path), so a mistyped scale is not read as a missing file."""
+  path, scale = path_and_scale(text, 1.0)
+  head, sep, tail = text.rpartition(':')
+  if path == text and sep and head and not os.path.exists(text) and not any(c in tail for c in '/\\'):
+    raise UserError(f'--{flag} {text!r}: the scale {tail!r} is not a number (expected PATH or PATH:SCALE)')
+  return path, scale
 
 
 def require(condition: bool, message: str) -> None:

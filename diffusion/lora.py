@@ -1,0 +1,227 @@
+"""LoRA as a transformation of parameter trees: low-rank updates of chosen Dense / Conv kernels, stacked and merged.
+
+A LoRA is a tree shaped like (part of) the params it adapts: at the module path of each adapted kernel it holds
+
+  {'a': A (r, *kernel.shape[:-1]), 'b': B (out, r), 'alpha': () float}
+
+so a Dense kernel (in, out) gets A (r, in) and B (out, r), PyTorch's `lora_A` / `lora_B` weights, and a Conv kernel
+(kh, kw, in, out) gets A (r, kh, kw, in) (LoCon: a kh x kw conv down to r channels) and B (out, r) (a 1x1 conv up).
+The adapted kernel is W + scale * (alpha / r) * dW with dW[..., o] = sum_r A[r, ...] B[o, r] (our kernels are
+(in, out) and HWIO: dW is (B A) transposed). B starts at zero, so a fresh LoRA leaves the model unchanged.
+
+  loras = lora.init(rng, params, rank=4, alpha=4, patterns=lora.DEFAULT_TARGETS)
+  merged = lora.merge(params, [loras, other], [1.0, 0.7])     # several LoRAs, each with its own scale
+
+Targets are patterns over our module paths ('/'-joined, e.g. `unet/down_blocks_0/attentions_0/
+transformer_blocks_0/attn1/to_q`): a pattern (a regex) names a module when it matches the end of its path at a
+'/' boundary, so `to_q` is every U-Net attention's query projection and `resnets_\\d+/conv[12]` the res-block convs.
+"""
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion.errors import ConfigError, UserError
+
+Params = Any
+# What diffusers / peft adapt in a Stable-Diffusion U-Net, under our names (`to_out.0` is `to_out_0`).
+DEFAULT_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out_0')
+# The CLIP text encoder's attention projections (config.lora.text_encoder=True).
+TEXT_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'out_proj')
+KEYS = ('a', 'b', 'alpha')
+
+
+def _flat(tree: Params) -> dict[tuple[str, ...], Any]:
+  return flax.traverse_util.flatten_dict(tree) if tree else {}
+
+
+def modules(loras: Params) -> dict[tuple[str, ...], dict[str, Any]]:
+  """module path -> {'a', 'b'[, 'alpha']} of a LoRA tree."""
+  out: dict[tuple[str, ...], dict[str, Any]] = {}
+  for path, leaf in _flat(loras).items():
+    if path[-1] not in KEYS:
+      raise ValueError(f'not a LoRA tree: leaf {"/".join(path)!r} is none of {KEYS}')
+    out.setdefault(path[:-1], {})[path[-1]] = leaf
+  return out
+
+
+def _name(path: Sequence[str]) -> str:
+  return '/'.join(path)
+
+
+def target_kernels(params: Params, patterns: Sequence[str]) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """module path -> kernel shape of every Dense (rank 2) or Conv (rank 4) kernel whose module a pattern names.
+
+  A pattern that names no kernel is a `UserError` (a typo would otherwise train nothing)."""
+  compiled = []
+  for pattern in patterns:
+    try:
+      compiled.append((pattern, re.compile(rf'(?:^|/)(?:{pattern})$')))
+    except re.error as e:
+      raise UserError(f'LoRA target {pattern!r} is not a valid pattern: {e}') from None
+  found: dict[tuple[str, ...], tuple[int, ...]] = {}
+  used = set()
+  for path, leaf in _flat(params).items():
+    if path[-1] != 'kernel' or len(leaf.shape) not in (2, 4):
+      continue
+    for pattern, regex in compiled:
+      if regex.search(_name(path[:-1])):
+        found[path[:-1]] = tuple(leaf.shape)
+        used.add(pattern)
+  unused = [p for p in patterns if p not in used]
+  if unused:
+    raise UserError(f'LoRA targets {unused} name no Dense or Conv kernel of the model')
+  return found
+
+
+def check_rank(rank: int, shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> None:
+  """A rank above a target's dimensions (min(fan-in, out)) cannot be low-rank: a `UserError` naming the target."""
+  for path, shape in shapes.items():
+    limit = min(int(np.prod(shape[:-1])), shape[-1])
+    if rank > limit:
+      raise UserError(
+        f'LoRA rank {rank} is larger than the dimensions of {_name(path)} (kernel {shape}, at most {limit})'
+      )
+
+
+def init(
+  rng: jax.Array, params: Params, rank: int, alpha: float | None = None, patterns: Sequence[str] = DEFAULT_TARGETS
+) -> Params:
+  """A fresh LoRA of `rank` on the kernels `patterns` name: A uniform in +-1/sqrt(fan-in) (peft's Kaiming init),
+  B zero (the adapted model starts as the base). `alpha` defaults to `rank` (scale 1)."""
+  shapes = target_kernels(params, patterns)
+  check_rank(rank, shapes)
+  alpha = float(rank if alpha is None else alpha)
+  shapes = sorted(shapes.items())
+  sizes = [rank * int(np.prod(shape[:-1])) for _, shape in shapes]
+  draws = jax.random.uniform(rng, (sum(sizes),), jnp.float32, -1.0, 1.0)  # One draw for all: one compile.
+  xp = _xp(draws)
+  draws = draws if xp is jnp else np.asarray(draws)
+  flat, start = {}, 0
+  for (path, shape), size in zip(shapes, sizes):
+    bound = 1.0 / np.sqrt(np.prod(shape[:-1]))
+    flat[path + ('a',)] = draws[start : start + size].reshape(rank, *shape[:-1]) * bound
+    flat[path + ('b',)] = xp.zeros((shape[-1], rank), xp.float32)
+    flat[path + ('alpha',)] = xp.asarray(alpha, xp.float32)
+    start += size
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def count_params(loras: Params) -> int:
+  """The number of trained LoRA values (A and B; alpha is a constant)."""
+  return sum(int(np.prod(m['a'].shape)) + int(np.prod(m['b'].shape)) for m in modules(loras).values())
+
+
+def _xp(*arrays: Any) -> Any:
+  """jax.numpy under a trace (training), else numpy: a merge on the host compiles nothing."""
+  return jnp if any(isinstance(x, jax.core.Tracer) for x in arrays) else np
+
+
+def delta(a: jax.Array, b: jax.Array) -> jax.Array:
+  """The kernel update B A in our layout: (r, *rest) x (out, r) -> (*rest, out)."""
+  xp = _xp(a, b)
+  return xp.einsum('r...,or->...o', xp.asarray(a, xp.float32), xp.asarray(b, xp.float32))
+
+
+def _multiplier(module: Mapping[str, Any]) -> Any:
+  rank = module['a'].shape[0]
+  return module.get('alpha', rank) / rank
+
+
+def apply(params: Params, loras: Params, scale: float = 1.0, *, multiplier: float | None = None) -> Params:
+  """`params` with each adapted kernel W replaced by W + scale * (alpha / r) * dW (jittable).
+
+  `multiplier` overrides alpha / r for every module (training keeps alpha out of the trained tree). A LoRA module
+  that matches no kernel of `params`, or whose factors do not fit it, is a `UserError` naming them."""
+  flat = _flat(params)
+  missing, wrong = [], []
+  for path, module in modules(loras).items():
+    kernel = flat.get(path + ('kernel',))
+    if kernel is None:
+      missing.append(_name(path))
+      continue
+    a, b = module['a'], module['b']
+    if a.shape[1:] != kernel.shape[:-1] or b.shape != (kernel.shape[-1], a.shape[0]):
+      wrong.append(f'{_name(path)} (kernel {tuple(kernel.shape)}, LoRA A {tuple(a.shape)} B {tuple(b.shape)})')
+      continue
+    factor = scale * (_multiplier(module) if multiplier is None else multiplier)
+    xp = _xp(kernel, a, b, factor)
+    flat[path + ('kernel',)] = (xp.asarray(kernel, xp.float32) + factor * delta(a, b)).astype(kernel.dtype)
+  if missing:
+    more = f' ({len(missing)} in all)' if len(missing) > 5 else ''
+    raise UserError(f'LoRA modules match no kernel of the model: {", ".join(sorted(missing)[:5])}{more}')
+  if wrong:
+    raise UserError(f'LoRA does not fit the model (a LoRA of another base?): {"; ".join(sorted(wrong)[:3])}')
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def stack(loras: Sequence[Params], scales: Sequence[float]) -> Params:
+  """One LoRA equal to the sum of `scale_i * LoRA_i` (on the host): per module, the factors concatenated along
+  the rank.
+
+  A module one LoRA adapts keeps its factors (the scale goes into alpha); where several meet, each B carries its
+  scale * alpha / r and alpha is the total rank."""
+  if len(loras) != len(scales):
+    raise ValueError(f'{len(loras)} LoRAs but {len(scales)} scales')
+  parts: dict[tuple[str, ...], list[tuple[dict[str, Any], float]]] = {}
+  for tree, scale in zip(loras, scales):
+    for path, module in modules(tree).items():
+      parts.setdefault(path, []).append((module, float(scale)))
+  flat = {}
+  for path, group in parts.items():
+    if len(group) == 1:
+      ((module, scale),) = group
+      a, b, alpha = module['a'], module['b'], scale * _multiplier(module) * module['a'].shape[0]
+    else:
+      a = np.concatenate([np.asarray(m['a'], np.float32) for m, _ in group])
+      b = np.concatenate([np.asarray(m['b'], np.float32) * s * _multiplier(m) for m, s in group], axis=1)
+      alpha = a.shape[0]
+    flat.update({path + ('a',): a, path + ('b',): b, path + ('alpha',): np.float32(alpha)})
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def merge(params: Params, loras: Sequence[Params], scales: Sequence[float]) -> Params:
+  """`params` with every LoRA of `loras` merged in with its scale: W + sum_i scale_i * (alpha_i / r_i) * dW_i."""
+  if len(loras) != len(scales):
+    raise UserError(f'{len(loras)} LoRAs but {len(scales)} scales')
+  for tree, scale in zip(loras, scales):
+    params = apply(params, tree, scale)
+  return params
+
+
+def config_targets(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The target patterns of a `config.lora` section: its targets, plus the CLIP ones when text_encoder is set."""
+  return tuple(config.targets) + (TEXT_TARGETS if config.text_encoder else ())
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """The `config.lora` section (rank 0 = off): sizes, targets, and a base workdir to train on."""
+  section = config.get('lora')
+  if section is None:
+    return
+  rank = section.rank
+  if not isinstance(rank, int) or rank < 0:
+    raise ConfigError('lora.rank', f'must be an integer >= 0 (0 = no LoRA), got {rank!r}')
+  if rank == 0:
+    return
+  if not float(section.alpha) > 0:
+    raise ConfigError('lora.alpha', f'must be > 0, got {section.alpha!r}')
+  if not 0.0 <= float(section.dropout) < 1.0:
+    raise ConfigError('lora.dropout', f'must be in [0, 1), got {section.dropout!r}')
+  if section.dropout:
+    raise ConfigError('lora.dropout', 'LoRA dropout is not implemented yet: keep it 0')
+  if not section.targets:
+    raise ConfigError('lora.targets', 'name at least one module pattern (e.g. to_q)')
+  for pattern in section.targets:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ConfigError('lora.targets', f'{pattern!r} is not a valid pattern: {e}') from None
+  if not config.get('base_workdir'):
+    raise ConfigError('base_workdir', 'LoRA training (lora.rank > 0) needs the workdir of the frozen base model')
