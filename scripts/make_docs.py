@@ -244,6 +244,9 @@ def render_demo(record: dict) -> list[str]:
     '',
     f'({acc["num_prompts"]} prompts x {acc["num_seeds"]} seeds, {acc["sampler"]} with {acc["num_steps"]} steps.)',
   ]
+  if r.get('phase_seconds'):
+    phases = ', '.join(f'{name} {seconds / 60:.1f}' for name, seconds in r['phase_seconds'].items())
+    lines += ['', f'Minutes per phase: {phases}.']
   if r.get('grid_sha256'):
     lines += [
       '',

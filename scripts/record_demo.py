@@ -6,8 +6,9 @@ r"""The last step of `make demo`: writes docs/results/demo.json from the demo ru
 Reads `<demo_dir>/caption_accuracy.json`, the last `eval/psnr` of `<demo_dir>/vae/metrics.jsonl` and the last
 `eval/val_loss` of `<demo_dir>/ldm/metrics.jsonl`; copies `<demo_dir>/samples/grid.png` (and its prompts, from
 `samples/settings.json`) to docs/images/demo_grid.png; the wall time is end - start (Unix seconds, taken by the
-Makefile target; end defaults to now). Then runs scripts/make_docs.py, so the README shows what the record holds,
-and prints the caption-accuracy line again as the last line.
+Makefile target; end defaults to now), and `<demo_dir>/phases.txt` (written by the Makefile) gives each phase's
+time. Then runs scripts/make_docs.py, so the README shows what the record holds, and prints the caption-accuracy
+line again as the last line.
 """
 
 import argparse
@@ -46,6 +47,17 @@ def grid_prompts(samples_dir: str) -> list[str]:
   return list(prompts)
 
 
+def phase_seconds(demo_dir: str) -> dict[str, float]:
+  """Seconds of each demo phase, from the "<unix time> <phase>" lines the Makefile appends to phases.txt when each
+  phase ends (the first line is the start); empty without the file."""
+  path = os.path.join(demo_dir, 'phases.txt')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    marks = [(float(t), name) for t, name in (line.split(maxsplit=1) for line in f if line.strip())]
+  return {name.strip(): t - prev for (prev, _), (t, name) in zip(marks, marks[1:])}
+
+
 def demo_results(demo_dir: str, root: str, wall_time_s: float) -> dict:
   """The numbers of one demo run, with the grid copied into the docs and its hash recorded."""
   accuracy_path = os.path.join(demo_dir, 'caption_accuracy.json')
@@ -56,6 +68,7 @@ def demo_results(demo_dir: str, root: str, wall_time_s: float) -> dict:
   out = {
     'caption_accuracy': accuracy,
     'wall_time_s': wall_time_s,
+    'phase_seconds': phase_seconds(demo_dir),
     'vae_psnr': last_value(os.path.join(demo_dir, 'vae', 'metrics.jsonl'), 'eval/psnr'),
     'ldm_val_loss': last_value(os.path.join(demo_dir, 'ldm', 'metrics.jsonl'), 'eval/val_loss'),
   }

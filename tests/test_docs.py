@@ -61,6 +61,7 @@ def _fake_demo(directory):
   (directory / 'ldm' / 'metrics.jsonl').write_text('{"step": 30, "eval/val_loss": 0.02551}\n')
   (directory / 'samples' / 'settings.json').write_text(json.dumps({'prompts': ['a red circle', 'a blue square']}))
   Image.fromarray(np.full((8, 16, 3), 200, np.uint8)).save(directory / 'samples' / 'grid.png')
+  (directory / 'phases.txt').write_text('1000 start\n1090 install\n1390 vae\n2830 ldm\n')
 
 
 def test_demo_record_fills_the_readme_block(doc_root, tmp_path_factory):
@@ -85,6 +86,7 @@ def test_demo_record_fills_the_readme_block(doc_root, tmp_path_factory):
   record = json.loads((doc_root / 'docs' / 'results' / 'demo.json').read_text())
   assert record['command'] == 'make demo' and record['load_average']['start'] == 1.5
   assert record['results']['wall_time_s'] == 1830 and record['results']['vae_psnr'] == 31.25
+  assert record['results']['phase_seconds'] == {'install': 90, 'vae': 300, 'ldm': 1440}
   assert len(record['git']['commit']) == 40 and 'jax' in record['packages']
   assert record['machine']['device_count'] >= 1 and record['machine']['cpu_count'] >= 1
   readme = (doc_root / 'README.md').read_text()
@@ -99,6 +101,7 @@ def test_demo_record_fills_the_readme_block(doc_root, tmp_path_factory):
     'docs/results/demo.json',
     'a red circle, a blue square',
     '![samples](docs/images/demo_grid.png)',
+    'Minutes per phase: install 1.5, vae 5.0, ldm 24.0.',
   ):
     assert text in block, (text, block)
   assert (doc_root / 'docs' / 'images' / 'demo_grid.png').read_bytes() == (demo / 'samples' / 'grid.png').read_bytes()
