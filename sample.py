@@ -6,6 +6,7 @@ r"""Generates images from a trained latent diffusion workdir.
   python sample.py --workdir W --prompt "a blue circle" --init_image in.png --strength 0.6 --out DIR    # img2img
   python sample.py --workdir W --prompt "a blue circle" --init_image in.png --mask mask.png --out DIR   # inpaint
   python sample.py --workdir W --prompts_file prompts.txt --guidance_scale 1,3,7 --num_steps 10,25 --out DIR  # sweep
+  python sample.py --workdir W --prompt "a blue circle" --lora style.safetensors:0.7 --lora W2 --out DIR  # LoRAs
 
 Writes DIR/0000.png, DIR/0001.png, ... (prompt-major: all images of the first prompt first), DIR/grid.png (one row per
 prompt) and DIR/settings.json with every setting, so any result can be reproduced exactly. Image i's initial noise
@@ -70,6 +71,12 @@ _BATCH = flags.DEFINE_integer(
 )
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 _RAW = flags.DEFINE_bool('raw_params', False, 'Use the raw params instead of the EMA params.')
+_LORA = flags.DEFINE_multi_string(
+  'lora',
+  [],
+  'PATH[:SCALE]: a LoRA (diffusers / kohya file, a directory with pytorch_lora_weights.safetensors, or a LoRA '
+  'workdir) merged into the weights for this call, with its scale (default 1); repeat to stack several.',
+)
 _OUT = flags.DEFINE_string('out', None, 'Output directory.')
 
 
@@ -111,6 +118,9 @@ def main(argv: list[str]) -> None:
     cli.require(flag.value is None or os.path.isfile(flag.value), f'--{flag.name} {flag.value!r} does not exist')
   prompts, seeds = _prompts()
   cli.require(os.path.isdir(_WORKDIR.value), f'workdir {_WORKDIR.value!r} does not exist')
+  loras = [cli.adapter_and_scale(value, 'lora') for value in _LORA.value]
+  for path, _ in loras:
+    cli.require(os.path.exists(path), f'--lora {path!r} does not exist')
 
   from diffusion import parallel
   from diffusion.generation import sample_to_directory
@@ -132,6 +142,7 @@ def main(argv: list[str]) -> None:
     mask=_MASK.value,
     strength=_STRENGTH.value,
     prompt_seeds=seeds,
+    loras=loras,
     **overrides,
   )
   print(f'wrote {settings["num_images"]} images and grid.png to {_OUT.value}', flush=True)

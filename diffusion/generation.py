@@ -13,11 +13,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from diffusion import samplers
+from diffusion import interop, samplers
+from diffusion import lora as lora_lib
+from diffusion import workdir as workdir_lib
 from diffusion.errors import UserError
 from diffusion.images import labelled_grid, load_image, load_mask, make_grid, save_png
 from diffusion.pipeline import LatentDiffusionPipeline
 from diffusion.workdir import load_workdir_config
+
+# frozen/<LORA_RECORD> of a workdir imported with LoRAs: the LoRAs merged into its params (stacked, scales folded in).
+LORA_RECORD = 'lora'
 
 
 def noise_plan(
@@ -48,6 +53,31 @@ def _generate(
   return np.stack(out)
 
 
+def workdir_lora(workdir: str) -> Any:
+  """The LoRA a workdir holds ({'unet': ..., 'text': ...}): the record of the LoRAs merged at import."""
+  if workdir_lib.has_frozen(workdir, LORA_RECORD):
+    return workdir_lib.load_frozen(workdir, LORA_RECORD)
+  raise UserError(f'workdir {workdir!r} holds no LoRA (scripts/convert.py import ... --lora FILE makes one)')
+
+
+def load_adapter(path: str) -> Any:
+  """A LoRA from a file (diffusers / kohya), a directory with pytorch_lora_weights.safetensors, or a workdir."""
+  if os.path.isdir(path) and workdir_lib.has_config(path):
+    return workdir_lora(path)
+  return interop.load_lora(path)
+
+
+def merge_adapters(params: Any, loras: Sequence[tuple[str, float]]) -> Any:
+  """`params` with each (LoRA path, scale) of `loras` merged in, once (not per sampling step); errors name the path."""
+  trees = [load_adapter(path) for path, _ in loras]  # Every file read and checked before any merge.
+  for (path, scale), tree in zip(loras, trees):
+    try:
+      params = lora_lib.merge(params, [tree], [scale])
+    except UserError as e:
+      raise UserError(f'--lora {path}: {e}') from None
+  return params
+
+
 def _as_list(value: Any) -> list:
   return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -68,6 +98,7 @@ def sample_to_directory(
   mask: str | None = None,
   strength: float | None = None,
   prompt_seeds: Sequence[int | None] | None = None,
+  loras: Sequence[tuple[str, float]] = (),
   **overrides: Any,
 ) -> dict:
   """Writes OUT/0000.png ... (prompt-major), OUT/grid.png (a row per prompt) and OUT/settings.json.
@@ -76,7 +107,8 @@ def sample_to_directory(
   guidance_interval and sampler options such as eta, karras, timestep_spacing, s_churn); None keeps the config's.
   `guidance_scale` / `num_steps` given as lists sweep every combination (see the module docstring); the returned
   record then lists them under 'sweep'. `batch_size`: images per sampling call (all local devices together).
-  `prompt_seeds` (one per prompt, None = `seed`): see `noise_plan`.
+  `prompt_seeds` (one per prompt, None = `seed`): see `noise_plan`. `loras`: (path, scale) pairs of LoRA files or
+  workdirs merged into the workdir's weights for this call (see `merge_adapters`).
   """
   edit_strength = samplers.editing_strength(strength, init_image is not None, mask is not None)  # Checks them.
   strength = None if init_image is None else edit_strength
@@ -86,6 +118,8 @@ def sample_to_directory(
   image = None if init_image is None else load_image(init_image, size)
   mask_array = None if mask is None else load_mask(mask, init_image, size)
   pipeline = LatentDiffusionPipeline.from_workdir(workdir, use_ema=use_ema, step=step)
+  if loras:
+    pipeline.params = merge_adapters(pipeline.params, loras)
   settings = [pipeline.sampling_settings(guidance_scale=gs, num_steps=n, **overrides) for gs, n in combos]
   common = dict(
     workdir=os.path.abspath(workdir),
@@ -101,6 +135,8 @@ def sample_to_directory(
     strength=strength,
     noise='image i (file index) starts from fold_in(PRNGKey(seed), i)',
   )
+  if loras:
+    common['loras'] = [{'path': os.path.abspath(path), 'scale': float(scale)} for path, scale in loras]
   if prompt_seeds is not None and any(v is not None for v in prompt_seeds):
     common.update(
       prompt_seeds=list(prompt_seeds),

@@ -5,6 +5,7 @@ pipeline directories <-> workdirs: `diffusion.training.pipeline_io`).
   out = unet.apply({'params': params}, z_t, t, context)  # NHWC, t in diffusers units (0 ... 999)
   vae, vae_params = load_vae(path)                       # apply(..., x, method='encode') -> (mean, logvar)
   clip, clip_params = load_text_encoder(path)            # apply(..., ids) -> (last_hidden, pooled)
+  loras = load_lora('pytorch_lora_weights.safetensors')  # diffusers / kohya LoRA -> diffusion.lora.merge
 
 Conversions are table-driven (`naming`), all or nothing: a load fails listing missing, left-over and
 mis-shaped tensors rather than filling part of a model.
@@ -21,6 +22,7 @@ from diffusion.interop.loaders import (
   save_unet,
   save_vae,
 )
+from diffusion.interop.lora import load_lora, save_lora
 
 __all__ = [
   'load_text_encoder',
@@ -29,7 +31,9 @@ __all__ = [
   'load_unet_config',
   'load_vae',
   'load_vae_config',
+  'load_lora',
   'save_text_encoder',
   'save_unet',
   'save_vae',
+  'save_lora',
 ]

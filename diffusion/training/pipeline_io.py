@@ -8,6 +8,7 @@ pipeline layout diffusers reads (`model_index.json`, unet/, vae/, text_encoder/,
 """
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -88,10 +89,13 @@ def _workdir_config(
   return config
 
 
-def import_pipeline(source: str, workdir: str, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def import_pipeline(
+  source: str, workdir: str, base: ml_collections.ConfigDict, params_fn: Callable[[Any], Any] | None = None
+) -> ml_collections.ConfigDict:
   """Converts a diffusers SD pipeline (directory or hub id) into a stage-2 workdir; returns its config.
 
   `base` is the stage-2 config the imported settings fill in (its training, data and sampling sections are kept).
+  `params_fn` maps the imported {'unet', 'text'} params before anything is written (e.g. merging LoRAs into them).
   """
   workdir = os.path.abspath(workdir)
   if os.path.exists(os.path.join(workdir, 'config.json')) or os.path.exists(os.path.join(workdir, 'checkpoints')):
@@ -117,7 +121,9 @@ def import_pipeline(source: str, workdir: str, base: ml_collections.ConfigDict) 
   _, unet_params = loaders.load_unet(os.path.join(root, 'unet'))
   _, text_params = loaders.load_text_encoder(os.path.join(root, 'text_encoder'))
   _, vae_params = loaders.load_vae(os.path.join(root, 'vae'))
-  _write_workdir(workdir, config, tokenizer, vae_params, {'unet': unet_params, 'text': text_params}, source)
+  params = {'unet': unet_params, 'text': text_params}
+  params = params if params_fn is None else params_fn(params)
+  _write_workdir(workdir, config, tokenizer, vae_params, params, source)
   return config
 
 
