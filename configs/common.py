@@ -44,6 +44,17 @@ def get_train_config() -> ml_collections.ConfigDict:
   return train
 
 
+def get_lora_config() -> ml_collections.ConfigDict:
+  """LoRA of a stage-2 model (diffusion/lora.py); rank 0 = off (the validator owning it: diffusion.lora)."""
+  lora = ml_collections.ConfigDict()
+  lora.rank = 0  # > 0: LoRA training on the frozen config.base_workdir (not implemented yet: refused at load).
+  lora.alpha = 1.0  # The update is (alpha / rank) * B A.
+  lora.dropout = 0.0  # On the LoRA input (not implemented yet: must stay 0).
+  lora.targets = ('to_q', 'to_k', 'to_v', 'to_out_0')  # Module-path patterns (diffusers/peft's SD U-Net set).
+  lora.text_encoder = False  # Also the CLIP q_proj, k_proj, v_proj, out_proj.
+  return lora
+
+
 def get_optim_config() -> ml_collections.ConfigDict:
   optim = ml_collections.ConfigDict()
   optim.lr = 1e-4

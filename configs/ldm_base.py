@@ -144,6 +144,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = common.get_mesh_config()
   config.distributed = common.get_distributed_config()
   config.wandb = common.get_wandb_config('ldm-jax')
+  config.lora = common.get_lora_config()  # Off (rank 0); see diffusion/lora.py.
   # Evaluators of generated samples, run during training and by eval/run.py (keys: diffusion/evaluation/spec.py):
   # each is a metric (type: fid | oracle | clip) on num_samples images, with optional sampling overrides
   # (guidance_scale, num_steps, sampler, seed) and metric options (inception_weights, clip_model, split, ...).

@@ -12,7 +12,7 @@ import json
 
 import ml_collections
 
-from diffusion import losses, models, parallel, process, samplers
+from diffusion import lora, losses, models, parallel, process, samplers
 from diffusion.data import validation as data_validation
 from diffusion.errors import ConfigError
 
@@ -88,6 +88,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   data_validation.validate_config(config)
   models.validate_config(config)
   losses.validate_config(config)
+  lora.validate_config(config)
   if 'diffusion' in config:  # A diffusion model: its process, and sampling settings for that process.
     _validate_sample(config, process.validate_config(config.diffusion))
 

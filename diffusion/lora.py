@@ -225,3 +225,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError('lora.targets', f'{pattern!r} is not a valid pattern: {e}') from None
   if not config.get('base_workdir'):
     raise ConfigError('base_workdir', 'LoRA training (lora.rank > 0) needs the workdir of the frozen base model')
+  raise ConfigError(
+    'lora.rank',
+    'LoRA training is not implemented yet: keep 0 (LoRAs are applied with sample.py --lora and '
+    'scripts/convert.py import --lora)',
+  )

@@ -140,17 +140,34 @@ def _config(**lora) -> ml_collections.ConfigDict:
 
 
 def test_validate_config():
-  lora_lib.validate_config(_config())
   lora_lib.validate_config(ml_collections.ConfigDict({'base_workdir': '', 'lora': {'rank': 0}}))  # Off.
   config = _config()
   config.base_workdir = ''
-  for bad, key in ((config, 'base_workdir'), (_config(rank=-1), 'lora.rank'), (_config(alpha=0.0), 'lora.alpha')):
-    with pytest.raises(ConfigError) as error:
+  cases = [
+    (config, 'base_workdir', 'needs the workdir of the frozen base'),
+    (_config(rank=-1), 'lora.rank', 'integer >= 0'),
+    (_config(alpha=0.0), 'lora.alpha', '> 0'),
+    (_config(dropout=0.1), 'lora.dropout', 'not implemented'),
+    (_config(targets=('to_q(',)), 'lora.targets', 'not a valid pattern'),
+    (_config(), 'lora.rank', 'LoRA training is not implemented yet'),  # Refused at load, not silently ignored.
+  ]
+  for bad, key, message in cases:
+    with pytest.raises(ConfigError, match=message) as error:
       lora_lib.validate_config(bad)
     assert error.value.key == key
-  with pytest.raises(ConfigError, match='not a valid pattern'):
-    lora_lib.validate_config(_config(targets=('to_q(',)))
   assert lora_lib.config_targets(_config(text_encoder=True).lora)[-4:] == lora_lib.TEXT_TARGETS
+
+
+def test_the_ldm_config_has_lora_off_and_checks_it():
+  from configs import ldm_base
+  from diffusion.config import validate_config
+
+  config = ldm_base.get_config('tiny')
+  assert config.lora.rank == 0 and tuple(config.lora.targets) == lora_lib.DEFAULT_TARGETS
+  config.lora.rank = 4
+  with pytest.raises(ConfigError) as error:
+    validate_config(config)
+  assert error.value.key == 'base_workdir'
 
 
 def test_adapter_and_scale(tmp_path):
