@@ -257,6 +257,76 @@ def render_demo(record: dict) -> list[str]:
   return lines
 
 
+def _profile_steps(record: dict) -> list[str]:
+  labels = {'step': 'whole training step', 'fwd': 'forward only', 'fwd+bwd': 'forward + backward', 'adamw': 'AdamW'}
+  lines = ['| part | ours (JAX) ms | diffusers PyTorch ms | JAX / PyTorch |', '|---|---|---|---|']
+  for r in record['results'].get('steps', []):
+    lines.append(f'| {labels[r["part"]]} | {r["jax_ms"]:.1f} | {r["torch_ms"]:.1f} | {r["ratio"]:.2f} |')
+  return lines
+
+
+def _profile_ops(record: dict) -> list[str]:
+  lines = [
+    '| op (per step) | calls | JAX fwd ms | PyTorch fwd ms | fwd JAX / PyTorch | JAX fwd+bwd ms | PyTorch fwd+bwd ms '
+    '| fwd+bwd JAX / PyTorch |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
+  total = {k: 0.0 for k in ('jax:fwd', 'torch:fwd', 'jax:fwd+bwd', 'torch:fwd+bwd')}
+  for e in record['results']['ops']:
+    ms = e['ms']
+    lines.append(
+      f'| {e["label"]} | {e["calls"]} | {ms["jax:fwd"]:.1f} | {ms["torch:fwd"]:.1f} | {e["ratio_fwd"]:.2f} | '
+      f'{ms["jax:fwd+bwd"]:.1f} | {ms["torch:fwd+bwd"]:.1f} | {e["ratio_fwd+bwd"]:.2f} |'
+    )
+    total = {k: v + ms[k] for k, v in total.items()}
+  lines.append(
+    f'| sum of the ops | | {total["jax:fwd"]:.1f} | {total["torch:fwd"]:.1f} | '
+    f'{total["jax:fwd"] / total["torch:fwd"]:.2f} | {total["jax:fwd+bwd"]:.1f} | {total["torch:fwd+bwd"]:.1f} | '
+    f'{total["jax:fwd+bwd"] / total["torch:fwd+bwd"]:.2f} |'
+  )
+  conv = next((e['ms'] for e in record['results']['ops'] if e['op'] == 'conv3x3'), None)
+  if conv:
+    passes = ', '.join(
+      f'{p.replace("_", " ")} {conv.get(f"jax:{p}", 0):.1f} / {conv.get(f"jax_nchw:{p}", 0):.1f} / '
+      f'{conv.get(f"torch:{p}", 0):.1f}'
+      for p in ('fwd', 'input_grad', 'weight_grad')
+    )
+    lines += ['', f'3x3 convs per step, ms (JAX NHWC / JAX NCHW / PyTorch NCHW): {passes}.']
+  return lines
+
+
+def _profile_knobs(record: dict) -> list[str]:
+  knobs = record['results'].get('knobs')
+  if not knobs:
+    return []
+  lines = ['| setting | environment | ms/step | / default |', '|---|---|---|---|']
+  for k in knobs:
+    torch = {'torch': f'PyTorch, {_n(record["settings"]["threads"], "thread")}', 'torch_1_thread': 'PyTorch, 1 thread'}
+    env = ' '.join(f'`{n}={v}`' for n, v in k['env'].items()) or torch.get(k['knob'], '-')
+    lines.append(f'| {k["knob"]} | {env} | {k["step_ms"]:.1f} | {k["vs_default"]:.2f} |')
+  retired = '; '.join(f'`{f}` {why}' for f, why in record['results'].get('retired_flags', {}).items())
+  return lines + (['', f'Not run: {retired}.'] if retired else [])
+
+
+def render_profile_cpu_step(record: dict) -> list[str]:
+  s, r = record['settings'], record['results']
+  head = (
+    f'{s["preset"]} U-Net ({record["num_params"] / 1e6:.2f}M params), batch {s["batch"]}, '
+    f'{s["latent"]}x{s["latent"]}x4 latents, float32, PyTorch with {_n(s["threads"], "thread")}; medians of '
+    f'{_n(s["repeats"], "round")} (steps, settings) and {_n(s["op_repeats"], "round")} (ops), the sides taking turns.'
+  )
+  lines = [head, ''] + _profile_steps(record)
+  if 'ops' in r:
+    lines += ['', 'Each op alone at every shape the forward pass uses, times its calls per step:', '']
+    lines += _profile_ops(record)
+    lines += ['', f'A separately jitted op also pays JAX dispatch, {r["jax_dispatch_ms"]:.3f} ms per call.']
+  if r.get('knobs'):
+    lines += ['', 'The JAX step under XLA settings (one process each; the rows took turns):', ''] + _profile_knobs(
+      record
+    )
+  return lines
+
+
 # name -> (renderer, how to write its record).
 RENDERERS: dict[str, tuple[Callable[[dict], list[str]], str]] = {
   'demo': (render_demo, '`make demo`'),
@@ -273,6 +343,11 @@ RENDERERS: dict[str, tuple[Callable[[dict], list[str]], str]] = {
   'unet_memory_measured_gpu': (
     render_unet_memory,
     '`XLA_PYTHON_CLIENT_PREALLOCATE=false python scripts/unet_memory.py --batch 8 --run` on a GPU',
+  ),
+  'profile_cpu_step': (
+    render_profile_cpu_step,
+    '`nice -n 19 python scripts/profile_cpu_step.py --warmup 1 --repeats 3 --op-repeats 5 --knobs '
+    'no_xnnpack,onednn,xnn_graph_fusion,fast_math,one_core`',
   ),
   'unet_memory_compiled_cpu': (
     render_unet_memory,

@@ -559,7 +559,7 @@ def parse_args() -> argparse.Namespace:
     parser.error(f'unknown knob or part: {", ".join(unknown)}')
   if args.tiny:
     args.latent, args.batch, args.context_length, args.repeats, args.op_repeats = 8, 1, 8, 2, 2
-    args.warmup, args.min_sample_s = 1, 0.0
+    args.warmup, args.min_sample_s, args.preset = 1, 0.0, 'tiny'
     args.record = args.record or results.record_path('profile_cpu_step_tiny')
   return args
 
