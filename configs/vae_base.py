@@ -3,6 +3,7 @@ r"""Stage 1: train the AutoencoderKL (VAE) that maps images to latents.
 Presets:
   base: the SD 1.x/2.x f8 VAE at 256 px on a TFDS image-text dataset (accelerators).
   tiny: a ~0.24M-parameter f4 VAE on the embedded shapes dataset at 32 px (the CPU quickstart).
+  sd_decoder_ft: decoder-only fine-tuning of an imported SD VAE (`init_from`), encoder frozen (SD's ft-MSE).
 
   python train.py --config configs/vae_base.py:tiny --workdir workdirs/vae_tiny
   python train.py --config configs/vae_base.py --workdir gs://bucket/vae --config.train.batch_size=128
@@ -27,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.random_flip = True
   config.model = ml_collections.ConfigDict()
   config.model.vae = common.get_vae_model_config()
+  config.model.disc = ml_collections.ConfigDict(dict(num_layers=3, channels=64))  # taming's NLayerDiscriminator.
   config.loss = ml_collections.ConfigDict()
   config.loss.rec_loss = 'l1'  # 'l1' | 'l2'
   config.loss.kl_weight = 1e-6
@@ -38,8 +40,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the explicit, labelled choice of random weights (tests, CPU demos).
   config.loss.vgg_weights = ''
   config.loss.lpips_weights = ''
-  config.loss.adversarial_weight = 0.0  # Not implemented yet: must stay 0 (a nonzero value is refused at load).
+  # The PatchGAN term (taming's disc_weight; 0: off, no discriminator): adaptively weighted (lambda on the decoder's
+  # last layer), from step disc_start on, 'hinge' | 'vanilla' discriminator loss.
+  config.loss.adversarial_weight = 0.0
+  config.loss.disc_start = 0
+  config.loss.disc_loss = 'hinge'
+  config.loss.logvar_init = 0.0  # The NLL's log-variance (taming's logvar_init) ...
+  config.loss.learn_logvar = False  # ... trained with the discriminator's optimizer when True (LDM keeps it fixed).
   config.train = common.get_train_config()
+  config.train.freeze_encoder = False  # True: train the decoder only (encoder + quant_conv get no update).
   config.optim = common.get_optim_config()
   config.optim.lr = 4.5e-6 * 8  # LDM's base lr scaled for batch 8 per accelerator.
   config.optim.weight_decay = 0.0
@@ -48,7 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.wandb = common.get_wandb_config('ldm-jax-vae')
 
   if preset == 'base':
-    config.loss.perceptual_weight = 1.0  # SD's f8 VAE (LDM's kl-f8 config): KL 1e-6, LPIPS 1.0.
+    # SD's f8 VAE (LDM's kl-f8 config): KL 1e-6, LPIPS 1.0, discriminator weight 0.5 from step 50001.
+    config.loss.perceptual_weight = 1.0
+    config.loss.adversarial_weight = 0.5
+    config.loss.disc_start = 50001
   elif preset == 'tiny':
     config.data = common.get_data_config(image_size=32)
     config.data.shapes.max_objects = 1
@@ -62,8 +74,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.lr = 2e-3
     config.optim.warmup_steps = 100
     config.optim.ema_decay = 0.99
+  elif preset == 'sd_decoder_ft':
+    # SD's ft-MSE decoder fine-tuning of an imported VAE (scripts/convert.py import, then --config.init_from=W): the
+    # encoder is frozen, so the latent space and every LDM trained on it stay valid; MSE + 0.1 LPIPS, EMA weights.
+    # (The model card names no adversarial term for ft-MSE: set loss.adversarial_weight to add one.)
+    config.train.freeze_encoder = True
+    config.loss.rec_loss = 'l2'
+    config.loss.perceptual_weight = 0.1
+    config.optim.ema_decay = 0.9999
   else:
-    raise ValueError(f'unknown preset {preset!r} for configs/vae_base.py; known: base, tiny')
+    raise ValueError(f'unknown preset {preset!r} for configs/vae_base.py; known: base, tiny, sd_decoder_ft')
   # Streamed sources (data.name = 'webdataset' | 'parquet', docs/data.md): shard patterns of the training and eval
   # splits ('' eval: the training shards), samples in the shuffle window, shards read at once (a thread each).
   config.data.webdataset = ml_collections.ConfigDict(dict(urls='', eval_urls='', shuffle_buffer=1000, cycle_length=8))

@@ -188,24 +188,56 @@ def vae_loss(
   return loss, metrics
 
 
+def hinge_d_loss(logits_real: Array, logits_fake: Array) -> Array:
+  """taming's hinge discriminator loss: (mean relu(1 - real) + mean relu(1 + fake)) / 2."""
+  return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+
+
+def vanilla_d_loss(logits_real: Array, logits_fake: Array) -> Array:
+  """taming's vanilla (non-saturating BCE) discriminator loss: (mean softplus(-real) + mean softplus(fake)) / 2."""
+  return 0.5 * (jnp.mean(jax.nn.softplus(-logits_real)) + jnp.mean(jax.nn.softplus(logits_fake)))
+
+
+DISC_LOSSES = {'hinge': hinge_d_loss, 'vanilla': vanilla_d_loss}
+
+
+def generator_loss(logits_fake: Array) -> Array:
+  """taming's generator term: -mean D(x_rec) (for both discriminator losses)."""
+  return -jnp.mean(logits_fake)
+
+
+def adaptive_weight(nll_grad: Any, gan_grad: Any, weight: float = 1.0) -> Array:
+  """taming's lambda = ||grad L_rec|| / (||grad L_GAN|| + 1e-4), clamped to [0, 1e4], detached, times `weight`
+  (loss.adversarial_weight); the gradients are those w.r.t. the decoder's last layer."""
+  norm = lambda tree: jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree)))
+  d_weight = jnp.clip(norm(nll_grad) / (norm(gan_grad) + 1e-4), 0.0, 1e4)
+  return jax.lax.stop_gradient(d_weight) * weight
+
+
+def disc_factor(step: Array, disc_start: int) -> Array:
+  """taming's adopt_weight: 1 from step `disc_start` on (loss.disc_start), 0 before."""
+  return jnp.where(step >= disc_start, 1.0, 0.0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Config checks.
 
-NOT_IMPLEMENTED_TERMS = ('adversarial_weight',)  # Stable config keys, no implementation yet.
 LPIPS_NETS = ('vgg', 'alex')
 
 
 def _validate_vae_loss(loss: Mapping[str, Any]) -> None:
   if loss['rec_loss'] not in _RECONSTRUCTION:
     raise ConfigError('loss.rec_loss', f'unknown {loss["rec_loss"]!r}; known: {", ".join(_RECONSTRUCTION)}')
-  for key in ('kl_weight', 'perceptual_weight'):
+  for key in ('kl_weight', 'perceptual_weight', 'adversarial_weight'):
     if not loss.get(key, 0.0) >= 0:
       raise ConfigError(f'loss.{key}', f'must be >= 0, got {loss[key]!r}')
   if loss.get('perceptual_weight', 0.0) > 0 and loss.get('lpips_net', 'vgg') not in LPIPS_NETS:
     raise ConfigError('loss.lpips_net', f'unknown {loss["lpips_net"]!r}; known: {", ".join(LPIPS_NETS)}')
-  for key in NOT_IMPLEMENTED_TERMS:
-    if loss.get(key, 0.0) != 0:
-      raise ConfigError(f'loss.{key}', 'not implemented yet')
+  if loss.get('disc_loss', 'hinge') not in DISC_LOSSES:
+    raise ConfigError('loss.disc_loss', f'unknown {loss["disc_loss"]!r}; known: {", ".join(DISC_LOSSES)}')
+  start = loss.get('disc_start', 0)
+  if not (isinstance(start, int) and not isinstance(start, bool) and start >= 0):
+    raise ConfigError('loss.disc_start', f'must be an integer step >= 0, got {start!r}')
 
 
 def validate_config(config: Mapping[str, Any]) -> None:

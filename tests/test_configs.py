@@ -140,10 +140,10 @@ def test_each_section_is_checked_by_its_owner():
   from diffusion.data import validation as data_validation
 
   vae = load_config('vae_base', VAE, '/nonexistent')
-  vae.loss.adversarial_weight = 0.5
+  vae.loss.disc_start = -1
   with pytest.raises(ConfigError) as info:
     validate_config(vae)
-  assert str(info.value) == 'config.loss.adversarial_weight: not implemented yet'
+  assert str(info.value) == 'config.loss.disc_start: must be an integer step >= 0, got -1'
   ldm = load_config('ldm_base', LDM, '/nonexistent')
   cases = [
     (models.validate_config, 'model.unet.down_block_types', 'model.unet.down_block_types', ('Nope',) * 2),

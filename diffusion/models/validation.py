@@ -8,6 +8,7 @@ attention implementation this backend (or the section's dtype / head dims) canno
 from typing import TYPE_CHECKING, Any
 
 from diffusion.errors import ConfigError
+from diffusion.models import discriminator
 from diffusion.models.attention import IMPLEMENTATIONS, backend_error, kernel_limitation
 from diffusion.models.sizes import downsample_factor
 from diffusion.models.unet import DOWN_BLOCK_TYPES, REMAT_BLOCKS, REMAT_POLICIES, UP_BLOCK_TYPES
@@ -162,14 +163,31 @@ def _validate_agreement(config: 'ml_collections.ConfigDict') -> None:
   )
 
 
+def _validate_disc(config: 'ml_collections.ConfigDict') -> None:
+  """`model.disc` (the VAE's PatchGAN discriminator): positive sizes, and a logit map the image size leaves room for."""
+  disc = config.model.disc
+  for key in ('num_layers', 'channels'):
+    value = disc[key]
+    _check(isinstance(value, int) and value >= 1, f'model.disc.{key}', f'must be an integer >= 1, got {value!r}')
+  size = discriminator.output_size(config.data.image_size, disc.num_layers)
+  _check(
+    size >= 1,
+    'model.disc.num_layers',
+    f'{disc.num_layers} layers leave no patch of a {config.data.image_size}-px image (logit map {size} px): use fewer',
+  )
+
+
 def validate_config(config: 'ml_collections.ConfigDict') -> None:
-  """Checks `config.model`: the VAE always, the U-Net, the text encoder and their size agreements for stage 2."""
+  """Checks `config.model`: the VAE always (and its discriminator), the U-Net, the text encoder and their size
+  agreements for stage 2."""
   for name in ('vae', 'unet', 'text'):
     if name in config.model and 'dtype' in config.model[name]:
       value = config.model[name].dtype
       _check(value in MODEL_DTYPES, f'model.{name}.dtype', f'unknown {value!r}; known: {", ".join(MODEL_DTYPES)}')
   _validate_vae(config)
   _validate_attention(config, 'vae')
+  if config.model_type == 'vae' and 'disc' in config.model and config.get('loss', {}).get('adversarial_weight', 0) > 0:
+    _validate_disc(config)  # The discriminator exists only with the adversarial term.
   if config.model_type == 'ldm':
     _validate_unet(config)
     _validate_remat(config.model.unet)

@@ -261,6 +261,9 @@ class LDMTask:
       self._pipeline = LatentDiffusionPipeline(self.config, {'vae': self.frozen['vae']}, self.tokenizer)
     return self._pipeline
 
+  def aux_networks(self) -> None:
+    return None  # Trains the U-Net (and text encoder) only.
+
   def meta(self) -> dict:
     return {'model_type': 'ldm', 'scaling_factor': float(self.config.model.vae.scaling_factor)}
 

@@ -169,7 +169,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
   rules, min_size = parallel.mesh_rules(config.mesh)
   state, target = sharded_train_state(
-    task.init_params, tx, rng_init, rng_train, mesh, rules, min_size, create=latest is None, params=init
+    task.init_params,
+    tx,
+    rng_init,
+    rng_train,
+    mesh,
+    rules,
+    min_size,
+    create=latest is None,
+    params=init,
+    aux=task.aux_networks(),
   )
   frozen_shardings = parallel.tree_shardings(task.frozen, mesh, rules, min_size)
   frozen = jax.device_put(task.frozen, frozen_shardings)

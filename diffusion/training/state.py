@@ -3,9 +3,14 @@
 `train_step(state, batch, frozen) -> (state, metrics)` is the same for both stages: the task supplies the loss. A
 step whose loss or gradient norm is not finite leaves params, optimizer state and EMA untouched and counts as bad, so
 a NaN batch can never reach the params or a checkpoint.
+
+A task may train auxiliary networks beside its params (`AuxNetworks`, e.g. the VAE's discriminator): they live in
+`aux_params` with their own optimizer (`aux_tx`, `aux_opt_state`), are sharded and checkpointed with the state, get
+no EMA, and are not what a workdir's readers load. The loss sees them as `frozen['aux']`; one gradient of the loss
+w.r.t. (params, aux_params) updates both (the task's loss decides, with stop_gradient, which term trains which).
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -18,6 +23,13 @@ from diffusion import throughput
 LossFn = Callable[[Any, Any, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
+class AuxNetworks(NamedTuple):
+  """Networks a task trains beside its params: `init(rng) -> params` and their own optimizer."""
+
+  init: Callable[[jax.Array], Any]
+  tx: optax.GradientTransformation
+
+
 class TrainState(flax.struct.PyTreeNode):
   step: jax.Array
   params: Any
@@ -26,6 +38,9 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array
   bad_steps: jax.Array  # Consecutive steps whose update was skipped for a non-finite loss or gradient.
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  aux_params: Any = None  # The task's auxiliary networks (None: it has none).
+  aux_opt_state: Any = None
+  aux_tx: optax.GradientTransformation | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def create_learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -59,7 +74,9 @@ def create_optimizer(
   return tx
 
 
-def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def create_train_state(
+  params: Any, tx: optax.GradientTransformation, rng: jax.Array, aux_params: Any = None, aux_tx: Any = None
+) -> TrainState:
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
@@ -68,6 +85,9 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.A
     rng=rng,
     bad_steps=jnp.zeros((), jnp.int32),
     tx=tx,
+    aux_params=aux_params,
+    aux_opt_state=None if aux_tx is None else aux_tx.init(aux_params),
+    aux_tx=aux_tx,
   )
 
 
@@ -142,14 +162,25 @@ def make_train_step(
   def train_step(state: TrainState, batch: dict, frozen: Any) -> tuple[TrainState, dict]:
     batch_size = jax.tree.leaves(batch)[0].shape[0]
     keys = per_example_keys(state.rng, state.step, batch_size)
+    aux = state.aux_tx is not None
+    fn, trained = loss_fn, state.params
+    if aux:  # One gradient w.r.t. both trees; the loss sees the auxiliary networks as frozen['aux'].
+      fn = lambda both, fz, b, k, s: loss_fn(both['params'], {**fz, 'aux': both['aux']}, b, k, s)
+      trained = {'params': state.params, 'aux': state.aux_params}
     (loss, metrics), grads = accumulated_grads(
-      loss_fn, state.params, frozen, batch, keys, state.step, grad_accum_steps, micro_sharding
+      fn, trained, frozen, batch, keys, state.step, grad_accum_steps, micro_sharding
     )
+    aux_grads = grads['aux'] if aux else None
+    grads = grads['params'] if aux else grads
     loss = loss.astype(jnp.float32)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    if aux:
+      aux_norm = optax.global_norm(aux_grads)
+      finite = finite & jnp.isfinite(aux_norm)
+      metrics = {**metrics, 'aux_grad_norm': aux_norm}
+    zero_bad = lambda tree: jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), tree)
+    updates, opt_state = state.tx.update(zero_bad(grads), state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, ema_decay)
     ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), state.ema_params, params)
@@ -161,6 +192,12 @@ def make_train_step(
       ema_params=keep(ema, state.ema_params),
       bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
     )
+    if aux:
+      aux_updates, aux_opt = state.aux_tx.update(zero_bad(aux_grads), state.aux_opt_state, state.aux_params)
+      aux_params = optax.apply_updates(state.aux_params, aux_updates)
+      new_state = new_state.replace(
+        aux_params=keep(aux_params, state.aux_params), aux_opt_state=keep(aux_opt, state.aux_opt_state)
+      )
     metrics = {**metrics, 'loss': loss, 'grad_norm': grad_norm, 'skipped': 1.0 - finite.astype(jnp.float32)}
     return new_state, metrics
 
@@ -177,17 +214,21 @@ def sharded_train_state(
   min_shard_size: int = 0,
   create: bool = True,
   params: Any = None,
+  aux: AuxNetworks | None = None,
 ) -> tuple[TrainState | None, TrainState]:
   """(state, target): the train state created already sharded, and its abstract twin carrying the shardings.
 
   Shapes come from `jax.eval_shape`, shardings from the logical-axis rules (`parallel.tree_shardings`), and the state
   is built by `jax.jit(..., out_shardings=...)`, so no device ever holds a full copy of a sharded parameter. The
   target (ShapeDtypeStructs with shardings) is what a checkpoint restores into; `create=False` skips the creation.
-  `params` (shaped as `init_params` makes them, e.g. a fine-tuning run's start) replace the fresh init.
+  `params` (shaped as `init_params` makes them, e.g. a fine-tuning run's start) replace the fresh init. `aux`: the
+  task's auxiliary networks (initialized from a key folded from `rng_init`; the params' own init is unchanged).
   """
   from diffusion import parallel
 
-  init = lambda: create_train_state(init_params(rng_init), tx, rng_train)
+  aux_init = (lambda: None) if aux is None else (lambda: aux.init(jax.random.fold_in(rng_init, 1)))
+  aux_tx = None if aux is None else aux.tx
+  init = lambda: create_train_state(init_params(rng_init), tx, rng_train, aux_init(), aux_tx)
   abstract = jax.eval_shape(init)
   shardings = parallel.tree_shardings(abstract, mesh, rules, min_shard_size)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -195,7 +236,7 @@ def sharded_train_state(
     return None, target
   if params is None:
     return jax.jit(init, out_shardings=shardings)(), target
-  start = lambda p: create_train_state(p, tx, rng_train)  # The params are an argument: no constants in the HLO.
+  start = lambda p: create_train_state(p, tx, rng_train, aux_init(), aux_tx)  # p an argument: no HLO constants.
   return jax.jit(start, out_shardings=shardings)(params), target
 
 

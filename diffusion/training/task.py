@@ -4,8 +4,8 @@ built on whatever its task (`config.init_from`, `config.base_workdir`).
 A task is built as `TASKS.get(config.model_type)(config, workdir)`. It never changes the config it is given: it
 holds its resolved copy in `task.config` (facts read from the workdirs it is built on, the vocabulary size, a scale
 computed from data), and the loop writes that copy to `<workdir>/config.json`. The loop calls every protocol member
-on every task, in this order: `built_on`, `calibrate` (fresh runs only), `init_params`, `loss_fn` / `eval_step` (under
-jit), `prepare_sampling` (once per run), `sample_grid` (process 0), `meta` (with each checkpoint).
+on every task, in this order: `built_on`, `calibrate` (fresh runs only), `init_params`, `aux_networks`, `loss_fn` /
+`eval_step` (under jit), `prepare_sampling` (once per run), `sample_grid` (process 0), `meta` (with each checkpoint).
 """
 
 from typing import Any, Callable, Iterator, Protocol
@@ -40,6 +40,10 @@ class Task(Protocol):
 
   def init_params(self, rng: jax.Array) -> Any:
     """Fresh trainable params."""
+
+  def aux_networks(self) -> Any:
+    """`state.AuxNetworks` (init, optimizer) of networks trained beside the params (the VAE's discriminator; the loss
+    sees them as `frozen['aux']`; not EMA'd, not what readers of the workdir load), or None."""
 
   def loss_fn(self, params: Any, frozen: Any, batch: dict, keys: jax.Array, step: jax.Array) -> tuple[jax.Array, dict]:
     """(mean loss, metrics) of a batch; `keys`: one PRNG key per example."""

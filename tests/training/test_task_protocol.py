@@ -40,6 +40,9 @@ class RegressionTask:
   def init_params(self, rng):
     return {'w': 0.1 * jax.random.normal(rng, (3, 3)), 'b': jnp.zeros((3,))}
 
+  def aux_networks(self):
+    return None
+
   def _error(self, params, frozen, batch):
     x = batch['image']
     pred = x.mean(axis=(1, 2)) @ params['w'] + params['b'] + frozen['offset']

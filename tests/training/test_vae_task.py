@@ -56,3 +56,19 @@ def test_bad_perceptual_keys_are_one_error_naming_the_key(tmp_path):
   config.loss.vgg_weights, config.loss.lpips_weights = str(tmp_path / 'vgg16.pth'), 'random'
   with pytest.raises(ConfigError, match=r'^config\.loss\.vgg_weights: weight file .*vgg16\.pth. does not exist'):
     VAETask(config, str(tmp_path))
+
+
+def test_sd_decoder_ft_freezes_the_encoder_and_needs_a_workdir_to_start_from():
+  from configs import vae_base
+
+  config = vae_base.get_config('sd_decoder_ft')
+  config.loss.vgg_weights = config.loss.lpips_weights = 'random'
+  validate_config(config)
+  with pytest.raises(ConfigError, match=r'^config\.train\.freeze_encoder: needs config\.init_from'):
+    VAETask(config, '/tmp/unused')
+  config.init_from = '/some/imported/vae'
+  task = VAETask(config, '/tmp/unused')
+  assert task.frozen_param_groups == ('encoder', 'quant_conv')
+  assert (config.loss.rec_loss, config.loss.perceptual_weight, config.train.freeze_encoder) == ('l2', 0.1, True)
+  shapes = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+  assert set(task.frozen_param_groups) < set(shapes)  # Top-level groups of the params, as the optimizer sees them.
