@@ -26,11 +26,17 @@ from diffusion.errors import UserError, user_errors_exit
 
 # command -> its positional arguments: `import SOURCE`, `export DIRECTORY`, `export-lora DIRECTORY`.
 COMMANDS = {'import': ('source',), 'export': ('directory',), 'export-lora': ('directory',)}
-_WORKDIR = flags.DEFINE_string('workdir', None, 'import: the workdir to create; export: a stage-2 (ldm) workdir.')
-_STEP = flags.DEFINE_integer('step', None, 'export: checkpoint step (default: the latest).')
-_RAW = flags.DEFINE_bool('raw_params', False, 'export: the raw params, not the EMA params.')
+# allow_override: test modules load this file more than once in one process (each load defines the same flags).
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'import: the workdir to create; export: a stage-2 (ldm) workdir.', allow_override=True
+)
+_STEP = flags.DEFINE_integer('step', None, 'export: checkpoint step (default: the latest).', allow_override=True)
+_RAW = flags.DEFINE_bool('raw_params', False, 'export: the raw params, not the EMA params.', allow_override=True)
 _LORA = flags.DEFINE_multi_string(
-  'lora', [], 'import: FILE[:SCALE], a LoRA merged into the imported weights with its scale (default 1); repeatable.'
+  'lora',
+  [],
+  'import: FILE[:SCALE], a LoRA merged into the imported weights with its scale (default 1); repeatable.',
+  allow_override=True,
 )
 
 
