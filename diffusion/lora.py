@@ -152,6 +152,7 @@ def apply(params: Params, loras: Params, scale: float = 1.0, *, multiplier: floa
       continue
     factor = scale * (_multiplier(module) if multiplier is None else multiplier)
     xp = _xp(kernel, a, b, factor)
+    factor = factor if xp is jnp else np.float32(factor)  # A concrete jax scalar (a loaded alpha) stays on the host.
     flat[path + ('kernel',)] = (xp.asarray(kernel, xp.float32) + factor * delta(a, b)).astype(kernel.dtype)
   if missing:
     more = f' ({len(missing)} in all)' if len(missing) > 5 else ''
