@@ -96,6 +96,7 @@ def main() -> None:
   end = time.time() if args.end_time is None else args.end_time
   if end < args.start_time:
     raise UserError(f'--end_time {end} is before --start_time {args.start_time}')
+  git = results.git_state()  # Before the grid is copied into docs/images: the tree the demo ran from.
   numbers = demo_results(args.demo_dir, args.root, end - args.start_time)
   results.write_record(
     'demo',
@@ -104,6 +105,7 @@ def main() -> None:
     command=args.command,
     settings={'demo_dir': args.demo_dir},
     load_at_start=float(args.start_load) if args.start_load else None,
+    git=git,
   )
   if make_docs.main(['--root', args.root]) != 0:
     raise UserError('the docs could not be regenerated from the records')
