@@ -30,6 +30,7 @@ def test_vae_loss_with_perceptual_term_and_logvar_is_taming_nll():
   np.testing.assert_allclose(plain, np.abs(x - rec).reshape(2, -1).sum(1).mean() + 0.01 * kl.mean(), rtol=1e-5)
 
 
+@pytest.mark.slow  # A VGG16 compile inside the VAE's loss: ~20-40 s on 2 loaded cores.
 def test_vae_task_adds_lpips_of_its_random_weights():
   config = load_config('vae_base', VAE, '', **{'loss.perceptual_weight': 0.5, 'data.image_size': 16})
   config.loss.vgg_weights = config.loss.lpips_weights = 'random'
