@@ -53,11 +53,32 @@ def _generate(
   return np.stack(out)
 
 
-def workdir_lora(workdir: str) -> Any:
-  """The LoRA a workdir holds ({'unet': ..., 'text': ...}): the record of the LoRAs merged at import."""
+def workdir_lora(workdir: str, use_ema: bool = True, step: int | None = None) -> Any:
+  """The LoRA a workdir holds ({'unet': ..., 'text': ...}): the (EMA) LoRA of a LoRA-trained workdir's checkpoint
+  (`step`, default the latest) with its alpha, else the record of the LoRAs merged at import."""
+  config = load_workdir_config(workdir, expect='ldm')
+  if lora_lib.trains_lora(config):
+    trained, _ = workdir_lib.load_trained_params(workdir, 'ema_params' if use_ema else 'params', step)
+    return lora_lib.with_alpha(trained, config.lora.alpha)
   if workdir_lib.has_frozen(workdir, LORA_RECORD):
     return workdir_lib.load_frozen(workdir, LORA_RECORD)
-  raise UserError(f'workdir {workdir!r} holds no LoRA (scripts/convert.py import ... --lora FILE makes one)')
+  raise UserError(
+    f'workdir {workdir!r} holds no LoRA (train one with lora.rank > 0, or scripts/convert.py import ... --lora FILE)'
+  )
+
+
+def workdir_pipeline(workdir: str, use_ema: bool = True, step: int | None = None) -> LatentDiffusionPipeline:
+  """The pipeline of a stage-2 workdir; for a LoRA-trained one, its base's with the trained LoRA merged in (once)
+  and the workdir's own config (sampling settings)."""
+  config = load_workdir_config(workdir, expect='ldm')
+  if not lora_lib.trains_lora(config):
+    return LatentDiffusionPipeline.from_workdir(workdir, use_ema=use_ema, step=step)
+  pipeline = LatentDiffusionPipeline.from_workdir(config.base_workdir)
+  trained, step = workdir_lib.load_trained_params(workdir, 'ema_params' if use_ema else 'params', step)
+  merged = lora_lib.merge(pipeline.params, [lora_lib.with_alpha(trained, config.lora.alpha)], [1.0])
+  merged = LatentDiffusionPipeline(config, merged, pipeline.tokenizer)
+  merged.step = step
+  return merged
 
 
 def load_adapter(path: str) -> Any:
@@ -117,7 +138,7 @@ def sample_to_directory(
   size = load_workdir_config(workdir, expect='ldm').data.image_size
   image = None if init_image is None else load_image(init_image, size)
   mask_array = None if mask is None else load_mask(mask, init_image, size)
-  pipeline = LatentDiffusionPipeline.from_workdir(workdir, use_ema=use_ema, step=step)
+  pipeline = workdir_pipeline(workdir, use_ema=use_ema, step=step)
   if loras:
     pipeline.params = merge_adapters(pipeline.params, loras)
   settings = [pipeline.sampling_settings(guidance_scale=gs, num_steps=n, **overrides) for gs, n in combos]

@@ -226,8 +226,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError('lora.targets', f'{pattern!r} is not a valid pattern: {e}') from None
   if not config.get('base_workdir'):
     raise ConfigError('base_workdir', 'LoRA training (lora.rank > 0) needs the workdir of the frozen base model')
-  raise ConfigError(
-    'lora.rank',
-    'LoRA training is not implemented yet: keep 0 (LoRAs are applied with sample.py --lora and '
-    'scripts/convert.py import --lora)',
-  )
+
+
+def trains_lora(config: ml_collections.ConfigDict) -> bool:
+  """Whether a stage-2 config trains (or a workdir's config was trained as) a LoRA on a frozen `base_workdir`."""
+  section = config.get('lora')
+  return section is not None and int(section.get('rank', 0)) > 0 and bool(config.get('base_workdir'))
+
+
+def factors(loras: Params) -> Params:
+  """A LoRA tree without its alphas: what training optimizes (alpha is a constant, `apply(..., multiplier=)`)."""
+  return flax.traverse_util.unflatten_dict({p: v for p, v in _flat(loras).items() if p[-1] != 'alpha'})
+
+
+def with_alpha(trained: Params, alpha: float) -> Params:
+  """A trained tree of factors as a full LoRA tree with `alpha` at every module (what files and merges read)."""
+  flat = {}
+  for path, module in modules(trained).items():
+    flat.update({path + (k,): v for k, v in module.items()})
+    flat[path + ('alpha',)] = np.float32(alpha)
+  return flax.traverse_util.unflatten_dict(flat)

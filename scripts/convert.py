@@ -11,7 +11,8 @@ pretrained U-Net and text encoder as params and EMA params): `sample.py --workdi
 peft or kohya LoRA files) merges each LoRA with its scale (default 1) into the imported weights and keeps the merged
 LoRAs in W/frozen/lora. `export` writes the EMA (or raw) params of a workdir's latest (or given) checkpoint as a
 pipeline directory that diffusers' `StableDiffusionPipeline`, `UNet2DConditionModel` and `AutoencoderKL`
-`.from_pretrained` load. `export-lora` writes a workdir's LoRA in diffusers' format (alpha in the safetensors
+`.from_pretrained` load. `export-lora` writes a workdir's LoRA (the EMA LoRA of a LoRA-trained workdir's latest
+checkpoint, or the LoRAs merged at import) in diffusers' format (alpha in the safetensors
 metadata), which `pipeline.load_lora_weights(OUT_DIR, weight_name='pytorch_lora_weights.safetensors')` loads on the
 base pipeline.
 """
@@ -28,7 +29,10 @@ from diffusion.errors import UserError, user_errors_exit
 COMMANDS = {'import': ('source',), 'export': ('directory',), 'export-lora': ('directory',)}
 # allow_override: test modules load this file more than once in one process (each load defines the same flags).
 _WORKDIR = flags.DEFINE_string(
-  'workdir', None, 'import: the workdir to create; export: a stage-2 (ldm) workdir.', allow_override=True
+  'workdir',
+  None,
+  'import: the workdir to create; export: a stage-2 (ldm) workdir; export-lora: one trained or imported with a LoRA.',
+  allow_override=True,
 )
 _STEP = flags.DEFINE_integer('step', None, 'export: checkpoint step (default: the latest).', allow_override=True)
 _RAW = flags.DEFINE_bool('raw_params', False, 'export: the raw params, not the EMA params.', allow_override=True)

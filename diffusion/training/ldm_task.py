@@ -38,7 +38,7 @@ from diffusion.errors import ConfigError
 from diffusion.images import make_grid
 from diffusion.pipeline import LatentDiffusionPipeline
 from diffusion.training.state import with_compute_dtype
-from diffusion.training.task import TASKS, Batches, resolved_copy
+from diffusion.training.task import Batches, resolved_copy
 
 
 def _frozen_vae(config: ml_collections.ConfigDict, workdir: str) -> Any:
@@ -113,7 +113,6 @@ def _has_checkpoint(workdir: str) -> bool:
   return checkpoint.Checkpointer(os.path.abspath(workdir), read_only=True).latest_step() is not None
 
 
-@TASKS.register('ldm')
 class LDMTask:
   """The task protocol (`diffusion.training.task.Task`) for stage 2: params, loss, validation loss, sample grids."""
 
@@ -128,9 +127,15 @@ class LDMTask:
       config.model.text.vocab_size = previous.model.text.vocab_size
     vae = _frozen_vae(config, workdir)
     self._vae_source = vae  # float32, as the VAE workdir holds it: what built_on records.
-    self.tokenizer = _tokenizer(config, workdir)
+    self._build(config, vae, _tokenizer(config, workdir), workdir)
+
+  def _build(self, config: ml_collections.ConfigDict, vae: Any, tokenizer: Any, workdir: str) -> None:
+    """Networks, objective, caption-dropout inputs and the latent-cache check of a resolved `config` on the frozen
+    `vae` (shared by the tasks built on this one)."""
+    self.tokenizer = tokenizer
     config.model.text.vocab_size = len(self.tokenizer)
     self.config = config
+    self.train_text = self._trains_text(config)  # Whether gradients reach the text encoder.
     self.vae = models.create_vae(with_compute_dtype(config.model.vae, config.train))
     self.unet = models.create_unet(with_compute_dtype(config.model.unet, config.train))
     text_config = with_compute_dtype(config.model.text, config.train)
@@ -144,12 +149,15 @@ class LDMTask:
     cache = config.data.get('latent_cache')
     if cache:  # Refuse latents (and text embeddings) made by another VAE, text encoder, dataset or augmentation.
       text_cached = latent_cache.has_text_embeddings(cache, config.data.train_split)
-      frozen_text = text_cached and not config.model.text.trainable
+      frozen_text = text_cached and not self.train_text
       text = (self._frozen_text_params(workdir), self.tokenizer) if frozen_text else None
       latent_cache.check_training_cache(config, vae, text)
       if frozen_text:
         self.null_context = jnp.asarray(latent_cache.load_null_text_embedding(cache, config.data.train_split))
     self.frozen = {'vae': cast_tree(jax.device_get(vae), frozen_dtype(config)) if self._bf16_frozen else vae}
+
+  def _trains_text(self, config: ml_collections.ConfigDict) -> bool:
+    return bool(config.model.text.trainable)
 
   @property
   def _bf16_frozen(self) -> bool:
@@ -226,7 +234,7 @@ class LDMTask:
     ids = batch['input_ids']
     if drop is not None:
       ids = jnp.where(drop[:, None], self.null_ids[None], ids)
-    text_params = params['text'] if self.config.model.text.trainable else jax.lax.stop_gradient(params['text'])
+    text_params = params['text'] if self.train_text else jax.lax.stop_gradient(params['text'])
     return self.text_encoder.apply({'params': text_params}, ids)[0]
 
   def _posterior(self, vae_params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:

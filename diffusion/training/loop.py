@@ -26,7 +26,7 @@ from diffusion.config import validate_config
 from diffusion.data import inputs
 from diffusion.errors import ConfigError
 from diffusion.logging import MetricWriter
-from diffusion.training import ldm_task, vae_task  # noqa: F401  (they register the 'ldm' and 'vae' tasks)
+from diffusion.training import lora_task, vae_task  # noqa: F401  (they register the 'ldm' and 'vae' tasks)
 from diffusion.training.state import TrainState, create_optimizer, make_train_step, sharded_train_state, shardings_of
 from diffusion.training.task import TASKS, Task, load_base_params, load_init_params
 

@@ -1,0 +1,136 @@
+"""LoRA training (config.lora.rank > 0) on the frozen tiny LDM of the session fixture."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import flax
+import jax
+import numpy as np
+import pytest
+
+from diffusion import checkpoint, interop
+from diffusion import lora as lora_lib
+from diffusion import workdir as workdir_lib
+from diffusion.errors import ConfigError
+from diffusion.generation import workdir_lora, workdir_pipeline
+from diffusion.training import train_and_evaluate
+from support import LDM, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RANK, ALPHA = 2, 4.0
+
+
+def lora_config(data_dir: str, base: str, **more):
+  more = {'train.eval_every': 0, 'train.sample_every': 0, **more}
+  return load_config(
+    'ldm_base', LDM, data_dir, base_workdir=base, **{'lora.rank': RANK, 'lora.alpha': ALPHA, 'optim.lr': 1e-2, **more}
+  )
+
+
+def flat(tree):
+  return {'/'.join(p): np.asarray(v) for p, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory, ldm_workdir) -> str:
+  """A copy of the session's tiny LDM (one test changes it)."""
+  path = str(tmp_path_factory.mktemp('base') / 'ldm')
+  shutil.copytree(ldm_workdir, path)
+  return path
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, data_dir, base) -> str:
+  workdir = str(tmp_path_factory.mktemp('lora'))
+  train_and_evaluate(lora_config(data_dir, base, **{'train.eval_every': 2, 'train.sample_every': 2}), workdir)
+  return workdir
+
+
+def test_checkpoint_holds_only_lora_factors_that_moved(trained, base):
+  ckpt = checkpoint.Checkpointer(trained, read_only=True)
+  params = flat(ckpt.restore_params(None, 'params'))
+  ema = flat(ckpt.restore_params(None, 'ema_params'))
+  assert params and all(p.startswith('unet/') and p.rsplit('/', 1)[1] in ('a', 'b') for p in params), list(params)
+  assert set(ema) == set(params)
+  targets = lora_lib.target_kernels(workdir_lib.load_trained_params(base)[0], lora_lib.DEFAULT_TARGETS)
+  assert {p.rsplit('/', 1)[0] for p in params} == {'/'.join(t) for t in targets}
+  bs = [v for p, v in params.items() if p.endswith('/b')]
+  assert all(b.shape[1] == RANK for b in bs) and max(np.abs(b).max() for b in bs) > 0  # B moved off zero.
+  base_sizes = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(workdir_lib.load_trained_params(base)[0]))
+  assert sum(v.size for v in params.values()) < base_sizes / 10
+  assert not workdir_lib.has_frozen(trained, 'vae')  # The base is not written again.
+  record = workdir_lib.load_built_on(trained)
+  assert record['base_workdir']['path'] == os.path.abspath(base)
+
+
+def test_sampling_and_export_use_base_plus_lora(trained, base, tmp_path):
+  lora = workdir_lora(trained)
+  base_params = workdir_lib.load_trained_params(base)[0]
+  merged = workdir_pipeline(trained).params
+  path = next(p for p in lora_lib.modules(lora) if p[-1] == 'to_q')
+  a, b = (np.asarray(lora_lib.modules(lora)[path][k]) for k in 'ab')
+  kernel = flax.traverse_util.flatten_dict(base_params)[path + ('kernel',)]
+  want = kernel + ALPHA / RANK * np.einsum('ri,or->io', a, b)  # W + (alpha / r) (B A)^T, by hand.
+  np.testing.assert_allclose(flax.traverse_util.flatten_dict(merged)[path + ('kernel',)], want, rtol=1e-6, atol=1e-7)
+  untouched = ('unet', 'conv_in', 'kernel')
+  np.testing.assert_array_equal(
+    flax.traverse_util.flatten_dict(merged)[untouched], flat(base_params)['unet/conv_in/kernel']
+  )
+  written = interop.save_lora(str(tmp_path / 'out'), lora)
+  loaded = flat(interop.load_lora(written if os.path.isfile(written) else str(tmp_path / 'out')))
+  for p, v in flat(lora).items():
+    np.testing.assert_allclose(loaded[p], v, rtol=1e-6)
+
+
+def test_resume_on_a_changed_base_is_refused(trained, base, data_dir):
+  steps = sorted(checkpoint.Checkpointer(base, read_only=True).all_steps())
+  shutil.rmtree(os.path.join(base, 'checkpoints', str(steps[-1])))  # The base's latest EMA params are now others.
+  with pytest.raises(ConfigError, match='base_workdir.*changed since'):
+    train_and_evaluate(lora_config(data_dir, base, **{'train.num_steps': 3}), trained)
+
+
+def test_lora_dropout_is_still_refused(data_dir, ldm_workdir, tmp_path):
+  with pytest.raises(ConfigError, match='lora.dropout'):
+    train_and_evaluate(lora_config(data_dir, ldm_workdir, **{'lora.dropout': 0.1}), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_resume_is_exact(data_dir, ldm_workdir, tmp_path):
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  train_and_evaluate(lora_config(data_dir, ldm_workdir, **{'train.num_steps': 4}), straight)
+  train_and_evaluate(lora_config(data_dir, ldm_workdir, **{'train.num_steps': 2}), resumed)
+  train_and_evaluate(lora_config(data_dir, ldm_workdir, **{'train.num_steps': 4}), resumed)
+  for item in ('params', 'ema_params'):
+    a = flat(checkpoint.Checkpointer(straight, read_only=True).restore_params(None, item))
+    b = flat(checkpoint.Checkpointer(resumed, read_only=True).restore_params(None, item))
+    assert set(a) == set(b)
+    for p in a:
+      np.testing.assert_array_equal(a[p], b[p], err_msg=p)
+
+
+SHARDED = """
+import sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from test_lora_task import lora_config
+from diffusion.training import train_and_evaluate
+config = lora_config({data!r}, {base!r}, **{{'mesh.data': 2, 'mesh.fsdp': 4, 'mesh.min_shard_size': 0}})
+train_and_evaluate(config, {workdir!r})
+"""
+
+
+@pytest.mark.slow
+def test_sharded_run_matches_one_device(data_dir, ldm_workdir, tmp_path):
+  one, sharded = str(tmp_path / 'one'), str(tmp_path / 'sharded')
+  train_and_evaluate(lora_config(data_dir, ldm_workdir), one)
+  tests = os.path.join(ROOT, 'tests', 'training')
+  code = SHARDED.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), data=data_dir, base=ldm_workdir, workdir=sharded)
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'PYTHONPATH': tests}
+  proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'sharded over mesh' in proc.stdout and "'fsdp': 4" in proc.stdout, proc.stdout
+  a = flat(checkpoint.Checkpointer(one, read_only=True).restore_params(None, 'params'))
+  b = flat(checkpoint.Checkpointer(sharded, read_only=True).restore_params(None, 'params'))
+  for p in a:
+    np.testing.assert_allclose(a[p], b[p], rtol=2e-4, atol=2e-6, err_msg=p)
