@@ -211,7 +211,7 @@ def convert_cases(draw, workdir: str, tmp: str) -> tuple[list[str], list[str]]:
   )
   if kind == 'command':
     command = draw(words.filter(lambda w: w not in ('import', 'export') and not w.startswith('-')))
-    return [command], ['unknown command', 'export, import']
+    return [command], ['unknown command', 'export, export-lora, import']
   if kind == 'no_command':
     return [], ['command']
   if kind == 'no_path':
