@@ -243,9 +243,9 @@ def test_bad_lora_files_are_one_error_line(sd_pipeline_dir, lora_dir, tmp_path):
     line = _one_error_line(convert('import', sd_pipeline_dir, '--workdir', str(workdir), '--lora', value))
     assert message in line, line
     assert not workdir.exists() or not os.listdir(workdir), 'an error must write nothing'
-  (tmp_path / 'plain').mkdir()
+  (tmp_path / 'plain').mkdir()  # Not a workdir at all: refused before anything is read or written.
   line = _one_error_line(convert('export-lora', '--workdir', str(tmp_path / 'plain'), str(tmp_path / 'o')))
-  assert 'holds no LoRA' in line
+  assert 'is not a training workdir (no config.json)' in line and not (tmp_path / 'o').exists()
 
 
 @pytest.mark.slow  # A sample.py worker process (the JAX import); the scale parsing itself is tested in test_lora.py.
