@@ -47,7 +47,7 @@ def get_train_config() -> ml_collections.ConfigDict:
 def get_lora_config() -> ml_collections.ConfigDict:
   """LoRA of a stage-2 model (diffusion/lora.py); rank 0 = off (the validator owning it: diffusion.lora)."""
   lora = ml_collections.ConfigDict()
-  lora.rank = 0  # > 0: LoRA training on the frozen config.base_workdir (not implemented yet: refused at load).
+  lora.rank = 0  # > 0: trains LoRA factors on the frozen config.base_workdir (diffusion/training/lora_task.py).
   lora.alpha = 1.0  # The update is (alpha / rank) * B A.
   lora.dropout = 0.0  # On the LoRA input (not implemented yet: must stay 0).
   lora.targets = ('to_q', 'to_k', 'to_v', 'to_out_0')  # Module-path patterns (diffusers/peft's SD U-Net set).
