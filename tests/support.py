@@ -4,6 +4,10 @@ The configs are the real presets (`configs/*.py:tiny`) shrunk through the same o
 command line, so the tests exercise the code path `train.py` runs.
 """
 
+import contextlib
+import functools
+import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -165,3 +169,23 @@ def write_clip_bpe(directory: str, merges: list[str]) -> list[str]:
   with open(os.path.join(directory, 'merges.txt'), 'w') as f:
     f.write('#version: 0.2\n' + '\n'.join(merges) + '\n')
   return vocab
+
+
+@functools.cache
+def _convert_script():
+  spec = importlib.util.spec_from_file_location('convert_script', os.path.join(ROOT, 'scripts', 'convert.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run_convert(*args: str) -> subprocess.CompletedProcess:
+  """scripts/convert.py's main in this process (a subprocess would spend most of its time importing JAX)."""
+  out, err = io.StringIO(), io.StringIO()
+  code = 0
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      _convert_script().main(['convert.py', *args])
+    except SystemExit as e:
+      code = e.code
+  return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())

@@ -1,8 +1,5 @@
 """scripts/convert.py: a random-weight SD-like pipeline directory -> workdir -> pipeline directory, and its errors."""
 
-import contextlib
-import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -18,30 +15,12 @@ from diffusion import checkpoint, interop
 from diffusion.errors import UserError
 from diffusion.training import pipeline_io
 from diffusion.workdir import load_workdir_config
+from support import run_convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _script():
-  spec = importlib.util.spec_from_file_location('convert_script', os.path.join(ROOT, 'scripts', 'convert.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-CONVERT = _script()
-
-
-def convert(*args: str) -> subprocess.CompletedProcess:
-  """scripts/convert.py's main in this process (a subprocess would spend most of its time importing JAX)."""
-  out, err = io.StringIO(), io.StringIO()
-  code = 0
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    try:
-      CONVERT.main(['convert.py', *args])
-    except SystemExit as e:
-      code = e.code
-  return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+convert = run_convert
 
 
 @pytest.fixture(scope='module')

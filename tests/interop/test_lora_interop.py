@@ -2,9 +2,6 @@
 --lora FILE:SCALE, then export) and by diffusers (load_lora_weights + fuse_lora), gives the same weights; kohya files
 and our export-lora output too; bad LoRA input is one error line and writes nothing."""
 
-import contextlib
-import importlib.util
-import io
 import os
 import subprocess
 
@@ -15,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 from diffusion import interop
 from diffusion import lora as lora_lib
 from diffusion.interop import naming
+from support import run_convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNET_TARGETS = ['to_q', 'to_k', 'to_v', 'to_out.0']
@@ -23,25 +21,7 @@ WEIGHTS = 'pytorch_lora_weights.safetensors'
 TOLERANCE = 1e-5
 
 
-def _script():
-  spec = importlib.util.spec_from_file_location('convert_script_lora', os.path.join(ROOT, 'scripts', 'convert.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-CONVERT = _script()
-
-
-def convert(*args: str) -> subprocess.CompletedProcess:
-  out, err = io.StringIO(), io.StringIO()
-  code = 0
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    try:
-      CONVERT.main(['convert.py', *args])
-    except SystemExit as e:
-      code = e.code
-  return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+convert = run_convert
 
 
 def _one_error_line(result: subprocess.CompletedProcess) -> str:
