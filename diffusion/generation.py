@@ -67,20 +67,6 @@ def workdir_lora(workdir: str, use_ema: bool = True, step: int | None = None) ->
   )
 
 
-def workdir_pipeline(workdir: str, use_ema: bool = True, step: int | None = None) -> LatentDiffusionPipeline:
-  """The pipeline of a stage-2 workdir; for a LoRA-trained one, its base's with the trained LoRA merged in (once)
-  and the workdir's own config (sampling settings)."""
-  config = load_workdir_config(workdir, expect='ldm')
-  if not lora_lib.trains_lora(config):
-    return LatentDiffusionPipeline.from_workdir(workdir, use_ema=use_ema, step=step)
-  pipeline = LatentDiffusionPipeline.from_workdir(config.base_workdir)
-  trained, step = workdir_lib.load_trained_params(workdir, 'ema_params' if use_ema else 'params', step)
-  merged = lora_lib.merge(pipeline.params, [lora_lib.with_alpha(trained, config.lora.alpha)], [1.0])
-  merged = LatentDiffusionPipeline(config, merged, pipeline.tokenizer)
-  merged.step = step
-  return merged
-
-
 def load_adapter(path: str) -> Any:
   """A LoRA from a file (diffusers / kohya), a directory with pytorch_lora_weights.safetensors, or a workdir."""
   if os.path.isdir(path) and workdir_lib.has_config(path):
@@ -138,7 +124,7 @@ def sample_to_directory(
   size = load_workdir_config(workdir, expect='ldm').data.image_size
   image = None if init_image is None else load_image(init_image, size)
   mask_array = None if mask is None else load_mask(mask, init_image, size)
-  pipeline = workdir_pipeline(workdir, use_ema=use_ema, step=step)
+  pipeline = LatentDiffusionPipeline.from_workdir(workdir, use_ema=use_ema, step=step)
   if loras:
     pipeline.params = merge_adapters(pipeline.params, loras)
   settings = [pipeline.sampling_settings(guidance_scale=gs, num_steps=n, **overrides) for gs, n in combos]

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from diffusion import lora as lora_lib
 from diffusion import models, process, samplers
 from diffusion import workdir as workdir_lib
 from diffusion.data import tokenizer as tokenizer_lib
@@ -49,8 +50,17 @@ class LatentDiffusionPipeline:
 
   @classmethod
   def from_workdir(cls, workdir: str, use_ema: bool = True, step: int | None = None) -> 'LatentDiffusionPipeline':
-    """Loads config, tokenizer and (EMA) params of a stage-2 workdir; nothing else is needed."""
+    """Loads config, tokenizer and (EMA) params of a stage-2 workdir; nothing else is needed. A LoRA-trained
+    workdir (`config.lora.rank > 0`) gives its base's pipeline with the trained LoRA merged in once, under the
+    workdir's own config (sampling settings), so every reader of a workdir samples base + LoRA."""
     config = workdir_lib.load_workdir_config(workdir, expect='ldm')
+    if lora_lib.trains_lora(config):
+      base = cls.from_workdir(config.base_workdir)
+      trained, step = workdir_lib.load_trained_params(workdir, 'ema_params' if use_ema else 'params', step)
+      params = lora_lib.merge(base.params, [lora_lib.with_alpha(trained, config.lora.alpha)], [1.0])
+      pipeline = cls(config, params, base.tokenizer)
+      pipeline.step = step
+      return pipeline
     tokenizer = workdir_lib.load_tokenizer(workdir)
     trained, step = workdir_lib.load_trained_params(workdir, 'ema_params' if use_ema else 'params', step)
     vae_params = workdir_lib.load_frozen(workdir, 'vae')

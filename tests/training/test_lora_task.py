@@ -14,7 +14,8 @@ from diffusion import checkpoint, interop
 from diffusion import lora as lora_lib
 from diffusion import workdir as workdir_lib
 from diffusion.errors import ConfigError
-from diffusion.generation import workdir_lora, workdir_pipeline
+from diffusion.generation import workdir_lora
+from diffusion.pipeline import LatentDiffusionPipeline
 from diffusion.training import train_and_evaluate
 from support import LDM, load_config
 
@@ -68,7 +69,7 @@ def test_checkpoint_holds_only_lora_factors_that_moved(trained, base):
 def test_sampling_and_export_use_base_plus_lora(trained, base, tmp_path):
   lora = workdir_lora(trained)
   base_params = workdir_lib.load_trained_params(base)[0]
-  merged = workdir_pipeline(trained).params
+  merged = LatentDiffusionPipeline.from_workdir(trained).params
   path = next(p for p in lora_lib.modules(lora) if p[-1] == 'to_q')
   a, b = (np.asarray(lora_lib.modules(lora)[path][k]) for k in 'ab')
   kernel = flax.traverse_util.flatten_dict(base_params)[path + ('kernel',)]
