@@ -55,6 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = common.get_mesh_config()
   config.distributed = common.get_distributed_config()
   config.wandb = common.get_wandb_config('ldm-jax-vae')
+  # Reconstruction evaluators (diffusion.evaluation.spec), e.g. config.evals.recon = ConfigDict(dict(type='psnr',
+  # every=1000, num_samples=1000)) -> eval/recon/psnr; psnr, ssim, lpips (loss.* LPIPS weights by default), rfid.
+  # (eval/psnr, eval/l1, eval/lpips are train.eval_every's batch metrics: name evaluators otherwise.)
+  config.evals = ml_collections.ConfigDict()
 
   if preset == 'base':
     # SD's f8 VAE (LDM's kl-f8 config): KL 1e-6, LPIPS 1.0, discriminator weight 0.5 from step 50001.

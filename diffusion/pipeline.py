@@ -36,6 +36,7 @@ class LatentDiffusionPipeline:
     self.params = params
     self.tokenizer = tokenizer
     self.step: int | None = None  # The checkpoint step of `params`, when loaded from a workdir.
+    self.workdir: str | None = None
     self._replica: tuple[dict, dict] | None = None  # (params, their copy on every local device).
     self.unet = models.create_unet(config.model.unet)
     self.text_encoder = models.create_text_encoder(config.model.text)
@@ -59,14 +60,29 @@ class LatentDiffusionPipeline:
       trained, step = workdir_lib.load_trained_params(workdir, 'ema_params' if use_ema else 'params', step)
       params = lora_lib.merge(base.params, [lora_lib.with_alpha(trained, config.lora.alpha)], [1.0])
       pipeline = cls(config, params, base.tokenizer)
-      pipeline.step = step
+      pipeline.step, pipeline.workdir = step, workdir
       return pipeline
     tokenizer = workdir_lib.load_tokenizer(workdir)
     trained, step = workdir_lib.load_trained_params(workdir, 'ema_params' if use_ema else 'params', step)
     vae_params = workdir_lib.load_frozen(workdir, 'vae')
     pipeline = cls(config, {'unet': trained['unet'], 'text': trained['text'], 'vae': vae_params}, tokenizer)
-    pipeline.step = step  # The step restored (past a damaged latest one).
+    pipeline.step, pipeline.workdir = step, workdir  # The step restored (past a damaged latest one).
     return pipeline
+
+  def params_at(self, step: int) -> dict:
+    """The pipeline's params with the trained (EMA) params of checkpoint `step` of its workdir in place (a LoRA
+    workdir's factors merged into the base), for evaluating each checkpoint with one pipeline."""
+    config = self.config
+    trained, _ = workdir_lib.load_trained_params(self.workdir, 'ema_params', step)
+    if lora_lib.trains_lora(config):
+      base = workdir_lib.load_trained_params(config.base_workdir, 'ema_params')[0]
+      base = {'unet': base['unet'], 'text': base['text'], 'vae': self.params['vae']}
+      return lora_lib.merge(base, [lora_lib.with_alpha(trained, config.lora.alpha)], [1.0])
+    return {**self.params, 'unet': trained['unet'], 'text': trained['text']}
+
+  def reconstruct(self, images: np.ndarray, params: dict | None = None, batch_size: int = 32) -> np.ndarray:
+    """uint8 reconstructions of uint8 images (N, H, W, 3) through this model's VAE (posterior mean)."""
+    return reconstruct(self.vae, (params or self.params)['vae'], images, batch_size)
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     return tokenizer_lib.tokenize(self.tokenizer, list(prompts), self.config.data.max_text_length)
@@ -225,3 +241,57 @@ def _shard_batch(inputs: dict, devices: Sequence[Any]) -> dict:
     for k, v in inputs.items()
   }
   return {k: jax.device_put(v, sharding) for k, v in padded.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _encode_decode(vae: Any, params: Any, images: jax.Array) -> jax.Array:
+  mean, _ = vae.apply({'params': params}, images, method='encode')
+  return jnp.clip(vae.apply({'params': params}, mean, method='decode'), -1.0, 1.0)
+
+
+def reconstruct(vae: Any, params: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+  """uint8 reconstructions (posterior mean, decoded) of uint8 images (N, H, W, 3); batches padded to `batch_size`, so
+  one shape compiles once."""
+  images = np.asarray(images)
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start : start + batch_size]
+    pad = batch_size - len(chunk)
+    x = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
+    out.append(to_uint8(_encode_decode(vae, params, jnp.asarray(x, jnp.float32) / 127.5 - 1.0))[: len(chunk)])
+  return np.concatenate(out)
+
+
+class AutoencoderPipeline:
+  """A stage-1 model (AutoencoderKL) and its params: what reconstruction evaluators need of a VAE workdir."""
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Any):
+    self.config, self.params = config, params
+    self.vae = models.create_vae(config.model.vae)
+    self.step: int | None = None
+    self.workdir: str | None = None
+
+  @classmethod
+  def from_workdir(cls, workdir: str, use_ema: bool = True, step: int | None = None) -> 'AutoencoderPipeline':
+    config = workdir_lib.load_workdir_config(workdir, expect='vae')
+    params, step = workdir_lib.load_trained_params(workdir, 'ema_params' if use_ema else 'params', step)
+    pipeline = cls(config, params)
+    pipeline.step, pipeline.workdir = step, workdir
+    return pipeline
+
+  def params_at(self, step: int) -> Any:
+    """The EMA params of checkpoint `step` of the workdir."""
+    return workdir_lib.load_trained_params(self.workdir, 'ema_params', step)[0]
+
+  def reconstruct(self, images: np.ndarray, params: Any = None, batch_size: int = 32) -> np.ndarray:
+    """uint8 reconstructions of uint8 images. `params`: the VAE's (extra top-level entries, such as the frozen
+    parts a training run passes beside them, are not read)."""
+    return reconstruct(self.vae, self.params if params is None else params, images, batch_size)
+
+
+def load_pipeline(workdir: str) -> 'LatentDiffusionPipeline | AutoencoderPipeline':
+  """The pipeline of a workdir of either stage (by its config's model_type), with its latest EMA params."""
+  config = workdir_lib.load_workdir_config(workdir)
+  if config.get('model_type') == 'vae':
+    return AutoencoderPipeline.from_workdir(workdir)
+  return LatentDiffusionPipeline.from_workdir(workdir)

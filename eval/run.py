@@ -1,8 +1,10 @@
-r"""The evaluation job: samples each checkpoint of a stage-2 workdir and scores the samples.
+r"""The evaluation job: samples each checkpoint of a stage-2 workdir and scores the samples (or, for a VAE workdir,
+scores its reconstructions of held-out images).
 
   python eval/run.py --workdir W --metrics fid,oracle --num_samples 1000 [--step S] [--watch]
   python -m eval.run --workdir W --metrics fid --inception_weights pt_inception-2015-12-05-6726825d.pth
   python eval/run.py --workdir W --metrics fid,clip --clip_model CLIP_DIR   # CLIP score
+  python eval/run.py --workdir VAE_W --metrics psnr,ssim,lpips,rfid --vgg_weights F --lpips_weights F
   python eval/run.py --workdir W            # the evaluators of the workdir's config (config.evals), if any
 
 The flags build an evals spec (`diffusion.evaluation.spec`: one evaluator per metric, on the same samples); without
@@ -86,10 +88,10 @@ class Evaluator:
 
   def __init__(self, workdir: str, metric_names: Sequence[str] | None, num_samples: int | None = None, **spec_kwargs):
     from diffusion.evaluation import EvalSuite, parse_evals
-    from diffusion.pipeline import LatentDiffusionPipeline
+    from diffusion.pipeline import load_pipeline
 
     self.workdir = workdir
-    self.pipeline = LatentDiffusionPipeline.from_workdir(workdir)
+    self.pipeline = load_pipeline(workdir)
     self.config = config = self.pipeline.config
     if metric_names:
       evals = evals_spec(metric_names, 1000 if num_samples is None else num_samples, **spec_kwargs)
@@ -111,9 +113,7 @@ class Evaluator:
     from diffusion import checkpoint
 
     start = time.time()
-    trained = checkpoint.Checkpointer(self.workdir, read_only=True).restore_params(step, 'ema_params')
-    params = {**self.pipeline.params, 'unet': trained['unet'], 'text': trained['text']}
-    results = self.suite.evaluate(params, step)
+    results = self.suite.evaluate(self.pipeline.params_at(step), step)
     return {
       'step': int(step),
       'metrics': results,
@@ -246,12 +246,12 @@ def _define_flags() -> dict:
   """The command-line flags (defined only when run as a program, so importing this module defines none)."""
   f = flags
   defined = dict(
-    workdir=f.DEFINE_string('workdir', None, 'A stage-2 (ldm) training workdir.'),
+    workdir=f.DEFINE_string('workdir', None, 'A training workdir: stage 2 (ldm), or a VAE (psnr, ssim, lpips, rfid).'),
     metrics=f.DEFINE_list(
       'metrics',
       None,
-      'Comma-separated metrics: fid, oracle, clip (default: the workdir '
-      "config's evaluators, config.evals, else fid,oracle).",
+      'Comma-separated metrics: fid, oracle, clip; psnr, ssim, lpips, rfid (reconstructions) (default: the '
+      "workdir config's evaluators, config.evals, else fid,oracle; psnr,ssim,rfid for a VAE workdir).",
     ),
     num_samples=f.DEFINE_integer('num_samples', None, 'Images generated per checkpoint (default 1000).'),
     step=f.DEFINE_integer('step', None, 'Evaluate only this checkpoint step.'),
@@ -263,7 +263,9 @@ def _define_flags() -> dict:
       None,
       "One prompt per line, optionally prompt<TAB>seed as in sample.py (default: the split's captions).",
     ),
-    split=f.DEFINE_string('split', None, 'Reference split for FID and prompts (default: data.train_split).'),
+    split=f.DEFINE_string(
+      'split', None, 'Reference split of FID and prompts (default data.train_split; reconstructions: data.eval_split).'
+    ),
     num_reference=f.DEFINE_integer(
       'num_reference', None, 'Reference images for FID (at most the split; default 10000).'
     ),
@@ -284,6 +286,13 @@ def _define_flags() -> dict:
       'clip_model', None, 'For --metrics clip: a transformers CLIPModel directory (config, weights, tokenizer).'
     ),
     resize_backend=f.DEFINE_string('resize_backend', None, 'For --metrics clip: the image resize backend.'),
+    vgg_weights=f.DEFINE_string(
+      'vgg_weights', None, "For --metrics lpips: torchvision backbone .pth or 'random' (default: config.loss's)."
+    ),
+    lpips_weights=f.DEFINE_string(
+      'lpips_weights', None, "For --metrics lpips: the lpips package's head .pth or 'random' (default: config.loss's)."
+    ),
+    lpips_net=f.DEFINE_enum('lpips_net', None, ['vgg', 'alex'], "For --metrics lpips (default: config.loss's)."),
   )
   cli.alias('weights', 'inception_weights')
   cli.alias('model', 'clip_model')
@@ -304,12 +313,13 @@ def main(argv: list[str]) -> None:
   from diffusion.workdir import load_workdir_config
 
   metrics = v['metrics']
-  if metrics is None and not load_workdir_config(v['workdir'], expect='ldm').get('evals'):
-    metrics = ['fid', 'oracle']
+  config = load_workdir_config(v['workdir'])
+  if metrics is None and not config.get('evals'):
+    metrics = ['psnr', 'ssim', 'rfid'] if config.get('model_type') == 'vae' else ['fid', 'oracle']
   unknown = [m for m in metrics or () if m not in METRICS]
   cli.require(not unknown, f'unknown metric(s) {", ".join(unknown)}; known: {", ".join(METRICS.names())}')
   sampling = {'sampler': v['sampler'], 'num_steps': v['num_steps'], 'guidance_scale': v['guidance_scale']}
-  options = {k: v[k] for k in ('clip_model', 'resize_backend') if v[k]}
+  options = {k: v[k] for k in ('clip_model', 'resize_backend', 'vgg_weights', 'lpips_weights', 'lpips_net') if v[k]}
   parallel.initialize_distributed()  # Multi-host launches (from the environment); else a no-op.
   records = run(
     v['workdir'],

@@ -2,7 +2,7 @@ r"""Ablation of the VAE loss on the shapes data: the tiny VAE trained the same n
 + LPIPS, + LPIPS + PatchGAN; held-out PSNR, SSIM, LPIPS and rFID of each. Writes docs/results/vae_loss_ablation.json.
 
   python scripts/ablate_vae_losses.py [--steps 1000] [--num_eval 128] [--root DIR]
-      [--vgg_weights F --lpips_weights F] [--inception_weights F] [--record OUT.json]
+      [--lpips_net vgg|alex] [--vgg_weights F --lpips_weights F] [--inception_weights F] [--record OUT.json]
 
 Without weight files the LPIPS network (training loss and metric) and the Inception network (rFID; BatchNorm
 calibrated on the held-out images) have random weights, and the record says so: such LPIPS / rFID values rank the
@@ -34,10 +34,20 @@ def _config(args, data_dir: str, loss: dict):
   config.train.eval_every = 0
   config.wandb.mode = 'disabled'
   config.loss.vgg_weights, config.loss.lpips_weights = args.vgg_weights, args.lpips_weights
+  config.loss.lpips_net = args.lpips_net
   config.loss.disc_start = args.steps // 2  # Reconstruction-only first, as LDM does.
   for key, value in loss.items():
     config.loss[key] = value
   return config
+
+
+def _evals(args):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  options = {'vgg_weights': args.vgg_weights, 'lpips_weights': args.lpips_weights, 'lpips_net': args.lpips_net}
+  options['inception_weights'] = args.inception_weights
+  entry = {'num_samples': args.num_eval, 'batch_size': 32, **{k: v for k, v in options.items() if v}}
+  return ml_collections.ConfigDict({m: {'type': m, **entry} for m in ('psnr', 'ssim', 'lpips', 'rfid')})
 
 
 @user_errors_exit
@@ -49,10 +59,12 @@ def main() -> None:
   parser.add_argument('--vgg_weights', default='random')
   parser.add_argument('--lpips_weights', default='random')
   parser.add_argument('--inception_weights', default='')
+  parser.add_argument('--lpips_net', default='vgg', choices=('vgg', 'alex'), help='LPIPS backbone (loss and metric).')
   parser.add_argument('--record', default='', help='Where to write the record (default docs/results/...).')
   args = parser.parse_args()
-  from diffusion.evaluation import reconstruction  # pylint: disable=import-outside-toplevel
+  from diffusion.evaluation import EvalSuite, parse_evals  # pylint: disable=import-outside-toplevel
   from diffusion.interop import lpips as lpips_weights  # pylint: disable=import-outside-toplevel
+  from diffusion.pipeline import AutoencoderPipeline  # pylint: disable=import-outside-toplevel
   from diffusion.training import train_and_evaluate  # pylint: disable=import-outside-toplevel
 
   root = args.root or tempfile.mkdtemp(prefix='vae_ablation_')
@@ -62,20 +74,18 @@ def main() -> None:
     config = _config(args, data_dir, loss)
     workdir = os.path.join(root, name)
     train_and_evaluate(config, workdir)
-    scores = reconstruction.evaluate_vae_workdir(
-      workdir,
-      vgg_weights=args.vgg_weights,
-      lpips_weights=args.lpips_weights,
-      inception_weights=args.inception_weights or None,
-    )
+    pipeline = AutoencoderPipeline.from_workdir(workdir)  # The last step's EMA params.
+    with pipeline.config.unlocked():
+      pipeline.config.evals = _evals(args)
+    scores = EvalSuite(parse_evals(pipeline.config), pipeline.config, workdir, pipeline).evaluate(None)
     row = {'variant': name, 'steps': args.steps, **scores}
     print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()), flush=True)
     rows.append(row)
   weights = {
-    'lpips': lpips_weights.describe(args.vgg_weights, args.lpips_weights),
-    'inception': args.inception_weights or 'random, BatchNorm calibrated on the first 32 held-out images',
+    'lpips': lpips_weights.describe(args.vgg_weights, args.lpips_weights, args.lpips_net),
+    'inception': args.inception_weights or 'random, BatchNorm calibrated on up to 64 held-out images',
   }
-  record = {'rows': rows, 'weights': weights, 'num_eval': args.num_eval}
+  record = {'rows': rows, 'weights': weights, 'num_eval': args.num_eval, 'lpips_net': args.lpips_net}
   results.write_record('vae_loss_ablation', record, path=args.record or None)
 
 

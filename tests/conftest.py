@@ -31,7 +31,8 @@ def vae_workdir(tmp_path_factory, data_dir) -> str:
   from diffusion.training import train_and_evaluate
 
   workdir = str(tmp_path_factory.mktemp('vae'))
-  train_and_evaluate(load_config('vae_base', VAE, data_dir), workdir)
+  psnr = ml_collections.ConfigDict({'type': 'psnr', 'num_samples': 4, 'batch_size': 4})  # At the last step.
+  train_and_evaluate(load_config('vae_base', VAE, data_dir, **{'evals.recon': psnr}), workdir)
   return workdir
 
 

@@ -1,5 +1,6 @@
-"""Evaluators: metrics of generated images (FID, CLIP score, the shapes oracle) behind one registry, and the suite
-that runs the evaluators of `config.evals` (training) or of a tool's flags (eval/run.py, eval/caption_accuracy.py).
+"""Evaluators: metrics of generated images (FID, CLIP score, the shapes oracle) and of reconstructions (PSNR, SSIM,
+LPIPS, rFID) behind one registry, and the suite that runs the evaluators of `config.evals` (training) or of a tool's
+flags (eval/run.py, eval/caption_accuracy.py).
 
   suite = build_suite(config, workdir, pipeline)  # None when config.evals is empty
 """
@@ -10,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from diffusion.evaluation import clip_score, fid, oracle  # noqa: F401  # Register the metrics.
+from diffusion.evaluation import clip_score, fid, oracle, reconstruction  # noqa: F401  # Register the metrics.
 from diffusion.evaluation.base import METRICS, EvalContext, Metric, sum_across_processes
 from diffusion.evaluation.spec import EvaluatorSpec, parse_evals, parse_evaluator, validate_evals
 from diffusion.evaluation.suite import EvalSuite

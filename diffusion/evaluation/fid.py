@@ -299,6 +299,40 @@ def _random_variables(context: base.EvalContext) -> dict:
   return variables
 
 
+@dataclasses.dataclass
+class InceptionChoice:
+  """The Inception network a metric uses: pytorch-fid weights from a file, or random weights (labelled)."""
+
+  extractor: Any  # inception.FeatureExtractor
+  random: bool
+  tag: str  # Identifies the weights in cache file names.
+  weights: str  # What they are, for records.
+
+
+def inception_network(context: base.EvalContext, metric: str = 'fid') -> InceptionChoice:
+  """The context's `inception_weights` (pytorch-fid file), else random weights calibrated on its reference images."""
+  from diffusion.evaluation import inception
+  from diffusion.interop import inception as inception_weights
+
+  weights = context.inception_weights or context.options.get('inception_weights')
+  if weights:
+    path = inception_weights.resolve_weights_path(weights)
+    variables = inception_weights.load_variables(path)
+    tag = f'pytorch-fid-{inception_weights.file_sha256(path)[:12]}'
+    text = f'pytorch-fid weights {os.path.abspath(path)}'
+    return InceptionChoice(inception.FeatureExtractor(variables), False, tag, text)
+  try:
+    variables = _random_variables(context)
+  except UserError as e:
+    raise UserError(str(e).replace('metric fid', f'metric {metric}')) from None
+  text = (
+    f'RANDOM Inception weights (seed {context.seed}, BatchNorm calibrated on up to '
+    f'{NUM_CALIBRATION_IMAGES} reference images): comparable only between checkpoints '
+    'evaluated with the same reference, not with published FID'
+  )
+  return InceptionChoice(inception.FeatureExtractor(variables), True, f'random-seed{context.seed}', text)
+
+
 class FIDMetric:
   """FID of the generated images against the reference split's Inception statistics (computed once, cached)."""
 
@@ -306,27 +340,12 @@ class FIDMetric:
   needs_reference = True  # The suite opens the reference split for it.
 
   def __init__(self, context: base.EvalContext):
-    from diffusion.evaluation import inception
-    from diffusion.interop import inception as inception_weights
-
     self.context = context
     os.makedirs(context.cache_dir, exist_ok=True)
-    weights = context.inception_weights or context.options.get('inception_weights')
-    if weights:
-      path = inception_weights.resolve_weights_path(weights)
-      variables = inception_weights.load_variables(path)
-      self.key, tag = 'fid', f'pytorch-fid-{inception_weights.file_sha256(path)[:12]}'
-      self.weights = f'pytorch-fid weights {os.path.abspath(path)}'
-    else:
-      variables = _random_variables(context)
-      self.key, tag = 'fid_random_inception', f'random-seed{context.seed}'
-      self.weights = (
-        f'RANDOM Inception weights (seed {context.seed}, BatchNorm calibrated on up to '
-        f'{NUM_CALIBRATION_IMAGES} reference images): comparable only between checkpoints '
-        'evaluated with the same reference, not with published FID'
-      )
-    self.extractor = inception.FeatureExtractor(variables)
-    self.stats_path = os.path.join(context.cache_dir, f'fid_reference_{context.reference_name}_{tag}.npz')
+    network = inception_network(context)
+    self.key = 'fid_random_inception' if network.random else 'fid'
+    self.extractor, self.weights = network.extractor, network.weights
+    self.stats_path = os.path.join(context.cache_dir, f'fid_reference_{context.reference_name}_{network.tag}.npz')
     self.reference = self._reference_stats()
     self.reset()
 

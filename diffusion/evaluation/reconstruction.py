@@ -1,21 +1,28 @@
 """Reconstruction metrics of an autoencoder: PSNR, SSIM, LPIPS and rFID over (image, reconstruction) pairs.
 
+The metrics 'psnr', 'ssim', 'lpips' and 'rfid' of the registry are pair metrics (`pairs = True`): the suite
+reconstructs the evaluator's split (default: data.eval_split) with the pipeline's `reconstruct` and calls
+`update(reconstructions, originals)`; in training (`config.evals` of a VAE run) and in `eval/run.py --workdir VAE_W
+--metrics psnr,ssim,lpips,rfid`.
+
 PSNR and SSIM are computed per image as torchmetrics does (`peak_signal_noise_ratio(..., dim=(1, 2, 3))`,
 `structural_similarity_index_measure` with its defaults: Gaussian window 11, sigma 1.5, k1 0.01, k2 0.03, reflect
 padding, the mean over every pixel) in float64, on uint8 images with data range 255, and averaged over images. LPIPS
 is `diffusion.models.lpips` on the pairs in [-1, 1]; rFID is the FID (`diffusion.evaluation.fid`) between the
-held-out images and their reconstructions. `ReconstructionMetrics` keeps this process's sums and combines them once
-over processes (`sum_across_processes`), like the other evaluators.
+held-out images and their reconstructions. Each keeps this process's sums and combines them once over processes
+(`sum_across_processes`), like the other evaluators. LPIPS weights: the evaluator's `vgg_weights` / `lpips_weights` /
+`lpips_net`, else the config's `loss.*` keys of the same names (`'random'`: labelled random weights, key
+`lpips_random_weights`); rFID's Inception as FID's (`rfid_random_inception` without weights).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+from typing import Any, Sequence
 
 import numpy as np
 
-from diffusion.evaluation import fid
-from diffusion.evaluation.base import sum_across_processes
+from diffusion.evaluation import base, fid
 
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -59,110 +66,120 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, sigma: float =
   return full.reshape(len(full), -1).mean(axis=1)  # torchmetrics 1.9 averages every pixel (no border crop).
 
 
-class ReconstructionMetrics:
-  """Sums of PSNR, SSIM and LPIPS over (image, reconstruction) uint8 pairs and, with an Inception `extractor`, the
-  FID feature sums of both sides; `result()` (a collective) -> {'psnr', 'ssim', 'lpips', 'rfid'} as available."""
+class _PerImageMean:
+  """The mean over pairs of a per-image score `score(reconstructions, originals)`."""
 
-  def __init__(self, lpips_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, extractor: Any = None):
-    self.lpips_fn, self.extractor = lpips_fn, extractor
+  name = ''
+  pairs = True  # Scores (reconstruction, original) pairs: the suite reconstructs the evaluator's split.
+  needs_reference = True
+
+  def __init__(self, context: base.EvalContext):
+    self.context = context
+    self.reset()
+
+  def score(self, reconstructions: np.ndarray, originals: np.ndarray) -> np.ndarray:
+    raise NotImplementedError
+
+  def reset(self) -> None:
+    self.sums = np.zeros(2)  # Pairs, sum of scores.
+
+  def update(self, reconstructions: np.ndarray, originals: Sequence[Any]) -> None:
+    self.sums += (len(reconstructions), float(np.sum(self.score(reconstructions, np.asarray(originals)))))
+
+  def result(self) -> dict[str, float]:
+    count, total = base.sum_across_processes(self.sums)
+    return {self.key: float(total / max(count, 1.0))}
+
+  @property
+  def key(self) -> str:
+    return self.name
+
+  def describe(self) -> dict[str, Any]:
+    return {'metric': self.key, 'pairs': f'held-out images of {self.context.reference_name} and their reconstructions'}
+
+
+class PSNRMetric(_PerImageMean):
+  name = 'psnr'
+
+  def score(self, reconstructions: np.ndarray, originals: np.ndarray) -> np.ndarray:
+    return psnr(reconstructions, originals)
+
+
+class SSIMMetric(_PerImageMean):
+  name = 'ssim'
+
+  def score(self, reconstructions: np.ndarray, originals: np.ndarray) -> np.ndarray:
+    return ssim(reconstructions, originals)
+
+
+class LPIPSMetric(_PerImageMean):
+  """LPIPS(original, reconstruction) with the evaluator's weights, else the training config's `loss.*` ones."""
+
+  name = 'lpips'
+
+  def __init__(self, context: base.EvalContext):
+    import jax
+
+    from diffusion.interop import lpips as lpips_io
+    from diffusion.models import lpips
+
+    loss = context.config.get('loss') or {}
+    pick = lambda key, default: context.options.get(key) or loss.get(key) or default
+    net, vgg, heads = pick('lpips_net', 'vgg'), pick('vgg_weights', ''), pick('lpips_weights', '')
+    key = lambda name: f'evals.{name}' if context.options.get(name) else f'loss.{name}'
+    params = lpips_io.load_params(vgg, heads, net, backbone_key=key('vgg_weights'), head_key=key('lpips_weights'))
+    apply = jax.jit(lambda p, a, b: lpips.LPIPS(net).apply({'params': p}, a, b))
+    unit = lambda u: np.asarray(u, np.float32) / 127.5 - 1.0
+    self.fn = lambda a, b: np.asarray(apply(params, unit(a), unit(b)))
+    self.random = lpips_io.RANDOM in (vgg, heads)
+    self.weights = lpips_io.describe(vgg, heads, net)
+    super().__init__(context)
+
+  @property
+  def key(self) -> str:
+    return 'lpips_random_weights' if self.random else 'lpips'
+
+  def score(self, reconstructions: np.ndarray, originals: np.ndarray) -> np.ndarray:
+    return self.fn(originals, reconstructions)
+
+  def describe(self) -> dict[str, Any]:
+    return {**super().describe(), 'lpips_weights': self.weights, 'random_weights': self.random}
+
+
+class RFIDMetric:
+  """FID between the held-out images and their reconstructions (both sides' Inception sums kept, per checkpoint)."""
+
+  name = 'rfid'
+  pairs = True
+  needs_reference = True
+
+  def __init__(self, context: base.EvalContext):
+    os.makedirs(context.cache_dir, exist_ok=True)
+    self.context = context
+    self.network = fid.inception_network(context, 'rfid')
+    self.key = 'rfid_random_inception' if self.network.random else 'rfid'
     self.reset()
 
   def reset(self) -> None:
-    self.sums = {'count': 0.0, 'psnr': 0.0, 'ssim': 0.0, 'lpips': 0.0}
-    dims = self.extractor.dims if self.extractor is not None else 1
+    dims = self.network.extractor.dims
     self.real, self.fake = fid.FeatureSums(dims), fid.FeatureSums(dims)
 
-  def update(self, images: np.ndarray, reconstructions: np.ndarray) -> None:
-    """`images`, `reconstructions`: uint8 (B, H, W, 3) of this process."""
-    self.sums['count'] += len(images)
-    self.sums['psnr'] += float(np.sum(psnr(reconstructions, images)))
-    self.sums['ssim'] += float(np.sum(ssim(reconstructions, images)))
-    if self.lpips_fn is not None:
-      to_unit = lambda u: np.asarray(u, np.float32) / 127.5 - 1.0
-      self.sums['lpips'] += float(np.sum(self.lpips_fn(to_unit(images), to_unit(reconstructions))))
-    if self.extractor is not None:
-      self.real.update(self.extractor(images))
-      self.fake.update(self.extractor(reconstructions))
+  def update(self, reconstructions: np.ndarray, originals: Sequence[Any]) -> None:
+    self.real.update(self.network.extractor(np.asarray(originals)))
+    self.fake.update(self.network.extractor(reconstructions))
 
   def result(self) -> dict[str, float]:
-    sums = sum_across_processes(self.sums)
-    n = max(float(sums['count']), 1.0)
-    out = {'psnr': float(sums['psnr']) / n, 'ssim': float(sums['ssim']) / n}
-    if self.lpips_fn is not None:
-      out['lpips'] = float(sums['lpips']) / n
-    if self.extractor is not None:
-      real, fake = self.real.combined(), self.fake.combined()
-      out['rfid'] = float(fid.frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma))
-    return out
+    real, fake = self.real.combined(), self.fake.combined()
+    return {self.key: float(fid.frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma))}
+
+  def describe(self) -> dict[str, Any]:
+    return {
+      'metric': self.key,
+      'inception_weights': self.network.weights,
+      'random_weights': self.network.random,
+      'pairs': f'held-out images of {self.context.reference_name} and their reconstructions',
+    }
 
 
-def reconstruction_pairs(workdir: str, step: int | None = None, batch_size: int = 32, item: str = 'ema_params'):
-  """Yields (uint8 held-out images, uint8 reconstructions from the posterior mean) of a VAE workdir's checkpoint, for
-  this process's share of the config's eval split."""
-  import jax
-
-  from diffusion import models
-  from diffusion import workdir as workdir_lib
-  from diffusion.data import inputs
-  from diffusion.images import to_uint8
-
-  config = workdir_lib.load_workdir_config(workdir, expect='vae')
-  params, _ = workdir_lib.load_trained_params(workdir, item, step)
-  vae = models.create_vae(config.model.vae)
-  encode_decode = lambda p, x: vae.apply(
-    {'params': p}, vae.apply({'params': p}, x, method='encode')[0], method='decode'
-  )
-  reconstruct = jax.jit(encode_decode)
-  loader = inputs.create_input_pipeline(
-    config.data,
-    config.data.eval_split,
-    tokenizer=None,
-    batch_size=batch_size,
-    seed=0,
-    shuffle=False,
-    num_epochs=1,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  for batch in loader:
-    x = np.asarray(batch['image'])
-    yield to_uint8(x), to_uint8(np.asarray(reconstruct(params, x)))
-
-
-def evaluate_vae_workdir(
-  workdir: str,
-  step: int | None = None,
-  *,
-  metrics: tuple[str, ...] = ('psnr', 'ssim', 'lpips', 'rfid'),
-  batch_size: int = 32,
-  vgg_weights: str = '',
-  lpips_weights: str = '',
-  inception_weights: str | None = None,
-) -> dict[str, float]:
-  """PSNR, SSIM, LPIPS and rFID of a VAE workdir's held-out reconstructions (a collective). LPIPS weights as
-  `diffusion.interop.lpips.load_params` takes them; no `inception_weights`: a random Inception calibrated on the
-  first batch of this process's held-out images (labelled use only; one process: with several, each would calibrate
-  its own network, so pass weights)."""
-  import jax
-
-  from diffusion.evaluation import inception
-  from diffusion.interop import inception as inception_io
-  from diffusion.interop import lpips as lpips_io
-  from diffusion.models import lpips
-
-  pairs = list(reconstruction_pairs(workdir, step, batch_size))
-  lpips_fn = extractor = None
-  if 'lpips' in metrics:
-    params = lpips_io.load_params(vgg_weights, lpips_weights)
-    apply = jax.jit(lambda p, a, b: lpips.LPIPS('vgg').apply({'params': p}, a, b))
-    lpips_fn = lambda a, b: np.asarray(apply(params, a, b))
-  if 'rfid' in metrics:
-    if inception_weights:
-      variables = inception_io.load_variables(inception_weights)
-    else:
-      variables = inception.random_variables(0, pairs[0][0])
-    extractor = inception.FeatureExtractor(variables)
-  result = ReconstructionMetrics(lpips_fn, extractor)
-  for images, recs in pairs:
-    result.update(images, recs)
-  return {k: v for k, v in result.result().items() if k in metrics}
+for _metric in (PSNRMetric, SSIMMetric, LPIPSMetric, RFIDMetric):
+  base.METRICS.add(_metric.name, _metric)

@@ -10,7 +10,9 @@ last step. `batch_size` is global (all processes together). Sampling overrides (
 guidance_scale, num_steps, sampler, negative_prompt, and `seed` (None: `config.seed`); image i starts from
 fold_in(seed, i). Prompts: `prompts` (a tuple, cycled), else `prompts_file` (`prompt<TAB>seed` lines honoured as in
 sample.py), else the captions of the reference split. Metric options: split ('' = data.train_split),
-num_reference, inception_weights ('' = random, calibrated Inception), clip_model, resize_backend.
+num_reference, inception_weights ('' = random, calibrated Inception), clip_model, resize_backend, vgg_weights,
+lpips_weights, lpips_net. Pair metrics (psnr, ssim, lpips, rfid: `pairs = True`) reconstruct `num_samples` images of
+`split` ('' = data.eval_split) and take no sampling settings or prompts.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ DEFAULTS: dict[str, Any] = {
   'inception_weights': '',
   'clip_model': '',
   'resize_backend': '',
+  'vgg_weights': '',
+  'lpips_weights': '',
+  'lpips_net': '',
 }
 SAMPLING_KEYS = ('guidance_scale', 'num_steps', 'sampler', 'negative_prompt')
-OPTION_KEYS = ('inception_weights', 'clip_model', 'resize_backend')
+OPTION_KEYS = ('inception_weights', 'clip_model', 'resize_backend', 'vgg_weights', 'lpips_weights', 'lpips_net')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,7 @@ class EvaluatorSpec:
   split: str
   num_reference: int
   options: dict[str, str]  # The metric options that are set.
+  pairs: bool = False  # A metric of (reconstruction, held-out image) pairs.
 
   def due(self, step: int, last: bool) -> bool:
     return last or (self.every > 0 and step % self.every == 0)
@@ -117,7 +123,15 @@ def parse_evaluator(name: str, entry: Mapping[str, Any], config: ml_collections.
   if metric not in METRICS:
     raise ConfigError(f'evals.{name}.type', METRICS.unknown(metric))
   sampling = {k: values[k] for k in SAMPLING_KEYS if values[k] is not None}
-  _sampling(config, name, sampling)
+  pairs = getattr(METRICS.get(metric), 'pairs', False)
+  if pairs:
+    given = [k for k in (*SAMPLING_KEYS, 'prompts', 'prompts_file') if k in sampling or (k in entry and entry[k])]
+    if given:
+      raise ConfigError(f'evals.{name}.{given[0]}', f'metric {metric} reconstructs held-out images: it samples nothing')
+  elif 'diffusion' not in config:
+    raise ConfigError(f'evals.{name}.type', f'metric {metric} scores images sampled from text; this run samples none')
+  else:
+    _sampling(config, name, sampling)
   return EvaluatorSpec(
     name=name,
     type=metric,
@@ -128,9 +142,10 @@ def parse_evaluator(name: str, entry: Mapping[str, Any], config: ml_collections.
     sampling=sampling,
     prompts=tuple(values['prompts']),
     prompts_file=values['prompts_file'],
-    split=values['split'] or config.data.train_split,
+    split=values['split'] or (config.data.eval_split if pairs else config.data.train_split),
     num_reference=values['num_reference'],
     options={k: values[k] for k in OPTION_KEYS if values[k]},
+    pairs=pairs,
   )
 
 

@@ -8,7 +8,9 @@ Each process generates its own share of every evaluator's samples (`reference.pr
 indices, image i from fold_in(seed, i) with prompt i, so the union is the 1-process run's samples), feeds them to
 the evaluator's metric, and the metric combines its sums over processes once. Evaluators whose samples are the same
 (prompts, noise, sampling settings, batch) share one generation. A metric's keys are prefixed with `<evaluator>/`
-unless the evaluator is named after its metric. `evaluate` is a collective: every process calls it.
+unless the evaluator is named after its metric. `evaluate` is a collective: every process calls it. Pair metrics
+(`spec.pairs`: PSNR, SSIM, LPIPS, rFID) instead get this process's share of their split's images and the pipeline's
+`reconstruct`ions of them; evaluators of the same split and count share one reconstruction pass.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class Evaluator:
   metric: Any = None
 
   def samples_key(self) -> tuple:
+    if self.spec.pairs:
+      return ('pairs', self.spec.split, self.spec.num_samples, self.local_batch)
     return (self.settings, tuple(self.prompts), tuple(self.noise), self.local_batch)
 
   def prefix(self, results: dict[str, float]) -> dict[str, float]:
@@ -88,20 +92,16 @@ class EvalSuite:
       raise ConfigError(
         f'evals.{s.name}.batch_size', f'{s.batch_size} (global) is not divisible by the {processes} processes'
       )
-    prompts, seeds, source = self._prompts(s)
-    if not prompts:
-      raise UserError(f'evaluator {s.name}: no prompts ({source} is empty)')
-    settings = self.pipeline.sampling_settings(**s.sampling)
-    evaluator = Evaluator(
-      s,
-      settings,
-      [prompts[i % len(prompts)] for i in range(s.num_samples)],
-      sample_noise(s.num_samples, len(prompts), s.seed, seeds),
-      source,
-      s.batch_size // processes,
-    )
+    if s.pairs:
+      if not hasattr(self.pipeline, 'reconstruct'):
+        raise ConfigError(f'evals.{s.name}.type', f'metric {s.type} needs an autoencoder; this run has none')
+      data = self._reference(s.split, s.num_samples)
+      evaluator = Evaluator(s, None, [], [], f'held-out images of {data.name}', s.batch_size // processes)
+    else:
+      evaluator = self._sampling_evaluator(s, processes)
     factory = base.METRICS.get(s.type)
-    data = self._reference(s.split, s.num_reference) if getattr(factory, 'needs_reference', False) else None
+    limit = s.num_samples if s.pairs else s.num_reference
+    data = self._reference(s.split, limit) if getattr(factory, 'needs_reference', False) else None
     context = base.EvalContext(
       self.workdir,
       self.config,
@@ -116,6 +116,19 @@ class EvalSuite:
     )
     evaluator.metric = factory(context)
     return evaluator
+
+  def _sampling_evaluator(self, s: EvaluatorSpec, processes: int) -> Evaluator:
+    prompts, seeds, source = self._prompts(s)
+    if not prompts:
+      raise UserError(f'evaluator {s.name}: no prompts ({source} is empty)')
+    return Evaluator(
+      s,
+      self.pipeline.sampling_settings(**s.sampling),
+      [prompts[i % len(prompts)] for i in range(s.num_samples)],
+      sample_noise(s.num_samples, len(prompts), s.seed, seeds),
+      source,
+      s.batch_size // processes,
+    )
 
   def due(self, step: int, last: bool = False) -> bool:
     """Whether any evaluator runs at training step `step` (`last`: the final step, where all run)."""
@@ -137,11 +150,24 @@ class EvalSuite:
     first = group[0]
     for e in group:
       e.metric.reset()
+    if first.spec.pairs:
+      return self._run_pairs(group, params)
     for indices in reference.process_batches(first.spec.num_samples, first.local_batch):
       prompts = [first.prompts[i] for i in indices]
       images = self._generate(first, prompts, [first.noise[i] for i in indices], params)
       for e in group:
         e.metric.update(images, prompts)
+    results: dict[str, float] = {}
+    for e in group:
+      results.update(e.prefix(e.metric.result()))
+    return results
+
+  def _run_pairs(self, group: list[Evaluator], params: Any) -> dict[str, float]:
+    first = group[0]
+    for images in self._reference(first.spec.split, first.spec.num_samples).batches(first.local_batch):
+      reconstructions = self.pipeline.reconstruct(images, params, batch_size=first.local_batch)
+      for e in group:
+        e.metric.update(reconstructions, images)
     results: dict[str, float] = {}
     for e in group:
       results.update(e.prefix(e.metric.result()))
@@ -177,7 +203,7 @@ class EvalSuite:
         'batch_size': e.spec.batch_size,
         'every': e.spec.every,
         'prompts': e.prompt_source,
-        'sampling': e.settings.to_dict(),
+        'sampling': e.settings.to_dict() if e.settings is not None else None,
         'use_ema': True,
         **e.metric.describe(),
       }

@@ -29,6 +29,7 @@ from diffusion.errors import ConfigError
 from diffusion.images import make_grid, to_uint8
 from diffusion.interop import lpips as lpips_weights
 from diffusion.models import discriminator, lpips
+from diffusion.pipeline import AutoencoderPipeline
 from diffusion.training.state import AuxNetworks, create_optimizer, with_compute_dtype
 from diffusion.training.task import TASKS, Batches, resolved_copy
 
@@ -208,8 +209,9 @@ class VAETask:
     images = np.concatenate([to_uint8(x), to_uint8(rec)])
     return make_grid(images, ncols=len(x)), 'top: held-out images, bottom: reconstructions'
 
-  def sampling_pipeline(self) -> None:
-    return None  # Reconstructs; generates nothing from text.
+  def sampling_pipeline(self) -> AutoencoderPipeline:
+    """What reconstruction evaluators (`config.evals`: psnr, ssim, lpips, rfid) reconstruct held-out images with."""
+    return AutoencoderPipeline(self.config, None)
 
   def meta(self) -> dict:
     return {'model_type': 'vae'}
