@@ -1,6 +1,6 @@
 """The VAE's adversarial term as taming writes it: the discriminator losses, the adaptive weight (closed form and on a
 tiny model), one train step updating the discriminator with its own optimizer, the NaN guard, the config errors,
-and (slow) an exact resume of a run with the discriminator."""
+the NLL's learned log-variance (loss.learn_logvar) and (slow) an exact resume of a run with the discriminator."""
 
 import jax
 import jax.numpy as jnp
@@ -111,3 +111,35 @@ def test_resume_with_the_discriminator_is_bit_identical(tmp_path, data_dir):
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
   assert np.any(np.asarray(jax.tree.leaves(straight.aux_params)[0]) != 0)
+
+
+LOGVAR = {**VAE, 'model.vae.block_out_channels': (8,), 'data.image_size': 8}  # One level: a short compile.
+
+
+def test_learned_logvar_is_an_aux_param_that_gets_its_gradient_and_moves_and_a_fixed_one_stays():
+  pixels, rng = 8 * 8 * 3, jax.random.PRNGKey(0)
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)
+  config = load_config('vae_base', LOGVAR, '', **{'loss.learn_logvar': True})
+  validate_config(config)
+  task = VAETask(config, '/tmp/unused')
+  aux = task.aux_networks()
+  tx = state_lib.create_optimizer(config.optim, config.train.num_steps)
+  state = state_lib.create_train_state(task.init_params(rng), tx, rng, aux.init(rng), aux.tx)
+  assert jax.tree.map(np.shape, state.aux_params) == {'logvar': ()}
+  step = jax.jit(state_lib.make_train_step(task.loss_fn, config.optim.ema_decay))
+  first, _ = step(state, {'image': x}, {})  # The learning rate warms up from 0 at step 0.
+  second, metrics = step(first, {'image': x}, {})
+  # d/dlogvar of mean_b sum_pixels(|x - rec| / exp(logvar) + logvar) = pixels * (1 - rec_loss / exp(logvar)).
+  logvar = float(first.aux_params['logvar'])
+  np.testing.assert_allclose(
+    metrics['aux_grad_norm'], abs(pixels * (1 - metrics['rec_loss'] / np.exp(logvar))), rtol=1e-4
+  )
+  assert metrics['aux_grad_norm'] > 0 and float(second.aux_params['logvar']) != logvar
+  # learn_logvar=False: no param and no optimizer for it; the NLL uses loss.logvar_init.
+  config = load_config('vae_base', LOGVAR, '', **{'loss.logvar_init': 0.5})
+  validate_config(config)
+  task = VAETask(config, '/tmp/unused')
+  assert task.aux_networks() is None
+  keys, step0 = jax.random.split(rng, 4), jnp.zeros((), jnp.int32)
+  _, metrics = jax.jit(task.loss_fn)(task.init_params(rng), task.frozen, {'image': x}, keys, step0)
+  np.testing.assert_allclose(metrics['nll'], pixels * (metrics['rec_loss'] / np.exp(0.5) + 0.5), rtol=1e-5)
