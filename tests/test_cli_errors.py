@@ -81,6 +81,27 @@ CASES = [
      ['--process_index', '[0, --process_count)']),
     ('precompute-stray-argument', 'scripts/precompute_latents.py', ['{vae}', '--out', '{tmp}/c'],
      ['unexpected argument']),
+    ('train-vae-negative-disc-start', 'train.py', ['--config', 'configs/vae_base.py:tiny', '--workdir', '{tmp}/w',
+                                                   '--config.loss.disc_start=-1'],
+     ['config.loss.disc_start', '>= 0', '-1']),
+    ('train-vae-unknown-disc-loss', 'train.py', ['--config', 'configs/vae_base.py:tiny', '--workdir', '{tmp}/w',
+                                                 '--config.loss.disc_loss=wasserstein'],
+     ['config.loss.disc_loss', "'wasserstein'", 'hinge, vanilla']),
+    ('train-vae-missing-vgg-weights', 'train.py', ['--config', 'configs/vae_base.py:tiny', '--workdir', '{tmp}/w',
+                                                   '--config.loss.perceptual_weight=1',
+                                                   '--config.loss.vgg_weights=' + MISSING,
+                                                   '--config.loss.lpips_weights=random'],
+     ['config.loss.vgg_weights', 'does not exist']),
+    ('train-vae-missing-lpips-weights', 'train.py', ['--config', 'configs/vae_base.py:tiny', '--workdir', '{tmp}/w',
+                                                     '--config.loss.perceptual_weight=1',
+                                                     '--config.loss.vgg_weights=random',
+                                                     '--config.loss.lpips_weights=' + MISSING],
+     ['config.loss.lpips_weights', 'does not exist']),
+    ('train-vae-mis-shaped-lpips-weights', 'train.py', ['--config', 'configs/vae_base.py:tiny', '--workdir', '{tmp}/w',
+                                                        '--config.loss.perceptual_weight=1',
+                                                        '--config.loss.vgg_weights=random',
+                                                        '--config.loss.lpips_weights={tmp}/heads.pth'],
+     ['config.loss.lpips_weights', 'lin3.model.1.weight', '(1, 256, 1, 1)', '(1, 512, 1, 1)']),
 ]
 # fmt: on
 
@@ -92,10 +113,23 @@ def workers():
   pool.close()
 
 
+def _misshaped_lpips_heads(path: str) -> None:
+  """The lpips package's vgg heads with lin3 of 256 channels (vgg's conv4 has 512)."""
+  torch = pytest.importorskip('torch')
+  heads = {f'lin{i}.model.1.weight': torch.zeros(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))}
+  heads['lin3.model.1.weight'] = torch.zeros(1, 256, 1, 1)
+  torch.save(heads, path)
+
+
 @pytest.mark.parametrize('script,argv,needles', [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_cli_error_table(workers, tmp_path, vae_workdir, ldm_workdir, script, argv, needles):
+def test_cli_error_table(workers, tmp_path, request, script, argv, needles):
   (tmp_path / 'blank.txt').write_text('\n  \n\t\n')
-  values = {'vae': vae_workdir, 'ldm': ldm_workdir, 'tmp': str(tmp_path)}
+  if '{tmp}/heads.pth' in ' '.join(argv):
+    _misshaped_lpips_heads(str(tmp_path / 'heads.pth'))
+  values = {'tmp': str(tmp_path)}
+  for name in ('vae', 'ldm'):  # The trained workdirs only for the cases that name them.
+    if any(f'{{{name}}}' in a for a in argv):
+      values[name] = request.getfixturevalue(f'{name}_workdir')
   result = workers(script).run(*[a.format(**values) for a in argv])
   assert_user_error(result, *needles)
   assert not os.path.exists(tmp_path / 'o'), 'nothing is written on an error'
