@@ -222,6 +222,92 @@ def render_unet_memory(record: dict) -> list[str]:
   return lines
 
 
+def _bytes(count: float) -> str:
+  """A byte count in GiB, MiB or KiB (the largest unit that leaves at least 1)."""
+  for unit, size in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
+    if count >= size:
+      value = count / size
+      return f'{value:.3g} {unit}' if value < 1000 else f'{value:.0f} {unit}'
+  return f'{count:.0f} B'
+
+
+LORA_SIDES = (('lora', 'LoRA'), ('full', 'full fine-tuning'))
+
+
+def _lora_tiny(r: dict, settings: dict) -> list[str]:
+  m, lora, ratio = r['model'], r['lora'], r['ratio_lora_over_full']
+  trained = 'U-Net and text encoder' if m['text_trainable'] else 'U-Net'
+  inputs = (
+    f'{m["image_size"]} px images (the frozen VAE encodes them in the step)'
+    if m['inputs'] == 'images'
+    else f'{m["latents"]} latent posteriors (as from a latent cache)'
+  )
+  lines = [
+    f'Step time: the tiny stage-2 model (`{m["config"]}`, random weights: {m["unet_params"]:,} U-Net and '
+    f'{m["text_params"]:,} text-encoder params, {m["latents"]} latents), batch {m["batch"]} of {inputs}, '
+    f'{m["compute_dtype"]}. Full fine-tuning trains the {trained}; LoRA rank {lora["rank"]} (alpha {lora["alpha"]:g}) '
+    f'trains the factors of {lora["modules"]} modules (`{", ".join(lora["targets"])}`). Median of '
+    f'{_n(settings["repeats"], "step")} per side after {_n(settings["warmup"], "warm-up step")}, the sides taking '
+    'turns.',
+    '',
+    '| side | trained params | optimizer state | EMA | ms/step (median) | step min-max (s) | images/s | '
+    'XLA GFLOP/step | compiled temporaries |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
+  for side, label in LORA_SIDES:
+    s = r['sides'][side]
+    temporaries = _bytes(s['compiled_memory']['temporaries_bytes']) if s.get('compiled_memory') else '-'
+    gflops = f'{s["gflops_per_step"]:.3g}' if s.get('gflops_per_step') else '-'
+    lines.append(
+      f'| {label} | {s["trained_params"]:,} | {_bytes(s["opt_state_bytes"])} | {_bytes(s["ema_bytes"])} | '
+      f'{1e3 * s["median_s"]:.1f} | {_g(s["min_s"])}-{_g(s["max_s"])} | {_g(s["images_per_s"])} | {gflops} | '
+      f'{temporaries} |'
+    )
+  cell = lambda key: f'{ratio[key]:.3g}' if key in ratio else '-'
+  lines.append(
+    f'| LoRA / full | {cell("trained_params")} | {cell("opt_state_bytes")} | {cell("ema_bytes")} | '
+    f'**{ratio["median_s"]:.2f}** | | | {cell("gflops_per_step")} | {cell("temporaries_bytes")} |'
+  )
+  return lines
+
+
+def _lora_sd15(r: dict) -> list[str]:
+  m, lora, ratio = r['model'], r['lora'], r['ratio_lora_over_full']
+  lines = [
+    f'Compiled memory: the U-Net of {m["unet"]}, {m["unet_params"] / 1e6:.1f}M params in {m["param_dtype"]}, '
+    f'{m["latents"]} latents, batch {m["batch"]}, {m["compute_dtype"]} compute, {m["attention"]} attention; context: '
+    f'{m["context"]}. Optimizer: {m["optimizer"]}. LoRA rank {lora["rank"]} on '
+    f"{lora['modules']} modules. XLA's compiled memory analysis (nothing allocated); total = arguments + outputs + "
+    'temporaries - the state donated to the outputs.',
+    '',
+    '| side | trained params | optimizer state | arguments | outputs | temporaries | total |',
+    '|---|---|---|---|---|---|---|',
+  ]
+  for side, label in LORA_SIDES:
+    s = r['sides'][side]
+    mem = s.get('compiled_memory') or {}
+    keys = ('arguments_bytes', 'outputs_bytes', 'temporaries_bytes', 'total_bytes')
+    cells = ' | '.join(_bytes(mem[k]) if k in mem else '-' for k in keys)
+    lines.append(f'| {label} | {s["trained_params"]:,} | {_bytes(s["opt_state_bytes"])} | {cells} |')
+  cell = lambda key: f'{ratio[key]:.3g}' if key in ratio else '-'
+  lines.append(
+    f'| LoRA / full | {cell("trained_params")} | {cell("opt_state_bytes")} | {cell("arguments_bytes")} | '
+    f'{cell("outputs_bytes")} | {cell("temporaries_bytes")} | **{cell("total_bytes")}** |'
+  )
+  return lines
+
+
+def render_bench_lora(record: dict) -> list[str]:
+  """LoRA vs full fine-tuning (scripts/bench_lora.py): the tiny model's step time, SD 1.5's compiled memory."""
+  r = record['results']
+  lines = []
+  if 'tiny' in r:
+    lines += _lora_tiny(r['tiny'], record['settings'])
+  if 'sd15' in r:
+    lines += ([''] if lines else []) + _lora_sd15(r['sd15'])
+  return lines
+
+
 def render_demo(record: dict) -> list[str]:
   acc, r = record['results']['caption_accuracy'], record['results']
   lines = [
@@ -340,6 +426,7 @@ RENDERERS: dict[str, tuple[Callable[[dict], list[str]], str]] = {
   'bench_text_cache': (render_bench_text_cache, '`python scripts/bench_text_cache.py --steps 6 --chunk 2`'),
   'bench_data_sources': (render_bench_data_sources, '`python scripts/bench_data_sources.py --repeats 3`'),
   'bench_gpu': (render_bench_gpu, '`python scripts/bench_gpu.py` on a GPU or TPU'),
+  'bench_lora': (render_bench_lora, '`nice -n 19 python scripts/bench_lora.py --repeats 7 --warmup 2`'),
   'unet_memory_measured_gpu': (
     render_unet_memory,
     '`XLA_PYTHON_CLIENT_PREALLOCATE=false python scripts/unet_memory.py --batch 8 --run` on a GPU',
