@@ -15,8 +15,12 @@ import tokenizers
 import transformers
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
+from diffusion.errors import UserError
+
 PAD, BOS, EOS, UNK = '<pad>', '<bos>', '<eos>', '<unk>'
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK)  # Ids 0, 1, 2, 3 in this order.
+SPARE_PREFIX = '<spare_'  # Spare slots '<spare_0>', '<spare_1>', ... at the end of a word tokenizer's vocabulary.
+NUM_SPARE = 8  # Spare slots a word tokenizer keeps for words a fine-tuning run adds (DreamBooth, LoRA).
 
 
 def _normalizer() -> normalizers.Normalizer:
@@ -36,18 +40,28 @@ def _split_words(texts: Iterable[str]) -> list[str]:
   return sorted(words)
 
 
-def build_word_tokenizer(words_or_texts: Iterable[str], max_length: int) -> transformers.PreTrainedTokenizerFast:
+def build_word_tokenizer(
+  words_or_texts: Iterable[str], max_length: int, num_spare: int = NUM_SPARE
+) -> transformers.PreTrainedTokenizerFast:
   """Word-level tokenizer over every word in `words_or_texts` (words or whole captions).
 
   Lowercases, splits on whitespace/punctuation, maps unseen words to <unk>, wraps each text as
   <bos> ... <eos> (ids 1 and 2; <pad> is 0) and by default pads/truncates to `max_length`, keeping
-  the <eos> (the position a text encoder pools at).
+  the <eos> (the position a text encoder pools at). The last `num_spare` ids are spare slots that
+  `add_words` later gives to new words, so a model fine-tuned on a new concept keeps its vocabulary size
+  (its text encoder's embedding table) while its new word gets a row of its own.
   """
-  if max_length < 2:
-    raise ValueError(f'max_length must leave room for <bos> and <eos>, got {max_length}')
   vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
   for word in _split_words(words_or_texts):
     vocab.setdefault(word, len(vocab))
+  for i in range(num_spare):
+    vocab[f'{SPARE_PREFIX}{i}>'] = len(vocab)
+  return _word_tokenizer(vocab, max_length)
+
+
+def _word_tokenizer(vocab: dict[str, int], max_length: int) -> transformers.PreTrainedTokenizerFast:
+  if max_length < 2:
+    raise ValueError(f'max_length must leave room for <bos> and <eos>, got {max_length}')
   tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
   tok.normalizer = _normalizer()
   tok.pre_tokenizer = _pre_tokenizer()
@@ -65,6 +79,52 @@ def build_word_tokenizer(words_or_texts: Iterable[str], max_length: int) -> tran
     padding_side='right',
     truncation_side='right',
   )
+
+
+def word_vocabulary(tokenizer: transformers.PreTrainedTokenizerBase) -> dict[str, int] | None:
+  """token -> id of a word-level tokenizer built here, or None for any other tokenizer (e.g. CLIP's BPE)."""
+  backend = getattr(tokenizer, 'backend_tokenizer', None)
+  if backend is None or not isinstance(backend.model, models.WordLevel):
+    return None
+  return dict(backend.get_vocab(with_added_tokens=False))
+
+
+def add_words(
+  tokenizer: transformers.PreTrainedTokenizerBase, words: Sequence[str]
+) -> transformers.PreTrainedTokenizerFast:
+  """The tokenizer with each word of `words` it does not know yet in a spare slot (in order), same ids otherwise.
+
+  Only word-level tokenizers need this (a BPE tokenizer spells any word from its pieces): for one without enough
+  spare slots, or for another kind of tokenizer, it is a `UserError` naming the words."""
+  vocab = word_vocabulary(tokenizer)
+  words = [w for w in _split_words(words) if vocab is None or w not in vocab]
+  if not words:
+    return tokenizer
+  if vocab is None:
+    raise UserError(f'new words {words}: only a word-level tokenizer has spare slots (a BPE tokenizer spells any word)')
+  spare = sorted((i, tok) for tok, i in vocab.items() if tok.startswith(SPARE_PREFIX))
+  if len(words) > len(spare):
+    raise UserError(f'new words {words}: the tokenizer has {len(spare)} spare slot(s) left')
+  for word, (index, slot) in zip(words, spare):
+    del vocab[slot]
+    vocab[word] = index
+  return _word_tokenizer(vocab, tokenizer.model_max_length)
+
+
+def unknown_words(tokenizer: transformers.PreTrainedTokenizerBase, texts: Sequence[str]) -> list[str]:
+  """Words of `texts` a word-level tokenizer would map to <unk> (sorted; always [] for other tokenizers)."""
+  vocab = word_vocabulary(tokenizer)
+  if vocab is None:
+    return []
+  return [w for w in _split_words(texts) if w not in vocab]
+
+
+def check_known_words(tokenizer: transformers.PreTrainedTokenizerBase, texts: Sequence[str], what: str) -> None:
+  """A `UserError` naming the words of `texts` the tokenizer does not know (they would silently become <unk>)."""
+  unknown = unknown_words(tokenizer, texts)
+  if unknown:
+    known = sorted(w for w in word_vocabulary(tokenizer) if not w.startswith('<'))
+    raise UserError(f'{what}: unknown word(s) {unknown} would become <unk>; the tokenizer knows {known}')
 
 
 def save_tokenizer(tokenizer: transformers.PreTrainedTokenizerBase, directory: str | os.PathLike) -> None:

@@ -5,6 +5,7 @@ import pytest
 import transformers
 
 from diffusion.data import shapes, tokenizer
+from diffusion.errors import UserError
 
 CAPTIONS = ['a red circle', 'a Blue square to the left of a green triangle.', 'a purple circle']
 
@@ -17,7 +18,29 @@ def tok():
 def test_special_ids_and_vocab(tok):
   assert isinstance(tok, transformers.PreTrainedTokenizerFast)
   assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
-  assert len(tok) == len(tokenizer.SPECIAL_TOKENS) + len(shapes.vocabulary())
+  assert len(tok) == len(tokenizer.SPECIAL_TOKENS) + len(shapes.vocabulary()) + tokenizer.NUM_SPARE
+
+
+def test_add_words_takes_spare_slots_and_keeps_every_other_id(tok, tmp_path):
+  vocab = tokenizer.word_vocabulary(tok)
+  new = tokenizer.add_words(tok, ['cross', 'red', 'Star'])  # 'red' is known; words are lowercased.
+  new_vocab = tokenizer.word_vocabulary(new)
+  assert len(new) == len(tok) and new_vocab['cross'] == vocab['<spare_0>'] and new_vocab['star'] == vocab['<spare_1>']
+  assert all(new_vocab[w] == i for w, i in vocab.items() if w not in ('<spare_0>', '<spare_1>'))
+  ids = tokenizer.tokenize(new, ['a red cross'], 8)[0]
+  assert ids[:5].tolist() == [1, vocab['a'], vocab['red'], vocab['<spare_0>'], 2]
+  tokenizer.save_tokenizer(new, tmp_path)  # The slots survive a save / load round trip.
+  assert tokenizer.tokenize(tokenizer.load_tokenizer(tmp_path), ['a red cross'], 8).tolist() == [ids.tolist()]
+  assert tokenizer.add_words(tok, ['red']) is tok
+  with pytest.raises(UserError, match='spare slot'):
+    tokenizer.add_words(tok, [f'w{i}' for i in range(tokenizer.NUM_SPARE + 1)])
+
+
+def test_unknown_words_are_named_never_silent(tok):
+  assert tokenizer.unknown_words(tok, CAPTIONS) == ['.', 'purple']
+  tokenizer.check_known_words(tok, ['a red circle'], 'prompt')
+  with pytest.raises(UserError, match=r"prompt: unknown word\(s\) \['purple'\] would become <unk>"):
+    tokenizer.check_known_words(tok, ['a purple circle'], 'prompt')
 
 
 def test_tokenize_pads_wraps_and_lowercases(tok):
