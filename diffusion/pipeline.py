@@ -59,7 +59,9 @@ class LatentDiffusionPipeline:
       base = cls.from_workdir(config.base_workdir)
       trained, step = workdir_lib.load_trained_params(workdir, 'ema_params' if use_ema else 'params', step)
       params = lora_lib.merge(base.params, [lora_lib.with_alpha(trained, config.lora.alpha)], [1.0])
-      pipeline = cls(config, params, base.tokenizer)
+      # A run that added words (DreamBooth's new concept) saved its own tokenizer: the base's plus those words.
+      tokenizer = workdir_lib.load_tokenizer(workdir) if workdir_lib.has_tokenizer(workdir) else base.tokenizer
+      pipeline = cls(config, params, tokenizer)
       pipeline.step, pipeline.workdir = step, workdir
       return pipeline
     tokenizer = workdir_lib.load_tokenizer(workdir)
@@ -85,6 +87,8 @@ class LatentDiffusionPipeline:
     return reconstruct(self.vae, (params or self.params)['vae'], images, batch_size)
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+    """Token ids of prompts; a word a word-level tokenizer does not know is a `UserError` (not a silent <unk>)."""
+    tokenizer_lib.check_known_words(self.tokenizer, list(prompts), 'prompt')
     return tokenizer_lib.tokenize(self.tokenizer, list(prompts), self.config.data.max_text_length)
 
   def sampling_settings(self, **overrides: Any) -> samplers.SamplingSettings:
