@@ -25,6 +25,7 @@ from diffusion.data import shapes as shapes_lib
 
 COLOURS: tuple[str, ...] = shapes_lib.COLOURS
 SHAPES: tuple[str, ...] = shapes_lib.SHAPES
+ALL_SHAPES: tuple[str, ...] = shapes_lib.ALL_SHAPES  # With the concept shapes (shapes_lib.CONCEPT_SHAPES).
 
 _MIN_CHROMA = 0.2  # Foreground threshold on chroma in [0, 1]; palette chroma is 0.55-0.85.
 _HUE_TOLERANCE = 45.0  # Degrees around the object's hue that count towards its soft mask.
@@ -69,14 +70,14 @@ def _window(mask: np.ndarray, pad: int) -> tuple[slice, slice]:
   )
 
 
-def _classify_shape(alpha: np.ndarray, scale: float) -> str:
-  """Shape whose area- and centroid-matched, blurred template best fits a soft mask."""
+def _classify_shape(alpha: np.ndarray, scale: float, shapes: Sequence[str] = SHAPES) -> str:
+  """Shape of `shapes` whose area- and centroid-matched, blurred template best fits a soft mask."""
   mass = float(alpha.sum())
   ys, xs = np.mgrid[: alpha.shape[0], : alpha.shape[1]]
   cy = float((alpha * (ys + 0.5)).sum() / mass)
   cx = float((alpha * (xs + 0.5)).sum() / mass)
-  best_shape, best_err = SHAPES[0], np.inf
-  for shape in SHAPES:
+  best_shape, best_err = shapes[0], np.inf
+  for shape in shapes:
     r = np.sqrt(mass / shapes_lib.SHAPE_AREA_FACTOR[shape])
     box_cy = cy - shapes_lib.SHAPE_CENTROID_DY[shape] * r
     template = shapes_lib.shape_coverage(shape, cx, box_cy, r, *alpha.shape)
@@ -88,10 +89,11 @@ def _classify_shape(alpha: np.ndarray, scale: float) -> str:
   return best_shape
 
 
-def detect_objects(image: np.ndarray) -> list[dict]:
-  """Objects in an image, largest first: dict(colour, shape, x, y, area).
+def detect_objects(image: np.ndarray, shapes: Sequence[str] = SHAPES) -> list[dict]:
+  """Objects in an image, largest first: dict(colour, shape, x, y, area); each shape is one of `shapes`.
 
-  x, y are the centroid as fractions of width/height (0 = left/top); area is in pixels.
+  x, y are the centroid as fractions of width/height (0 = left/top); area is in pixels. `ALL_SHAPES` also tells the
+  concept shapes (a cross) apart; the default, the base dataset's shapes, is what scores a base model.
   """
   rgb = to_unit_rgb(image)
   h, w, _ = rgb.shape
@@ -120,7 +122,7 @@ def detect_objects(image: np.ndarray) -> list[dict]:
       found.append(
         dict(
           colour=colour,
-          shape=_classify_shape(alpha, scale),
+          shape=_classify_shape(alpha, scale, shapes),
           x=float((xs.mean() + 0.5) / w),
           y=float((ys.mean() + 0.5) / h),
           area=area,
@@ -146,7 +148,7 @@ def parse_caption(caption: str) -> tuple[list[tuple[str, str]], str | None]:
   c1, s1, relation, c2, s2 = (g.lower() if g else g for g in m.groups())
   objects = [(c1, s1)] if relation is None else [(c1, s1), (c2, s2)]
   for colour, shape in objects:
-    if colour not in COLOURS or shape not in SHAPES:
+    if colour not in COLOURS or shape not in ALL_SHAPES:
       raise ValueError(f'unknown colour/shape in caption {caption!r}')
   return objects, relation
 
@@ -168,29 +170,34 @@ def _matches(objects: Sequence[dict], wanted: list[tuple[str, str]], relation: s
   return a['x'] < b['x'] if relation == 'left' else a['x'] > b['x']
 
 
-def caption_matches(image: np.ndarray, caption: str) -> bool:
+def caption_matches(image: np.ndarray, caption: str, shapes: Sequence[str] | None = None) -> bool:
   """Whether an image shows what its caption says.
 
   One object: the dominant (largest) object has the named colour and shape, and no other object
   is comparably large. Two objects: the two largest objects are the named ones, and the first is
-  on the named side of the second (by centroid x).
+  on the named side of the second (by centroid x). `shapes`: the shapes objects are read as (default: the base
+  dataset's, plus a concept shape the caption names).
   """
   wanted, relation = parse_caption(caption)
-  return _matches(detect_objects(image), wanted, relation)
+  if shapes is None:
+    shapes = SHAPES + tuple(s for s in shapes_lib.CONCEPT_SHAPES if s in {shape for _, shape in wanted})
+  return _matches(detect_objects(image, shapes), wanted, relation)
 
 
-def caption_accuracy(images: np.ndarray | Sequence[np.ndarray], captions: Sequence[str]) -> float:
+def caption_accuracy(
+  images: np.ndarray | Sequence[np.ndarray], captions: Sequence[str], shapes: Sequence[str] | None = None
+) -> float:
   """Fraction of (image, caption) pairs for which `caption_matches` holds."""
   if len(images) != len(captions):
     raise ValueError(f'{len(images)} images but {len(captions)} captions')
   if not len(captions):
     raise ValueError('no images to score')
-  return float(np.mean([caption_matches(im, c) for im, c in zip(images, captions)]))
+  return float(np.mean([caption_matches(im, c, shapes) for im, c in zip(images, captions)]))
 
 
-def single_object_prompts() -> list[str]:
-  """Every colour x shape prompt, e.g. 'a red circle'."""
-  return [shapes_lib.object_phrase(c, s) for c in COLOURS for s in SHAPES]
+def single_object_prompts(shapes: Sequence[str] = SHAPES) -> list[str]:
+  """Every colour x shape prompt, e.g. 'a red circle' (`shapes=('cross',)`: a concept's prompts, 'a red cross')."""
+  return [shapes_lib.object_phrase(c, s) for c in COLOURS for s in shapes]
 
 
 def blur_images(images: np.ndarray, sigma_at_32: float = 1.0) -> np.ndarray:

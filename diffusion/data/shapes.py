@@ -38,6 +38,14 @@ SHAPE_AREA_FACTOR: dict[str, float] = {
 }
 SHAPE_CENTROID_DY: dict[str, float] = {'circle': 0.0, 'square': 0.0, 'triangle': 1.0 / 3.0}
 
+# Shapes the base dataset never draws: new concepts a fine-tuning run teaches a trained model (make demo-lora). They
+# change no base scene, caption or vocabulary word: SHAPES and its random draws are untouched.
+CONCEPT_SHAPES: tuple[str, ...] = ('cross',)
+ALL_SHAPES: tuple[str, ...] = SHAPES + CONCEPT_SHAPES
+CROSS_ARM = 0.36  # Half width of a cross's (plus sign's) arms / r; its arms reach the 2r x 2r box.
+SHAPE_AREA_FACTOR['cross'] = 8 * CROSS_ARM - 4 * CROSS_ARM**2
+SHAPE_CENTROID_DY['cross'] = 0.0
+
 # Relation phrases; the first object of the caption is on that side of the second.
 LEFT_OF = 'to the left of'
 RIGHT_OF = 'to the right of'
@@ -93,13 +101,13 @@ def make_caption(objects: Sequence[SceneObject], rng: np.random.Generator) -> st
   return f'{right_phrase} {RIGHT_OF} {left_phrase}'
 
 
-def _sample_single(rng: np.random.Generator) -> tuple[SceneObject, ...]:
+def _sample_single(rng: np.random.Generator, shapes: Sequence[str] = SHAPES) -> tuple[SceneObject, ...]:
   r = rng.uniform(*_SINGLE_RADIUS)
   lo, hi = r + _MARGIN, 1.0 - r - _MARGIN
   return (
     SceneObject(
       colour=COLOURS[rng.integers(len(COLOURS))],
-      shape=SHAPES[rng.integers(len(SHAPES))],
+      shape=shapes[rng.integers(len(shapes))],
       cx=rng.uniform(lo, hi),
       cy=rng.uniform(lo, hi),
       r=r,
@@ -141,6 +149,16 @@ def scene_for_index(seed: int | Sequence[int], index: int, max_objects: int = 1)
   return sample_scene(np.random.default_rng([*seed, index]), max_objects)
 
 
+def concept_scene_for_index(shape: str, seed: int | Sequence[int], index: int) -> Scene:
+  """Example `index` of the stream `seed` of a concept shape's own generator: one object of that shape (a colour of
+  the palette, position and size drawn as for the base's single objects), captioned 'a <colour> <shape>'."""
+  if shape not in CONCEPT_SHAPES:
+    raise ValueError(f'unknown concept shape {shape!r}; known: {CONCEPT_SHAPES}')
+  seed = [seed] if isinstance(seed, (int, np.integer)) else list(seed)
+  objects = _sample_single(np.random.default_rng([*seed, index]), (shape,))
+  return Scene(objects=objects, caption=object_phrase(objects[0].colour, shape))
+
+
 def shape_coverage(
   shape: str, cx: float, cy: float, r: float, height: int, width: int, supersample: int = SUPERSAMPLE
 ) -> np.ndarray:
@@ -164,8 +182,11 @@ def shape_coverage(
     inside = (np.abs(xs) <= h) & (np.abs(ys) <= h)
   elif shape == 'triangle':
     inside = (ys <= r) & (np.abs(xs) <= (ys + r) / 2.0)
+  elif shape == 'cross':
+    a = CROSS_ARM * r
+    inside = ((np.abs(xs) <= r) & (np.abs(ys) <= a)) | ((np.abs(xs) <= a) & (np.abs(ys) <= r))
   else:
-    raise ValueError(f'unknown shape {shape!r}; known: {SHAPES}')
+    raise ValueError(f'unknown shape {shape!r}; known: {ALL_SHAPES}')
   h, w = y1 - y0, x1 - x0
   cov = inside.reshape(h, supersample, w, supersample).mean(axis=(1, 3))
   out[y0:y1, x0:x1] = cov

@@ -135,3 +135,24 @@ def test_single_object_prompts():
 def test_caption_accuracy_checks_lengths():
   with pytest.raises(ValueError):
     oracle.caption_accuracy(np.zeros((2, 32, 32, 3), np.uint8), ['a red circle'])
+
+
+def test_concept_shape_is_read_and_base_answers_do_not_change():
+  """The concept shapes (a cross) have their own generator: the base scenes, vocabulary and the oracle's answers on
+  base images stay what they were, and the oracle told about the concept reads it on real and blurred images."""
+  base, captions = shapes.generate_arrays(120, 32, 1, seed=4321)
+  assert 'cross' not in shapes.vocabulary() and shapes.SHAPES == ('circle', 'square', 'triangle')
+  assert not any(o.shape == 'cross' for i in range(500) for o in shapes.scene_for_index(0, i, 2).objects)
+  for image in np.concatenate([base, oracle.blur_images(base)]):
+    plain = [(o['colour'], o['shape']) for o in oracle.detect_objects(image)]
+    assert [(o['colour'], o['shape']) for o in oracle.detect_objects(image, oracle.ALL_SHAPES)] == plain
+  assert oracle.caption_accuracy(base, captions, shapes=oracle.ALL_SHAPES) == 1.0
+  scenes = [shapes.concept_scene_for_index('cross', 9, i) for i in range(60)]
+  crosses = np.stack([shapes.render_scene(s, 32) for s in scenes])
+  cross_captions = [s.caption for s in scenes]
+  assert all(c.endswith(' cross') for c in cross_captions)
+  assert oracle.caption_accuracy(crosses, cross_captions) == 1.0
+  assert oracle.caption_accuracy(oracle.blur_images(crosses), cross_captions) >= 0.95
+  as_circles = [c.replace('cross', 'circle') for c in cross_captions]
+  assert oracle.caption_accuracy(crosses, as_circles, shapes=oracle.ALL_SHAPES) == 0.0  # Not a circle, once known.
+  assert oracle.single_object_prompts(('cross',))[0] == 'a red cross'
