@@ -8,7 +8,8 @@ Layout (Hugging Face `imagefolder` style):
 
 A split is read from `path/<split>/` when that folder exists, else from rows whose optional
 `split` column equals it, else every row is used (with a warning for non-train splits). `text`
-may also be a list of captions. Records hold the raw file bytes; decoding happens in the input
+may also be a list of captions. An optional `loss_weight` column weighs each example's training loss (DreamBooth's
+prior-preservation images; rows without it weigh 1). Records hold the raw file bytes; decoding happens in the input
 pipeline, where files that cannot be decoded are skipped and counted.
 """
 
@@ -87,6 +88,7 @@ class FolderDataSource:
     root = os.path.dirname(os.path.abspath(captions_path))
     self._files: list[str] = []
     self._captions: list = []
+    self._weights: list[float] | None = [] if rows and 'loss_weight' in rows[0] else None
     self.num_missing = 0
     for row in rows:
       file_path = os.path.join(root, row['file_name'])
@@ -95,6 +97,8 @@ class FolderDataSource:
         continue
       self._files.append(file_path)
       self._captions.append(row['text'])
+      if self._weights is not None:
+        self._weights.append(float(row.get('loss_weight', 1.0)))
     if self.num_missing:
       logging.warning('Folder %s: skipped %d rows whose image file is missing.', path, self.num_missing)
     if not self._files:
@@ -111,7 +115,10 @@ class FolderDataSource:
         data = f.read()
     except OSError:
       data = b''  # Unreadable: the decoder skips it like any undecodable file.
-    return {'image': data, 'caption': self._captions[index], 'file_name': file_path}
+    record = {'image': data, 'caption': self._captions[index], 'file_name': file_path}
+    if self._weights is not None:
+      record['loss_weight'] = self._weights[index]
+    return record
 
   def __repr__(self) -> str:
     return self._desc

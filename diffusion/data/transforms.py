@@ -26,6 +26,10 @@ from diffusion.errors import UserError
 PROBLEM_KEY = '__problem__'
 
 
+# An optional per-example weight of the training loss (a 'loss_weight' column of a folder's captions file).
+LOSS_WEIGHT = 'loss_weight'
+
+
 def _lookup(record: Any, key_path: str) -> Any:
   """record['a']['b'] for 'a/b'; lists of dicts along the way are mapped over."""
   value = record
@@ -213,7 +217,10 @@ class DecodeRecord(grain.transforms.Map):
       self.stats.add('empty_caption', example=str(record.get('file_name', ''))[:200])
       captions = ['']
     self.stats.record_seen()
-    return {'image': image, 'captions': captions}
+    out = {'image': image, 'captions': captions}
+    if isinstance(record, dict) and LOSS_WEIGHT in record:  # A per-example loss weight (DreamBooth's prior images).
+      out[LOSS_WEIGHT] = float(record[LOSS_WEIGHT])
+    return out
 
   def _decode(self, data: bytes, record: dict) -> np.ndarray | None:
     try:
@@ -281,7 +288,10 @@ class Augment(grain.transforms.RandomMap):
     if flip:
       image = image[:, ::-1]
       caption = swap_left_right(caption)
-    return {'image': image, 'caption': caption}
+    out = {'image': image, 'caption': caption}
+    if LOSS_WEIGHT in element:
+      out[LOSS_WEIGHT] = element[LOSS_WEIGHT]
+    return out
 
 
 def draw_augmentation(
@@ -306,8 +316,12 @@ def normalize_images(images: np.ndarray) -> np.ndarray:
 
 
 def stack_batch(elements: list[dict]) -> dict:
-  """Batches uint8 images and keeps captions as a list (tokenized once per batch)."""
-  return {'image': np.stack([e['image'] for e in elements]), 'caption': [e['caption'] for e in elements]}
+  """Batches uint8 images and keeps captions as a list (tokenized once per batch); per-example loss weights, where
+  the records carry them, as float32 (B,)."""
+  batch = {'image': np.stack([e['image'] for e in elements]), 'caption': [e['caption'] for e in elements]}
+  if LOSS_WEIGHT in elements[0]:
+    batch[LOSS_WEIGHT] = np.asarray([e[LOSS_WEIGHT] for e in elements], np.float32)
+  return batch
 
 
 class Finalize(grain.transforms.Map):

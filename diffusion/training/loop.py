@@ -78,7 +78,8 @@ def _input_pipeline(
 
 def _global_batches(iterator, mesh):
   for batch in iterator:
-    keys = ('image', 'input_ids', 'latent_mean', 'latent_logvar', 'text_embedding')  # Latents: a latent cache's.
+    # Latents: a latent cache's; loss_weight: per-example loss weights (a folder's captions file column).
+    keys = ('image', 'input_ids', 'latent_mean', 'latent_logvar', 'text_embedding', 'loss_weight')
     yield parallel.make_global_batch({k: batch[k] for k in keys if k in batch}, mesh)
 
 
