@@ -55,6 +55,19 @@ def get_lora_config() -> ml_collections.ConfigDict:
   return lora
 
 
+def get_dreambooth_config() -> ml_collections.ConfigDict:
+  """DreamBooth on a trained stage-2 model (rules: diffusion/data/dreambooth.py); off while instance_dir is ''."""
+  dreambooth = ml_collections.ConfigDict()
+  dreambooth.instance_dir = ''  # Instance images (with a metadata.jsonl / .csv captions file, or plain images).
+  dreambooth.instance_prompt = ''  # '' = the folder's captions; else every instance image's caption.
+  dreambooth.class_prompts = ()  # Prior preservation: what the base draws num_class_images images for (once).
+  dreambooth.class_prompts_file = ''  # More class prompts, one per line (a prompts file as sample.py reads).
+  dreambooth.num_class_images = 0
+  dreambooth.prior_loss_weight = 1.0
+  dreambooth.new_words = ()  # Words new to the base's tokenizer (a word-level tokenizer's spare slots).
+  return dreambooth
+
+
 def get_optim_config() -> ml_collections.ConfigDict:
   optim = ml_collections.ConfigDict()
   optim.lr = 1e-4

@@ -7,6 +7,13 @@ Presets:
   sd15: fine-tunes an imported SD 1.x pipeline (512 px, frozen CLIP ViT-L text encoder, remat on):
         python scripts/convert.py import PIPELINE_DIR --workdir W
         python train.py --config configs/ldm_base.py:sd15 --workdir W --config.data.name=...
+  dreambooth: DreamBooth (docs/lora.md) on a trained stage-2 workdir BASE, as a LoRA (the default; the model,
+        tokenizer and process are BASE's) or fully (--config.lora.rank=0 --config.init_from=BASE instead of
+        base_workdir), with prior preservation: BASE draws num_class_images images for the class prompts once.
+        python train.py --config configs/ldm_base.py:dreambooth --workdir W --config.base_workdir=BASE \
+            --config.dreambooth.instance_dir=DIR --config.dreambooth.instance_prompt='a photo of sks dog' \
+            --config.dreambooth.class_prompts="('a photo of a dog',)" --config.dreambooth.num_class_images=200
+        make demo-lora teaches the shapes demo's model a new shape this way (a new word, 'cross').
 
   python train.py --config configs/vae_base.py:tiny --workdir workdirs/vae_tiny
   python train.py --config configs/ldm_base.py:tiny --workdir workdirs/ldm_tiny \
@@ -145,6 +152,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.distributed = common.get_distributed_config()
   config.wandb = common.get_wandb_config('ldm-jax')
   config.lora = common.get_lora_config()  # Off (rank 0); see diffusion/lora.py.
+  config.dreambooth = common.get_dreambooth_config()  # Off ('' instance_dir); see diffusion/data/dreambooth.py.
   # Evaluators of generated samples, run during training and by eval/run.py (keys: diffusion/evaluation/spec.py):
   # each is a metric (type: fid | oracle | clip) on num_samples images, with optional sampling overrides
   # (guidance_scale, num_steps, sampler, seed) and metric options (inception_weights, clip_model, split, ...).
@@ -189,6 +197,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.ema_decay = 0.999
     config.sample.num_steps = 25
     config.sample.guidance_scale = 3.0
+    config.sample.prompts = ('a red circle', 'a blue square', 'a green triangle', 'a yellow circle')
     # At the last step: caption accuracy of 144 samples (prompts: training captions), read by the shapes oracle.
     config.evals.oracle = ml_collections.ConfigDict(
       {'type': 'oracle', 'every': 0, 'num_samples': 144, 'batch_size': 48}
@@ -203,8 +212,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 500
     config.optim.weight_decay = 0.0  # Also keeps the frozen text encoder exactly as imported.
     config.optim.ema_decay = 0.9999
+  elif preset == 'dreambooth':
+    # Sized for small models (the shapes demo's); the model, tokenizer and process are the base's.
+    config.data = common.get_data_config(image_size=32)  # The image size becomes the base's.
+    config.lora.rank = 8
+    config.lora.alpha = 8.0
+    config.lora.text_encoder = True
+    config.dreambooth.num_class_images = 144
+    config.train.num_steps = 600
+    config.train.batch_size = 32
+    config.train.log_every = 50
+    config.train.eval_every = 0
+    config.train.checkpoint_every = 200
+    config.train.sample_every = 0
+    config.optim.lr = 1e-3
+    config.optim.warmup_steps = 50
+    config.optim.lr_schedule = 'constant'
+    config.optim.weight_decay = 0.0
+    config.optim.ema_decay = 0.99
+    config.sample.num_steps = 25
+    config.sample.guidance_scale = 3.0
+    config.sample.prompts = ('a red circle', 'a blue square', 'a green triangle', 'a yellow circle')
   else:
-    raise ValueError(f'unknown preset {preset!r} for configs/ldm_base.py; known: base, tiny, sd15')
+    raise ValueError(f'unknown preset {preset!r} for configs/ldm_base.py; known: base, tiny, sd15, dreambooth')
   config.model.vae.attention = 'auto'  # 'auto' | 'xla' | 'cudnn' | 'splash', as model.unet.attention.
   # '' encodes images with the frozen VAE every step; a directory written by scripts/precompute_latents.py trains
   # from its stored posteriors instead (same losses, no encoder pass).

@@ -13,6 +13,7 @@ import json
 import ml_collections
 
 from diffusion import lora, losses, models, parallel, process, samplers
+from diffusion.data import dreambooth
 from diffusion.data import validation as data_validation
 from diffusion.errors import ConfigError
 
@@ -89,6 +90,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   models.validate_config(config)
   losses.validate_config(config)
   lora.validate_config(config)
+  dreambooth.validate_config(config)
   if 'diffusion' in config:  # A diffusion model: its process, and sampling settings for that process.
     _validate_sample(config, process.validate_config(config.diffusion))
 

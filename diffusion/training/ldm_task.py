@@ -37,6 +37,7 @@ from diffusion.data import tokenizer as tokenizer_lib
 from diffusion.errors import ConfigError
 from diffusion.images import make_grid
 from diffusion.pipeline import LatentDiffusionPipeline
+from diffusion.training import dreambooth
 from diffusion.training.state import with_compute_dtype
 from diffusion.training.task import Batches, resolved_copy
 
@@ -46,6 +47,13 @@ def _frozen_vae(config: ml_collections.ConfigDict, workdir: str) -> Any:
   its model config into `config.model.vae`)."""
   if workdir_lib.has_frozen(workdir, 'vae'):
     return workdir_lib.load_frozen(workdir, 'vae')
+  if not config.vae_workdir and config.get('init_from') and workdir_lib.has_frozen(config.init_from, 'vae'):
+    # Fine-tuning a stage-2 workdir: its VAE (and the VAE section it was trained with).
+    previous = workdir_lib.load_workdir_config(config.init_from, expect='ldm', key='init_from')
+    config.model.vae = _vae_section(previous.model.vae, config.model.vae)
+    params = workdir_lib.load_frozen(config.init_from, 'vae', key='init_from')
+    workdir_lib.save_frozen(workdir, 'vae', params)
+    return params
   if not config.vae_workdir:
     raise ConfigError('vae_workdir', 'is empty: stage 2 needs a trained VAE (train configs/vae_base.py first)')
   vae_config = workdir_lib.load_workdir_config(config.vae_workdir, expect='vae', key='vae_workdir')
@@ -127,12 +135,18 @@ class LDMTask:
       config.model.text.vocab_size = previous.model.text.vocab_size
     vae = _frozen_vae(config, workdir)
     self._vae_source = vae  # float32, as the VAE workdir holds it: what built_on records.
-    self._build(config, vae, _tokenizer(config, workdir), workdir)
+    tokenizer = _tokenizer(config, workdir)
+    if dreambooth.enabled(config):  # Full fine-tuning on a concept: new words, the prior's images, the combined data.
+      tokenizer = dreambooth.prepare(config, workdir, tokenizer)
+    self._build(config, vae, tokenizer, workdir)
 
   def _build(self, config: ml_collections.ConfigDict, vae: Any, tokenizer: Any, workdir: str) -> None:
     """Networks, objective, caption-dropout inputs and the latent-cache check of a resolved `config` on the frozen
     `vae` (shared by the tasks built on this one)."""
     self.tokenizer = tokenizer
+    if tokenizer_lib.unknown_words(tokenizer, list(config.sample.prompts)):  # Before compiling, not at the first grid.
+      unknown = tokenizer_lib.unknown_words(tokenizer, list(config.sample.prompts))
+      raise ConfigError('sample.prompts', f'word(s) {unknown} are not in the tokenizer (they would become <unk>)')
     config.model.text.vocab_size = len(self.tokenizer)
     self.config = config
     self.train_text = self._trains_text(config)  # Whether gradients reach the text encoder.
@@ -246,7 +260,10 @@ class LDMTask:
   def loss_fn(self, params: Any, frozen: Any, batch: dict, keys: jax.Array, step: jax.Array):
     del step
     output, z0, noise, t = self._forward(params, frozen, batch, keys, drop_captions=True)
-    return jnp.mean(self.diffusion_loss(output, z0, noise, t, self.schedule)), {}
+    per_example = self.diffusion_loss(output, z0, noise, t, self.schedule)
+    if 'loss_weight' in batch:  # DreamBooth: 1 for instance images, prior_loss_weight for the prior's images.
+      return jnp.mean(batch['loss_weight'] * per_example), {}
+    return jnp.mean(per_example), {}
 
   def eval_step(self, params: Any, frozen: Any, batch: dict, keys: jax.Array) -> dict:
     output, z0, noise, t = self._forward(params, frozen, batch, keys, drop_captions=False)

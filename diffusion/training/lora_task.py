@@ -20,6 +20,7 @@ import ml_collections
 from diffusion import lora as lora_lib
 from diffusion import workdir as workdir_lib
 from diffusion.errors import ConfigError
+from diffusion.training import dreambooth
 from diffusion.training.ldm_task import LDMTask, cast_tree, frozen_dtype
 from diffusion.training.task import TASKS, Task, load_base_params, resolved_copy
 
@@ -61,7 +62,10 @@ class LoRATask(LDMTask):
     vae = workdir_lib.load_frozen(base_dir, 'vae', key='base_workdir')
     self._vae_source = vae
     self.base = load_base_params(config)
-    self._build(config, vae, workdir_lib.load_tokenizer(base_dir, key='base_workdir'), workdir)
+    tokenizer = workdir_lib.load_tokenizer(base_dir, key='base_workdir')
+    if dreambooth.enabled(config):  # New words, the prior's images drawn by the base, the combined data.
+      tokenizer = dreambooth.prepare(config, workdir, tokenizer)
+    self._build(config, vae, tokenizer, workdir)
     self.frozen['base'] = cast_tree(self.base, frozen_dtype(config)) if self._bf16_frozen else self.base
     self.multiplier = multiplier(config)
 
