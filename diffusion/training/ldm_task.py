@@ -195,7 +195,8 @@ class LDMTask:
     return frozen_param_groups(self.config)
 
   def built_on(self) -> dict[str, Any]:
-    return {'vae_workdir': self._vae_source}
+    # A run fine-tuning an LDM workdir without vae_workdir took the VAE over from init_from (recorded under that key).
+    return {'vae_workdir': self._vae_source} if self.config.vae_workdir else {}
 
   def calibrate(self, batches: Batches, num_batches: int = 4) -> str | None:
     """Unless set, model.vae.scaling_factor = 1 / std of posterior latent samples over a few global batches."""
