@@ -62,18 +62,21 @@ demo: $(VENV)/.stamp-runtime
 
 # DreamBooth with a LoRA on the demo's model (trained first when missing; finished trainings exit at once): a new shape
 # and a new word ('a red cross') from 36 images of the concept's own generator, with prior preservation (the base draws
-# its 18 prompts once). The last line: lora_accuracy new=.. base_new=.. old=.. base_old=.. size_ratio=.. (docs/lora.md).
+# its 18 prompts once). The last line: lora_accuracy new=.. base_new=.. old=.. base_old=.. size_ratio=.. (docs/lora.md);
+# the record (docs/results/demo_lora.json) and the docs block generated from it, as make demo does.
 demo-lora: export XLA_FLAGS := $(if $(findstring xla_backend_optimization_level,$(XLA_FLAGS)),$(XLA_FLAGS),$(XLA_FLAGS) --xla_backend_optimization_level=2)
 demo-lora: export JAX_COMPILATION_CACHE_DIR ?= $(abspath $(DEMO_DIR))/jax_cache
 demo-lora: export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0.5
 demo-lora: LORA_START := $(shell date +%s)
+demo-lora: LORA_LOAD := $(shell cut -d' ' -f1 /proc/loadavg 2>/dev/null)
 demo-lora: $(VENV)/.stamp-runtime
+	mkdir -p $(DEMO_DIR) && echo "$(LORA_START) start" > $(DEMO_DIR)/lora_phases.txt
 	$(PY) train.py --config configs/vae_base.py:tiny --workdir $(DEMO_DIR)/vae
 	test -f $(DEMO_DIR)/latents/train/metadata.json || \
 	  $(PY) scripts/precompute_latents.py --vae_workdir $(DEMO_DIR)/vae --out $(DEMO_DIR)/latents
 	$(PY) train.py --config configs/ldm_base.py:tiny --workdir $(DEMO_DIR)/ldm --config.vae_workdir=$(DEMO_DIR)/vae \
 	  --config.data.latent_cache=$(DEMO_DIR)/latents
-	echo "$$(date +%s) base" > $(DEMO_DIR)/lora_phases.txt
+	echo "$$(date +%s) base" >> $(DEMO_DIR)/lora_phases.txt
 	$(PY) scripts/make_concept_data.py --out $(DEMO_DIR)/concept --shape cross
 	$(PY) train.py --config configs/ldm_base.py:dreambooth --workdir $(DEMO_DIR)/lora --config.base_workdir=$(DEMO_DIR)/ldm \
 	  --config.dreambooth.instance_dir=$(DEMO_DIR)/concept --config.dreambooth.new_words="('cross',)" \
@@ -84,6 +87,8 @@ demo-lora: $(VENV)/.stamp-runtime
 	$(PY) -m eval.lora_accuracy --workdir $(DEMO_DIR)/lora --concept cross --num_seeds 32 \
 	  --lora_file $(DEMO_DIR)/lora_export/pytorch_lora_weights.safetensors --out $(DEMO_DIR)/lora_accuracy.json
 	echo "$$(date +%s) lora_accuracy" >> $(DEMO_DIR)/lora_phases.txt
+	$(PY) scripts/record_demo_lora.py --demo_dir $(DEMO_DIR) --start_time $(LORA_START) --end_time $$(date +%s) \
+	  --start_load "$(LORA_LOAD)"
 
 # The same checks as .pre-commit-config.yaml: the layers contracts, ruff's lint rules and its formatting.
 lint: $(VENV)/.stamp-test

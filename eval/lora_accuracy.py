@@ -77,6 +77,23 @@ def lora_size_ratio(workdir: str, lora_file: str | None = None) -> dict:
   }
 
 
+def _comparison_grid(workdir: str, concept: str, firsts: dict) -> str:
+  """`<workdir>/eval/lora_grid.png`: one column per colour; rows: the base and the tuned model on 'a <colour>
+  <concept>', then on 'a <colour> circle' (an old prompt), each the prompt's first seed."""
+  import numpy as np
+
+  from diffusion.data import shapes
+  from diffusion.images import labelled_grid
+
+  circles = slice(0, None, len(shapes.SHAPES))  # The old prompts run colour by colour over SHAPES: circle first.
+  rows = [firsts['base_new'], firsts['new'], firsts['base_old'][circles], firsts['old'][circles]]
+  labels = [f'base: a C {concept}', f'tuned: a C {concept}', 'base: a C circle', 'tuned: a C circle']
+  path = os.path.join(workdir, 'eval', 'lora_grid.png')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  labelled_grid(np.stack(rows), labels, [f'C = {c}' for c in shapes.COLOURS]).save(path)
+  return path
+
+
 def evaluate(
   workdir: str,
   concept: str = 'cross',
@@ -111,12 +128,15 @@ def evaluate(
   results.update(
     {'guidance_scale': settings.guidance_scale, 'sampler': settings.sampler, 'num_steps': settings.num_steps}
   )
+  firsts = {}  # Each prompt's first seed, for the comparison grid.
   for name, prompts in prompt_sets.items():
     for label, pipeline in ((name, tuned), (f'base_{name}', base)):
       images = pipeline.generate(prompts, settings, seed=config.seed)
       results[label] = _accuracy(images, prompts)
+      firsts[label] = images[::num_seeds]
       print(f'{label}: {results[label]:.3f} ({len(prompts)} images)', flush=True)
     results[f'num_{name}_prompts'] = len(prompts) // num_seeds
+  results['grid'] = _comparison_grid(workdir, concept, firsts)
   results['seconds'] = time.time() - start
   results.update(lora_size_ratio(workdir, lora_file))
   return results

@@ -47,10 +47,10 @@ def grid_prompts(samples_dir: str) -> list[str]:
   return list(prompts)
 
 
-def phase_seconds(demo_dir: str) -> dict[str, float]:
-  """Seconds of each demo phase, from the "<unix time> <phase>" lines the Makefile appends to phases.txt when each
+def phase_seconds(demo_dir: str, name: str = 'phases.txt') -> dict[str, float]:
+  """Seconds of each demo phase, from the "<unix time> <phase>" lines the Makefile appends to `name` when each
   phase ends (the first line is the start); empty without the file."""
-  path = os.path.join(demo_dir, 'phases.txt')
+  path = os.path.join(demo_dir, name)
   if not os.path.exists(path):
     return {}
   with open(path) as f:
