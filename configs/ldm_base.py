@@ -108,7 +108,7 @@ def get_diffusion_config() -> ml_collections.ConfigDict:
 
 def get_sample_config() -> ml_collections.ConfigDict:
   sample = ml_collections.ConfigDict()
-  sample.sampler = 'ddim'  # ddpm ddim euler euler_a heun dpmpp_2m dpmpp_2m_sde | flow_euler flow_heun
+  sample.sampler = 'ddim'  # ddpm ddim euler euler_a heun dpmpp_2m dpmpp_2m_sde lcm | flow_euler flow_heun
   sample.num_steps = 50
   sample.guidance_scale = 7.5
   sample.guidance_rescale = 0.0  # phi of Lin et al. 2023 (0.7 with zero terminal SNR).

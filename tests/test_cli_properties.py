@@ -17,7 +17,7 @@ from cli_worker import CliWorker, WorkerPool, assert_user_error
 
 FEW = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 MANY = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-SAMPLERS = ('ddim', 'ddpm', 'dpmpp_2m', 'dpmpp_2m_sde', 'euler', 'euler_a', 'flow_euler', 'flow_heun', 'heun')
+SAMPLERS = ('ddim', 'ddpm', 'dpmpp_2m', 'dpmpp_2m_sde', 'euler', 'euler_a', 'flow_euler', 'flow_heun', 'heun', 'lcm')
 
 # Anything a user could type, NUL excepted (argv cannot hold it).
 garbage = st.text(st.characters(blacklist_characters='\x00', blacklist_categories=('Cs',)), max_size=12)

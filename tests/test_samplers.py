@@ -16,7 +16,7 @@ from diffusion import process, samplers
 from diffusion.errors import UserError
 
 MU, SD = oracle.MU, oracle.SD
-DIFFUSION = ('ddim', 'ddpm', 'dpmpp_2m', 'dpmpp_2m_sde', 'euler', 'euler_a', 'heun')
+DIFFUSION = ('ddim', 'ddpm', 'dpmpp_2m', 'dpmpp_2m_sde', 'euler', 'euler_a', 'heun', 'lcm')
 VP = dict(schedule='scaled_linear', num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012)
 
 
@@ -115,6 +115,22 @@ def test_sampler_errors():
     samplers.ddim(d, x, schedule, num_steps=10, prediction_type='eps', init_latents=x, mask=jnp.ones((1, 3, 3, 1)))
   with pytest.raises(UserError, match='num_steps'):
     samplers.euler(d, x, schedule, num_steps=0, prediction_type='eps')
+
+
+def test_lcm_errors():
+  schedule = _schedule()
+  x, d = jnp.zeros((1, 2, 2, 2)), oracle.denoiser(schedule, 'eps')
+  with pytest.raises(UserError, match=r'num_steps must be in \[1, original_inference_steps = 50\].*got 51'):
+    samplers.lcm(d, x, schedule, num_steps=51, rng=jax.random.key(0), prediction_type='eps')
+  with pytest.raises(UserError, match=r'num_steps .* got 5'):
+    samplers.lcm(d, x, schedule, num_steps=5, rng=jax.random.key(0), prediction_type='eps', original_inference_steps=4)
+  with pytest.raises(UserError, match=r'original_inference_steps must be in \[1, 1000\]'):
+    samplers.lcm_timesteps(1000, 4, 1001)
+  with pytest.raises(UserError, match='timestep_scaling'):
+    samplers.lcm(d, x, schedule, num_steps=1, prediction_type='eps', timestep_scaling=0.0)
+  with pytest.raises(UserError, match='rng'):  # Fresh noise between steps.
+    samplers.lcm(d, x, schedule, num_steps=2, rng=None, prediction_type='eps')
+  assert np.isfinite(samplers.lcm(d, x, schedule, num_steps=1, rng=None, prediction_type='eps')).all()
 
 
 def test_timesteps_errors():
@@ -256,11 +272,50 @@ def test_ddim_eta0_transports_noise_to_data():
   np.testing.assert_allclose(np.sqrt(var), SD, rtol=0.05)
 
 
+@pytest.mark.parametrize('prediction_type', ['eps', 'v', 'x0'])
+def test_lcm_one_step_is_the_boundary_condition_formula(prediction_type):
+  """One LCM step from x_T at t = 999: c_out x0_hat + c_skip x_T, with x0_hat the exact posterior mean and
+  c_skip = sd^2 / ((s t)^2 + sd^2), c_out = s t / sqrt((s t)^2 + sd^2) (sd = 0.5; s small, so both terms count)."""
+  schedule, scaling = _schedule(), 0.001
+  x_T = oracle.normal(13, (4, 2, 2, 2))
+  out = _run('lcm', schedule, x_T, 1, prediction_type, timestep_scaling=scaling)
+  a_t = np.float64(schedule.alphas_cumprod[999])
+  x0_hat = oracle.optimal(x_T.astype(np.float64), np.sqrt(a_t), np.sqrt(1 - a_t), 'x0', xp=np)
+  st = scaling * 999
+  c_skip, c_out = 0.25 / (st**2 + 0.25), st / np.sqrt(st**2 + 0.25)
+  assert c_skip > 0.1 and c_out > 0.1
+  np.testing.assert_allclose(out, c_out * x0_hat + c_skip * x_T, rtol=0, atol=1e-5)
+
+
+def test_lcm_matches_its_exact_chain_moments():
+  """With the exact denoiser every LCM step is affine in x plus fresh noise (x0_hat = c1 x + c0), so the per-channel
+  mean and variance of the output are known in closed form; 8192 draws match them within 4 standard errors."""
+  schedule, n, scaling = _schedule(), 8192, 0.002
+  x_T = oracle.normal(14, (n // 4, 2, 2, 2))
+  out = _run('lcm', schedule, x_T, 4, 'v', rng=jax.random.key(15), timestep_scaling=scaling).reshape(-1, 2)
+  timesteps = samplers.lcm_timesteps(1000, 4)
+  ac = np.asarray(schedule.alphas_cumprod, np.float64)
+  mean, var = np.zeros(2), np.ones(2)
+  for i, t in enumerate(timesteps):
+    a_t = ac[t]
+    d = a_t * SD**2 + 1 - a_t
+    c1, c0 = np.sqrt(a_t) * SD**2 / d, MU * (1 - a_t * SD**2 / d)
+    st = scaling * t
+    c_skip, c_out = 0.25 / (st**2 + 0.25), st / np.sqrt(st**2 + 0.25)
+    k, b = c_out * c1 + c_skip, c_out * c0  # denoised = k x + b.
+    mean, var = k * mean + b, k**2 * var
+    if i < len(timesteps) - 1:
+      a_next = ac[timesteps[i + 1]]
+      mean, var = np.sqrt(a_next) * mean, a_next * var + (1 - a_next)
+  assert np.all(np.abs(out.mean(0) - mean) < 4 * np.sqrt(var / n)), (out.mean(0), mean)
+  assert np.all(np.abs(out.var(0) - var) < 4 * var * np.sqrt(2 / n)), (out.var(0), var)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Tracing, timesteps seen by the model, per-example randomness.
 
 
-@pytest.mark.parametrize('name', ['ddim', 'dpmpp_2m'])
+@pytest.mark.parametrize('name', ['ddim', 'dpmpp_2m', 'lcm'])
 def test_loop_is_traced_once_and_compiled_once(name):
   schedule = _schedule()
   calls = []
@@ -269,7 +324,10 @@ def test_loop_is_traced_once_and_compiled_once(name):
     calls.append((t.shape, t.dtype))
     return oracle.optimal(x, *process.alpha_sigma(schedule, t, x.ndim), 'eps')
 
-  fn = jax.jit(lambda x: samplers.get_sampler(name)(denoise_fn, x, schedule, num_steps=50, prediction_type='eps'))
+  rng = jax.random.key(0)
+  fn = jax.jit(
+    lambda x: samplers.get_sampler(name)(denoise_fn, x, schedule, num_steps=50, rng=rng, prediction_type='eps')
+  )
   fn(jnp.zeros((3, 2, 2, 2)))
   fn(jnp.ones((3, 2, 2, 2)))
   assert calls == [((3,), jnp.float32)] and fn._cache_size() == 1  # pylint: disable=protected-access

@@ -74,6 +74,35 @@ def test_a_bad_override_is_a_user_error_naming_the_option(sample, overrides, nee
     SamplingSettings.from_config(sample).replace(**overrides)
 
 
+def test_lcm_steps_are_at_most_original_inference_steps(sample):
+  sample.sampler, sample.num_steps = 'lcm', 50
+  settings = SamplingSettings.from_config(sample)
+  assert (settings.num_steps, settings.options) == (50, ())  # The default original_inference_steps is 50.
+  assert SamplingSettings.from_config(sample, num_steps=4, original_inference_steps=8).options == (
+    ('original_inference_steps', 8),
+  )
+  sample.num_steps = 51
+  with pytest.raises(ConfigError, match=r"must be <= original_inference_steps \(50\) with sampler 'lcm'") as info:
+    SamplingSettings.from_config(sample)
+  assert info.value.key == 'sample.num_steps'
+  with pytest.raises(UserError, match=r'^num_steps must be <= original_inference_steps \(4\).*got 8'):
+    SamplingSettings.from_config(sample, num_steps=8, original_inference_steps=4)
+  with pytest.raises(UserError, match=r'^--num_steps must be <= original_inference_steps \(50\)'):
+    SamplingSettings.check_overrides(flag_prefix='--', sampler='lcm', num_steps=60)
+  for key, value, needle in (
+    ('original_inference_steps', 0, 'original_inference_steps must be an integer >= 1, got 0'),
+    ('timestep_scaling', -1.0, 'timestep_scaling must be a finite number > 0'),
+    ('timestep_scaling', float('inf'), 'timestep_scaling must be a finite number > 0'),
+  ):
+    with pytest.raises(UserError, match=needle):
+      SamplingSettings.from_config(sample, num_steps=4, **{key: value})
+  settings = SamplingSettings.from_config(sample, num_steps=4, original_inference_steps=2000)
+  schedule = process.get_noise_schedule(load_config('ldm_base', LDM, '/nonexistent').diffusion)
+  with pytest.raises(UserError, match=r'original_inference_steps must be in \[1, 1000\].*got 2000'):
+    settings.check_schedule(schedule, config_keys=True)
+  settings.replace(original_inference_steps=1000).check_schedule(schedule)
+
+
 def test_check_overrides_without_a_config():
   SamplingSettings.check_overrides(eta=0.5, karras=None)  # No sampler given: only ranges are checked.
   SamplingSettings.check_overrides(sampler='heun', s_churn=1.0, karras=True)

@@ -11,7 +11,7 @@ velocity through `process.convert` only. `num_steps` and the options are static 
 so there is one compile per (sampler, steps, shape, options). Each sampler reproduces the diffusers scheduler of
 the same name step for step (see docs/samplers.md).
 
-  diffusion family (discrete / edm schedules): ddpm, ddim, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde
+  diffusion family (discrete / edm schedules): ddpm, ddim, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, lcm
   flow family ('flow' schedule):               flow_euler, flow_heun
 
 A sampler of the other family than the model's schedule is a `UserError`.
@@ -29,7 +29,8 @@ known region to each next level with the same noise (x0 itself at the end).
 sampler's options) that the pipeline, sample.py, the eval tools and config validation share.
 """
 
-from diffusion.samplers import discrete, dpm, flow, karras  # Registers the samplers.
+from diffusion.samplers import consistency, discrete, dpm, flow, karras  # Registers the samplers.
+from diffusion.samplers.consistency import lcm_timesteps
 from diffusion.samplers.core import (
   FAMILIES,
   SAMPLERS,
@@ -64,3 +65,4 @@ dpmpp_2m = dpm.dpmpp_2m
 dpmpp_2m_sde = dpm.dpmpp_2m_sde
 flow_euler = flow.flow_euler
 flow_heun = flow.flow_heun
+lcm = consistency.lcm

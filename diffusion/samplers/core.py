@@ -75,8 +75,11 @@ class Trajectory(NamedTuple):
 
 
 class SamplerInfo(NamedTuple):
+  """A sampler's family, its option names and their defaults ((name, value) pairs, in signature order)."""
+
   family: str
   options: tuple[str, ...]
+  defaults: tuple[tuple[str, Any], ...] = ()
 
 
 # name -> sampler; each sampler carries its `SamplerInfo` as `.info` and its plan function as `.spec`.
@@ -89,9 +92,9 @@ def register_sampler(name: str, family: str = 'diffusion') -> Callable[[Callable
     raise ValueError(f'unknown sampler family {family!r}; known: {FAMILIES}')
 
   def decorator(spec: Callable[..., Plan]) -> Callable[..., Any]:
-    options = tuple(p for p in inspect.signature(spec).parameters if p not in ('schedule', 'num_steps'))
+    params = [p for p in inspect.signature(spec).parameters.values() if p.name not in ('schedule', 'num_steps')]
     sampler = _make_sampler(name, family, spec)
-    sampler.info = SamplerInfo(family, options)
+    sampler.info = SamplerInfo(family, tuple(p.name for p in params), tuple((p.name, p.default) for p in params))
     SAMPLERS.add(name, sampler)
     return sampler
 
@@ -108,7 +111,7 @@ def available_samplers(family: str | None = None) -> list[str]:
 
 
 def sampler_info(name: str) -> SamplerInfo:
-  """The family ('diffusion' or 'flow') and the option names of a registered sampler."""
+  """The family ('diffusion' or 'flow'), the option names and their defaults of a registered sampler."""
   return SAMPLERS.get(name).info
 
 

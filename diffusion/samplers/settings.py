@@ -12,6 +12,7 @@ a sampler that takes it ('' spacing = the sampler's default); an override may se
 """
 
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -136,6 +137,12 @@ class SamplingSettings:
     key = 'sampler'
     if why is None and self.num_steps > schedule.num_timesteps:
       key, why = 'num_steps', f'must be in [1, {schedule.num_timesteps}] (the training steps), got {self.num_steps}'
+    original = _original_inference_steps(self.sampler, self.options)
+    if why is None and original is not None and original > schedule.num_timesteps:
+      # Not a config key: always the option's own error.
+      raise UserError(
+        f'original_inference_steps must be in [1, {schedule.num_timesteps}] (the training steps), got {original}'
+      )
     if why is None:
       return
     if config_keys:
@@ -222,6 +229,25 @@ def _problems(s: Any) -> Iterator[tuple[str, str, str]]:
       )
     elif (why := _option_problem(key, value)) is not None:
       yield key, why, None
+  original = _original_inference_steps(s.sampler, s.options)
+  if original is not None and _count(original) and _count(s.num_steps) and s.num_steps > original:
+    yield (
+      'num_steps',
+      f'must be <= original_inference_steps ({original}) with sampler {s.sampler!r} (its timesteps are a subset of '
+      f'that many), got {s.num_steps}',
+      None,
+    )
+
+
+def _count(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _original_inference_steps(sampler: str | None, options: tuple[tuple[str, Any], ...]) -> Any:
+  """The `original_inference_steps` a sampler that takes it runs with (its default unless set), else None."""
+  if sampler is None or 'original_inference_steps' not in sampler_info(sampler).options:
+    return None
+  return dict(options).get('original_inference_steps', dict(sampler_info(sampler).defaults)['original_inference_steps'])
 
 
 def _option_problem(key: str, value: Any) -> str | None:
@@ -234,4 +260,8 @@ def _option_problem(key: str, value: Any) -> str | None:
     return f'must be one of {", ".join(SPACINGS)} ("" in the config: the sampler\'s default), got {value!r}'
   if key == 'steps_offset' and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
     return f'must be an integer >= 0, got {value!r}'
+  if key == 'original_inference_steps' and not _count(value):
+    return f'must be an integer >= 1, got {value!r}'
+  if key == 'timestep_scaling' and not (_number(value) and math.isfinite(value) and value > 0):
+    return f'must be a finite number > 0, got {value!r}'
   return None
