@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
+from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete, scheduling_lcm
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_oracle as oracle  # pylint: disable=g-import-not-at-top
@@ -351,6 +351,49 @@ def test_ddpm(spacing, offset, prediction_type, num_steps, zero_snr, monkeypatch
 
 
 # ----------------------------------------------------------------------------------------------------------
+# LCM (variance-preserving state, the skipping-step timesteps, fresh noise between steps).
+
+LCM_CASES = [
+  (1, 'eps', {}, False),
+  (2, 'eps', {}, False),
+  (4, 'eps', {}, False),
+  (8, 'eps', {}, False),
+  (1, 'v', {}, False),
+  (2, 'v', {}, False),
+  (4, 'v', {}, False),
+  (8, 'v', {}, False),
+  (4, 'v', dict(timestep_scaling=0.002), False),  # c_skip 0.06 .. 0.48: the boundary condition matters.
+  pytest.param(4, 'x0', {}, False, marks=SLOW),
+  pytest.param(4, 'v', {}, True, marks=SLOW),
+  pytest.param(7, 'eps', dict(original_inference_steps=30, timestep_scaling=0.005), False, marks=SLOW),
+  pytest.param(50, 'v', {}, False, marks=SLOW),
+  pytest.param(3, 'eps', dict(clip_sample=True, clip_sample_range=0.6), False, marks=SLOW),
+]
+
+
+@pytest.mark.parametrize('num_steps,prediction_type,options,zero_snr', LCM_CASES)
+def test_lcm(num_steps, prediction_type, options, zero_snr, monkeypatch):
+  schedule, rng = _schedule(zero_snr), jax.random.key(14)
+  x_T = oracle.normal(15, SHAPE)
+  ours = _ours('lcm', schedule, x_T, num_steps, prediction_type, rng=rng, **options)
+  ref = _reference(diffusers.LCMScheduler, schedule, prediction_type, rescale_betas_zero_snr=zero_snr, **options)
+  ref.alphas_cumprod = torch.from_numpy(np.array(schedule.alphas_cumprod))  # LCM keeps the exact 0.
+  ref.set_timesteps(num_steps)
+  step = [0]
+  monkeypatch.setattr(scheduling_lcm, 'randn_tensor', lambda shape, **_: oracle.injected_noise(rng, step[0], shape))
+
+  def noise_kw(i, shape):
+    step[0] = i
+    return {}
+
+  states = _run_single_order(
+    ref, oracle.torch_denoiser(schedule, prediction_type, WIGGLE), torch.from_numpy(x_T), noise_kw
+  )
+  _compare(ours, states, ref.timesteps)
+  np.testing.assert_array_equal(np.asarray(ours.timesteps), ref.timesteps.numpy().astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Timestep lists.
 
 SPACINGS = [('leading', 0), ('leading', 1), ('trailing', 0), ('linspace', 0)]
@@ -374,6 +417,18 @@ def test_timestep_lists_match_diffusers(spacing, offset, num_steps):
   heun = diffusers.HeunDiscreteScheduler(timestep_spacing=spacing, steps_offset=offset)
   heun.set_timesteps(num_steps)
   np.testing.assert_array_equal(samplers.k_timesteps(1000, num_steps, spacing, offset), heun.timesteps.numpy()[::2])
+
+
+def test_lcm_timestep_lists_match_diffusers():
+  for num_train, original in ((1000, 50), (1000, 30), (1000, 1), (1000, 1000), (100, 7)):
+    for num_steps in sorted({1, 2, 3, 4, 8, max(original // 2, 1), original}):
+      if num_steps > original:
+        continue
+      reference = diffusers.LCMScheduler(num_train_timesteps=num_train, original_inference_steps=original)
+      reference.set_timesteps(num_steps)
+      np.testing.assert_array_equal(
+        samplers.lcm_timesteps(num_train, num_steps, original), reference.timesteps.numpy(), err_msg=str(original)
+      )
 
 
 @pytest.mark.parametrize('num_steps', [1, 4, 25])
