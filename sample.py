@@ -7,6 +7,7 @@ r"""Generates images from a trained latent diffusion workdir.
   python sample.py --workdir W --prompt "a blue circle" --init_image in.png --mask mask.png --out DIR   # inpaint
   python sample.py --workdir W --prompts_file prompts.txt --guidance_scale 1,3,7 --num_steps 10,25 --out DIR  # sweep
   python sample.py --workdir W --prompt "a blue circle" --lora style.safetensors:0.7 --lora W2 --out DIR  # LoRAs
+  python sample.py --workdir W --prompt "a blue circle" --watermark "my-lab" --watermark_method dwtDctSvd --out DIR
 
 Writes DIR/0000.png, DIR/0001.png, ... (prompt-major: all images of the first prompt first), DIR/grid.png (one row per
 prompt) and DIR/settings.json with every setting, so any result can be reproduced exactly. Image i's initial noise
@@ -17,6 +18,11 @@ Sweeps: comma-separated --guidance_scale and/or --num_steps sample every combina
 DIR/gs<scale>_steps<n>/0000.png ... (each with its settings.json), plus DIR/grid.png (a row per image, a column per
 combination, labelled) and DIR/settings.json listing the combinations.
 
+Watermarks: every image written (samples and grids) carries an invisible watermark, the text --watermark (default
+`ldm-jax`; `none`: no mark) by the `invisible-watermark` package's scheme --watermark_method, which that package's
+WatermarkDecoder and `python -m eval.watermark --images DIR` read. Images under 256x256 pixels are written unmarked
+(one warning; settings.json says so).
+
 Per-prompt seeds: a --prompts_file line `prompt<TAB>seed` (an integer) fixes that prompt's noise: its image j starts
 from fold_in(seed, j) whatever else is in the file; lines without a tab use --seed and the file index as above.
 """
@@ -26,7 +32,7 @@ import sys
 
 from absl import flags
 
-from diffusion import cli, samplers
+from diffusion import cli, samplers, watermark
 from diffusion.errors import user_errors_exit
 from diffusion.prompts import read_prompts_file
 
@@ -77,6 +83,15 @@ _LORA = flags.DEFINE_multi_string(
   'PATH[:SCALE]: a LoRA (diffusers / kohya file, a directory with pytorch_lora_weights.safetensors, or a LoRA '
   'workdir) merged into the weights for this call, with its scale (default 1); repeat to stack several.',
 )
+_WATERMARK = flags.DEFINE_string(
+  'watermark', watermark.DEFAULT_TEXT, "Text of the invisible watermark every written image carries; 'none': no mark."
+)
+_WATERMARK_METHOD = flags.DEFINE_enum(
+  'watermark_method',
+  watermark.DEFAULT_METHOD,
+  list(watermark.METHODS),
+  "The watermark's scheme (invisible-watermark's).",
+)
 _OUT = flags.DEFINE_string('out', None, 'Output directory.')
 
 
@@ -117,6 +132,7 @@ def main(argv: list[str]) -> None:
   for flag in (_INIT, _MASK):
     cli.require(flag.value is None or os.path.isfile(flag.value), f'--{flag.name} {flag.value!r} does not exist')
   prompts, seeds = _prompts()
+  mark = None if _WATERMARK.value.lower() == 'none' else _WATERMARK.value
   cli.require(os.path.isdir(_WORKDIR.value), f'workdir {_WORKDIR.value!r} does not exist')
   loras = [cli.adapter_and_scale(value, 'lora') for value in _LORA.value]
   for path, _ in loras:
@@ -143,6 +159,8 @@ def main(argv: list[str]) -> None:
     strength=_STRENGTH.value,
     prompt_seeds=seeds,
     loras=loras,
+    watermark=mark,
+    watermark_method=_WATERMARK_METHOD.value,
     **overrides,
   )
   print(f'wrote {settings["num_images"]} images and grid.png to {_OUT.value}', flush=True)

@@ -9,12 +9,14 @@ whose lines are `prompt<TAB>seed` (see `read_prompts_file`).
 import itertools
 import json
 import os
-from typing import Any, Sequence
+import sys
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from diffusion import interop, samplers
 from diffusion import lora as lora_lib
+from diffusion import watermark as watermark_lib
 from diffusion import workdir as workdir_lib
 from diffusion.errors import UserError
 from diffusion.images import labelled_grid, load_image, load_mask, make_grid, save_png
@@ -106,6 +108,8 @@ def sample_to_directory(
   strength: float | None = None,
   prompt_seeds: Sequence[int | None] | None = None,
   loras: Sequence[tuple[str, float]] = (),
+  watermark: str | None = None,
+  watermark_method: str = watermark_lib.DEFAULT_METHOD,
   **overrides: Any,
 ) -> dict:
   """Writes OUT/0000.png ... (prompt-major), OUT/grid.png (a row per prompt) and OUT/settings.json.
@@ -115,13 +119,17 @@ def sample_to_directory(
   `guidance_scale` / `num_steps` given as lists sweep every combination (see the module docstring); the returned
   record then lists them under 'sweep'. `batch_size`: images per sampling call (all local devices together).
   `prompt_seeds` (one per prompt, None = `seed`): see `noise_plan`. `loras`: (path, scale) pairs of LoRA files or
-  workdirs merged into the workdir's weights for this call (see `merge_adapters`).
+  workdirs merged into the workdir's weights for this call (see `merge_adapters`). `watermark`: a text every written
+  image (samples and grids) carries as an invisible watermark by `watermark_method` (see `diffusion.watermark`);
+  None writes them unmarked. Images smaller than the scheme's minimum are written unmarked, with one warning, and
+  settings.json records it (`watermark.too_small`).
   """
   edit_strength = samplers.editing_strength(strength, init_image is not None, mask is not None)  # Checks them.
   strength = None if init_image is None else edit_strength
   noise = noise_plan(len(prompts), num_images, seed, prompt_seeds)
   combos = list(itertools.product(_as_list(guidance_scale), _as_list(num_steps)))
   size = load_workdir_config(workdir, expect='ldm').data.image_size
+  mark, watermark_record = _watermarker(watermark, watermark_method, size)
   image = None if init_image is None else load_image(init_image, size)
   mask_array = None if mask is None else load_mask(mask, init_image, size)
   pipeline = LatentDiffusionPipeline.from_workdir(workdir, use_ema=use_ema, step=step)
@@ -141,6 +149,7 @@ def sample_to_directory(
     mask=mask and os.path.abspath(mask),
     strength=strength,
     noise='image i (file index) starts from fold_in(PRNGKey(seed), i)',
+    watermark=watermark_record,
   )
   if loras:
     common['loras'] = [{'path': os.path.abspath(path), 'scale': float(scale)} for path, scale in loras]
@@ -158,9 +167,9 @@ def sample_to_directory(
   )
   if len(settings) == 1:
     record = {**common, **_settings_record(settings[0])}
-    _write(out, run(settings[0]), record, num_images)
+    _write(out, run(settings[0]), record, num_images, mark)
     return record
-  return _sweep(run, settings, common, noise, out)
+  return _sweep(run, settings, common, noise, out, mark)
 
 
 def _settings_record(settings: samplers.SamplingSettings) -> dict:
@@ -170,11 +179,40 @@ def _settings_record(settings: samplers.SamplingSettings) -> dict:
   return {**record, 'sampler_options': options, 'eta': options.get('eta')}
 
 
-def _write(out: str, images: np.ndarray, record: dict, num_images: int) -> None:
+Marker = Callable[[np.ndarray], np.ndarray] | None
+
+
+def _watermarker(text: str | None, method: str, size: int) -> tuple[Marker, dict | None]:
+  """(the function that marks a uint8 image, or None; the settings.json record). Checks the text and method first
+  (a text longer than a `size` image carries is a `UserError`) and warns once when `size` images are too small."""
+  if text is None:
+    return None, None
+  too_small = not watermark_lib.markable(size, size)
+  # Small samples leave only grids to mark: then the text must fit the smallest image that gets a mark.
+  side = watermark_lib.MIN_SIDE if too_small else size
+  watermark_lib.check(text, method, side, side)
+  if too_small:
+    print(
+      f'warning: {size}x{size} images are too small for a watermark (height x width must be >= '
+      f'{watermark_lib.MIN_PIXELS}): the samples are written unmarked (settings.json: watermark.too_small)',
+      file=sys.stderr,
+      flush=True,
+    )
+  mark = lambda image: watermark_lib.encode(image, text, method)  # Unchanged where too small (a small grid).
+  return mark, {'text': text, 'method': method, 'too_small': too_small}
+
+
+def _write(out: str, images: np.ndarray, record: dict, num_images: int, mark: Marker = None) -> None:
   os.makedirs(out, exist_ok=True)
+  if mark is not None:
+    images = mark(images)
   for i, image_i in enumerate(images):
     save_png(image_i, os.path.join(out, f'{i:04d}.png'))
-  save_png(make_grid(images, ncols=num_images if num_images > 1 else None), os.path.join(out, 'grid.png'), upscale=2)
+  grid = make_grid(images, ncols=num_images if num_images > 1 else None)
+  if mark is None:
+    save_png(grid, os.path.join(out, 'grid.png'), upscale=2)
+  else:  # Marked at the size it is written (enlarged 2x, nearest neighbour, as save_png's upscale).
+    save_png(mark(grid.repeat(2, 0).repeat(2, 1)), os.path.join(out, 'grid.png'))
   with open(os.path.join(out, 'settings.json'), 'w') as f:
     json.dump(record, f, indent=2)
 
@@ -185,7 +223,12 @@ def setting_name(guidance_scale: float, num_steps: int) -> str:
 
 
 def _sweep(
-  run: Any, settings: Sequence[samplers.SamplingSettings], common: dict, noise: Sequence[tuple[int, int]], out: str
+  run: Any,
+  settings: Sequence[samplers.SamplingSettings],
+  common: dict,
+  noise: Sequence[tuple[int, int]],
+  out: str,
+  mark: Marker = None,
 ) -> dict:
   """Every (guidance scale, steps) combination from the same noise: subfolders, a labelled grid, settings.json."""
   columns, entries, record = [], [], {}
@@ -195,7 +238,7 @@ def _sweep(
     if any(e['dir'] == name for e in entries):
       raise UserError(f'the sweep repeats the setting {name}: give distinct values')
     images, record = run(setting), {**common, **_settings_record(setting)}
-    _write(os.path.join(out, name), images, record, num_images)
+    _write(os.path.join(out, name), images, record, num_images, mark)
     entries.append({'dir': name, 'guidance_scale': setting.guidance_scale, 'num_steps': setting.num_steps})
     columns.append(images)
     print(f'setting {number}/{len(settings)}: {name}', flush=True)
@@ -203,7 +246,8 @@ def _sweep(
     f'{p[:40]} (seed {s}, #{i})' for p, (s, i) in zip([p for p in common['prompts'] for _ in range(num_images)], noise)
   ]
   labels = [f'gs {e["guidance_scale"]:g}, {e["num_steps"]} steps' for e in entries]
-  labelled_grid(np.stack(columns, 1), rows, labels).save(os.path.join(out, 'grid.png'))
+  grid = np.asarray(labelled_grid(np.stack(columns, 1), rows, labels))
+  save_png(grid if mark is None else mark(grid), os.path.join(out, 'grid.png'))
   summary = {k: v for k, v in record.items() if k not in ('guidance_scale', 'num_steps')}
   summary.update(
     sweep=entries,

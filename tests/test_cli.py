@@ -153,6 +153,10 @@ def test_sample_is_bit_identical_across_runs_and_the_same_across_batch_sizes(tmp
   saved = json.load(open(tmp_path / 'a' / 'settings.json'))
   for key in ('prompts', 'seed', 'num_steps', 'sampler', 'guidance_scale', 'negative_prompt', 'eta', 'step'):
     assert saved[key] == settings[key], key
+  # sample.py marks by default; 32-px samples (and this 140-px grid) are too small: unmarked, one warning, recorded.
+  assert saved['watermark'] == {'text': 'ldm-jax', 'method': 'dwtDct', 'too_small': True}
+  assert result.stderr.count('warning: 32x32 images are too small for a watermark') == 1
+  assert settings['watermark'] is None  # The library marks only when asked (evaluation jobs never are).
   images = [np.asarray(Image.open(tmp_path / 'a' / n)) for n in names]
   assert not np.array_equal(images[0], images[1])  # Different noise per image.
   other_seed = sample_to_directory(

@@ -51,6 +51,7 @@ def test_help_lists_the_samplers():
     (['--guidance_scale', '1,x'], ['--guidance_scale', 'comma list']),
     (['--num_steps', '10,0'], ['--num_steps', '>= 1']),
     (['--prompts_file', 'PROMPTS'], ['prompts.txt:2', 'integer seed']),
+    (['--watermark_method', 'rivaGan'], ['--watermark_method', 'dwtDct|dwtDctSvd']),
   ],
   ids=[
     'unknown-sampler',
@@ -66,6 +67,7 @@ def test_help_lists_the_samplers():
     'guidance-list',
     'steps-list',
     'prompt-seed',
+    'watermark-method',
   ],
 )
 def test_user_errors_before_loading_anything(tmp_path, args, needles):
@@ -94,6 +96,9 @@ def test_errors_that_need_the_workdir(tmp_path, ldm_workdir):
     f'no checkpoint at step 987654 in {ldm_workdir} (have: {", ".join(map(str, steps))})',
   )
   _assert_user_error(run_cli('sample.py', *base, '--num_steps', '5000'), 'num_steps must be in [1, ')
+  _assert_user_error(  # The 32-px samples stay unmarked, but the text must fit the smallest grid that gets a mark.
+    run_cli('sample.py', *base, '--watermark', 'x' * 129), 'is 129 bytes but a 256x256 image carries at most 128'
+  )
   assert not (tmp_path / 'out').exists()
 
 
@@ -130,11 +135,15 @@ def test_inpainting_from_the_command_line(tmp_path, ldm_workdir):
     str(tmp_path / 'mask.png'),
     '--guidance_rescale',
     '0.5',
+    '--watermark',
+    'none',
     '--out',
     str(out),
   )
   assert result.returncode == 0, result.stderr[-3000:]
+  assert 'watermark' not in result.stderr
   settings = json.load(open(out / 'settings.json'))
+  assert settings['watermark'] is None
   assert settings['sampler'] == 'dpmpp_2m' and settings['sampler_options']['karras'] is True
   assert settings['strength'] == 1.0 and settings['mask'].endswith('mask.png')
   for name in ('0000.png', '0001.png', 'grid.png'):

@@ -1,7 +1,9 @@
 """Invisible watermarks against the `invisible-watermark` package (0.2.0, the test extra): the same marked pixels,
-each decoder reading the other's marks, unmarked images never read as marked, the size rule, the too-long text."""
+each decoder reading the other's marks, unmarked images never read as marked, the size rule, the too-long text,
+sample.py's writer."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -151,3 +153,27 @@ def test_size_rule_and_capacity():
     watermark.encode(noise, TEXT, 'rivaGan')
   with pytest.raises(UserError, match='empty'):
     watermark.encode(noise, '')
+
+
+def test_sampling_writer_marks_every_file(tmp_path, capsys):
+  """generation's writer (sample.py's): samples and grid carry the mark; samples too small are written unmarked."""
+  from diffusion import generation
+
+  images = _grey_noise(256, 2)
+  mark, record = generation._watermarker(TEXT, 'dwtDctSvd', 256)  # pylint: disable=protected-access
+  assert record == {'text': TEXT, 'method': 'dwtDctSvd', 'too_small': False}
+  generation._write(str(tmp_path / 'big'), images, {'watermark': record}, 2, mark)  # pylint: disable=protected-access
+  for name in ('0000.png', '0001.png', 'grid.png'):
+    assert watermark.carries(np.asarray(Image.open(tmp_path / 'big' / name)), TEXT, 'dwtDctSvd'), name
+  assert json.load(open(tmp_path / 'big' / 'settings.json'))['watermark'] == record
+  assert 'warning' not in capsys.readouterr().err
+
+  small = _grey_noise(32, 16)
+  mark, record = generation._watermarker(TEXT, 'dwtDctSvd', 32)  # pylint: disable=protected-access
+  assert record['too_small'] and capsys.readouterr().err.count('warning: 32x32 images are too small') == 1
+  generation._write(str(tmp_path / 'small'), small, {}, 4, mark)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'small' / '0000.png')), small[0])
+  grid = np.asarray(Image.open(tmp_path / 'small' / 'grid.png'))
+  assert grid.shape == (276, 276, 3) and watermark.carries(grid, TEXT, 'dwtDctSvd')
+  with pytest.raises(UserError, match='256x256 image carries at most 128 bytes'):
+    generation._watermarker('x' * 129, 'dwtDct', 32)  # pylint: disable=protected-access
