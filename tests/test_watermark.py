@@ -1,6 +1,6 @@
 """Invisible watermarks against the `invisible-watermark` package (0.2.0, the test extra): the same marked pixels,
 each decoder reading the other's marks, unmarked images never read as marked, the size rule, the too-long text,
-sample.py's writer."""
+sample.py's writer and `python -m eval.watermark`."""
 
 import io
 import json
@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from diffusion import watermark
 from diffusion.errors import UserError
+from support import run_cli
 
 TEXT = 'ldm-jax'
 NUM_IMAGES = 16
@@ -177,3 +178,23 @@ def test_sampling_writer_marks_every_file(tmp_path, capsys):
   assert grid.shape == (276, 276, 3) and watermark.carries(grid, TEXT, 'dwtDctSvd')
   with pytest.raises(UserError, match='256x256 image carries at most 128 bytes'):
     generation._watermarker('x' * 129, 'dwtDct', 32)  # pylint: disable=protected-access
+
+
+def test_eval_watermark_counts_the_marked_images(tmp_path):
+  images = _grey_noise(256, 3)
+  marked = watermark.encode(images[:2], TEXT, 'dwtDctSvd')
+  for i, image in enumerate([*marked, images[2]]):
+    Image.fromarray(image).save(tmp_path / f'{i}.png')
+  (tmp_path / 'notes.txt').write_text('not an image')
+  found = lambda *args: run_cli('-m', 'eval.watermark', '--images', str(tmp_path), *args).stdout.strip().splitlines()
+  assert found('--watermark_method', 'dwtDctSvd')[-1] == f'watermark: 2/3 images carry {TEXT}'
+  assert found('--watermark_method', 'dwtDctSvd', '--watermark', 'other')[-1] == 'watermark: 0/3 images carry other'
+  assert found()[-1] == f'watermark: 0/3 images carry {TEXT}'  # Not written by the default method, dwtDct.
+  for args, needle in (
+    (['--images', str(tmp_path / 'nope')], 'is not a folder'),
+    ([], '--images'),
+    (['--images', str(tmp_path), '--watermark_method', 'magic'], 'watermark_method'),
+  ):
+    result = run_cli('-m', 'eval.watermark', *args)
+    lines = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+    assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
