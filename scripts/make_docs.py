@@ -1,6 +1,6 @@
 r"""Generates the measured numbers in the docs from the records under docs/results/ (nothing is typed by hand).
 
-  python scripts/make_docs.py            # rewrite the generated blocks of README.md and docs/BENCHMARKS.md
+  python scripts/make_docs.py            # rewrite the generated blocks of README.md and docs/ (DOCS below)
   python scripts/make_docs.py --check    # exit 1 if a committed doc differs from what the records give
 
 A generated block sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->` (the README's demo block between
@@ -19,7 +19,12 @@ import sys
 from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ('README.md', os.path.join('docs', 'BENCHMARKS.md'))
+DOCS = (
+  'README.md',
+  os.path.join('docs', 'BENCHMARKS.md'),
+  os.path.join('docs', 'vae.md'),
+  os.path.join('docs', 'lora.md'),
+)
 DEMO_START, DEMO_END = '<!-- demo-results:start -->', '<!-- demo-results:end -->'
 BLOCK = re.compile(r'<!-- results:(?P<name>[\w-]+) -->\n.*?<!-- /results:(?P=name) -->', re.DOTALL)
 DEMO_GRID = os.path.join('docs', 'images', 'demo_grid.png')
@@ -413,9 +418,84 @@ def render_profile_cpu_step(record: dict) -> list[str]:
   return lines
 
 
+VAE_VARIANTS = {'l1_kl': 'L1 + KL', 'l1_kl_lpips': '+ LPIPS', 'l1_kl_lpips_gan': '+ LPIPS + PatchGAN'}
+
+
+def render_vae_loss_ablation(record: dict) -> list[str]:
+  """Table of the VAE loss ablation (scripts/ablate_vae_losses.py): held-out PSNR, SSIM, LPIPS, rFID per variant."""
+  r = record['results']
+  rows, weights = r['rows'], r['weights']
+  # The metric keys say whether random weights were used: lpips_random_weights, rfid_random_inception.
+  random_lpips, random_inception = 'lpips_random_weights' in rows[0], 'rfid_random_inception' in rows[0]
+  lpips_key = 'lpips_random_weights' if random_lpips else 'lpips'
+  rfid_key = 'rfid_random_inception' if random_inception else 'rfid'
+  lpips_head = f'LPIPS-{r["lpips_net"]}' + (' (random weights)' if random_lpips else '')
+  rfid_head = 'rFID' + (' (random Inception)' if random_inception else '')
+  lines = [
+    f'The tiny VAE on the shapes data, each variant trained from the same seed for the same steps; metrics of '
+    f"{r['num_eval']} held-out images and their reconstructions (posterior mean, the last step's EMA params).",
+    '',
+    f'| variant | PSNR (dB) | SSIM | {lpips_head} | {rfid_head} | steps |',
+    '|---|---|---|---|---|---|',
+  ]
+  for row in rows:
+    label = VAE_VARIANTS.get(row['variant'], row['variant'])
+    lines.append(
+      f'| {label} (`{row["variant"]}`) | {row["psnr"]:.2f} | {row["ssim"]:.3f} | {row[lpips_key]:.3g} | '
+      f'{row[rfid_key]:.3g} | {row["steps"]} |'
+    )
+  lpips_note = ' (RANDOM: not the trained LPIPS network)' if random_lpips else ''
+  inception_note = ' (RANDOM: not the trained pytorch-fid network)' if random_inception else ''
+  caveat = (
+    ' With random weights LPIPS and rFID rank the variants on this data only; they are not comparable with published'
+    ' LPIPS or rFID values.'
+    if random_lpips or random_inception
+    else ''
+  )
+  lines += [
+    '',
+    f'Weights: LPIPS (the metric, and the loss of the LPIPS variants) {weights["lpips"]}{lpips_note}; Inception '
+    f'of rFID {weights["inception"]}{inception_note}.{caveat}',
+  ]
+  return lines
+
+
+def render_demo_lora(record: dict) -> list[str]:
+  """make demo-lora's numbers: paired oracle accuracies with and without the LoRA, the size ratio, times, the grid."""
+  r = record['results']
+  a = r['lora_accuracy']
+  seeds, concept = a['num_seeds'], a['concept']
+  phase = r.get('phase_seconds', {})
+  phases = ', '.join(f'{name} {seconds / 60:.1f}' for name, seconds in phase.items())
+  base = ', the base demo included' if phase.get('base', 0) > 60 else ''
+  lines = [
+    f'Measured by `make demo-lora` ({r["wall_time_s"] / 60:.1f} min wall time{base}):',
+    '',
+    '| oracle accuracy | with the LoRA | the base alone |',
+    '|---|---|---|',
+    f'| new: "a &lt;colour&gt; {concept}" ({a["num_new_prompts"]} prompts x {seeds} seeds) | {a["new"]:.3f} | '
+    f'{a["base_new"]:.3f} |',
+    f"| old: the base's prompts ({a['num_old_prompts']} prompts x {seeds} seeds) | {a['old']:.3f} | "
+    f'{a["base_old"]:.3f} |',
+    '',
+    f"LoRA file (`export-lora`) {_bytes(a['lora_bytes'])} over the base's U-Net + text encoder "
+    f'{_bytes(a["base_bytes"])}: size_ratio {a["size_ratio"]:.4f}. Sampling: {a["sampler"]}, {a["num_steps"]} steps, '
+    f'guidance scale {a["guidance_scale"]:g}; the same noise with and without the LoRA. Minutes per phase: {phases}.',
+  ]
+  if r.get('grid_sha256'):
+    lines += [
+      '',
+      '![base vs LoRA](images/demo_lora_grid.png)',
+      '',
+      f'Columns: the six colours; rows: the base and the LoRA on "a C {concept}", then on "a C circle" (first seed).',
+    ]
+  return lines
+
+
 # name -> (renderer, how to write its record).
 RENDERERS: dict[str, tuple[Callable[[dict], list[str]], str]] = {
   'demo': (render_demo, '`make demo`'),
+  'demo_lora': (render_demo_lora, '`make demo-lora`'),
   'bench_train': (render_bench_train, '`python scripts/bench_train.py --repeats 3 --warmup 1`'),
   'bench_sample': (render_bench_sample, '`python scripts/bench_sample.py --batch 1 --repeats 3 --warmup 1`'),
   'bench_fid': (render_bench_fid, '`python scripts/bench_fid.py --batch_size 25 --batches 3`'),
@@ -439,6 +519,10 @@ RENDERERS: dict[str, tuple[Callable[[dict], list[str]], str]] = {
   'unet_memory_compiled_cpu': (
     render_unet_memory,
     '`python scripts/unet_memory.py --batch 1 --sizes 32,64`',
+  ),
+  'vae_loss_ablation': (
+    render_vae_loss_ablation,
+    '`python scripts/ablate_vae_losses.py --steps 1000 --num_eval 256 --lpips_net alex`',
   ),
 }
 
@@ -471,17 +555,26 @@ def generate(root: str, relpath: str) -> str:
   return text
 
 
+# Images a record vouches for (by its results' grid_sha256): record name -> the image's path.
+GRIDS = {'demo': DEMO_GRID, 'demo_lora': os.path.join('docs', 'images', 'demo_lora_grid.png')}
+
+
 def stale_artifacts(root: str) -> list[str]:
-  """Files the records vouch for that differ from them (the demo grid image)."""
-  record = read_record(root, 'demo')
-  grid = os.path.join(root, DEMO_GRID)
-  if record is None or not record['results'].get('grid_sha256'):
-    return []
-  if not os.path.exists(grid):
-    return [f'{DEMO_GRID} is missing (docs/results/demo.json names it)']
-  with open(grid, 'rb') as f:
-    digest = hashlib.sha256(f.read()).hexdigest()
-  return [] if digest == record['results']['grid_sha256'] else [f'{DEMO_GRID} is not the image demo.json records']
+  """Files the records vouch for that differ from them (the demos' grid images)."""
+  stale = []
+  for name, relpath in GRIDS.items():
+    record = read_record(root, name)
+    if record is None or not record['results'].get('grid_sha256'):
+      continue
+    grid = os.path.join(root, relpath)
+    if not os.path.exists(grid):
+      stale.append(f'{relpath} is missing (docs/results/{name}.json names it)')
+      continue
+    with open(grid, 'rb') as f:
+      digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != record['results']['grid_sha256']:
+      stale.append(f'{relpath} is not the image {name}.json records')
+  return stale
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,12 @@ from PIL import Image
 
 from support import ROOT, run_cli
 
-DOCS = ('README.md', os.path.join('docs', 'BENCHMARKS.md'))
+DOCS = (
+  'README.md',
+  os.path.join('docs', 'BENCHMARKS.md'),
+  os.path.join('docs', 'vae.md'),
+  os.path.join('docs', 'lora.md'),
+)
 
 
 def test_committed_docs_equal_what_the_records_give():
@@ -134,3 +139,53 @@ def test_a_hand_edited_number_fails_the_check_and_regeneration_restores_it(doc_r
   (doc_root / 'docs' / 'BENCHMARKS.md').write_text(text.replace('1.53 images/s', '1.93 images/s'))
   out = run_cli('scripts/make_docs.py', '--check', '--root', str(doc_root))
   assert out.returncode == 1 and 'BENCHMARKS.md' in out.stderr
+
+
+def test_the_vae_loss_ablation_block_shows_every_variant_and_which_weights_scored_them(doc_root):
+  rows = [
+    {
+      'variant': v,
+      'steps': 40,
+      'psnr': p,
+      'ssim': q,
+      'lpips_random_weights': l,
+      'rfid_random_inception': f,
+    }
+    for v, p, q, l, f in (
+      ('l1_kl', 24.125, 0.8512, 0.2113, 31.7),
+      ('l1_kl_lpips', 23.5, 0.8401, 0.1502, 22.4),
+      ('l1_kl_lpips_gan', 23.25, 0.8333, 0.1555, 20.1),
+    )
+  ]
+  weights = {
+    'lpips': 'LPIPS-alex (backbone: random, heads: random)',
+    'inception': 'random, BatchNorm calibrated on up to 64 held-out images',
+  }
+  record = {
+    'name': 'vae_loss_ablation',
+    'created_utc': '2026-01-01T00:00:00Z',
+    'command': 'python scripts/ablate_vae_losses.py --steps 40',
+    'git': {'commit': 'b' * 40, 'dirty': False},
+    'packages': {'jax': '0.10.2'},
+    'machine': {'device_kind': 'cpu', 'device_count': 1, 'jax_backend': 'cpu', 'cpu_count': 2},
+    'load_average': {'start': 1.0, 'end': 2.0},
+    'settings': {},
+    'results': {'rows': rows, 'weights': weights, 'num_eval': 64, 'lpips_net': 'alex'},
+  }
+  (doc_root / 'docs' / 'results' / 'vae_loss_ablation.json').write_text(json.dumps(record))
+  assert run_cli('scripts/make_docs.py', '--check', '--root', str(doc_root)).returncode == 1
+  assert run_cli('scripts/make_docs.py', '--root', str(doc_root)).returncode == 0
+  text = (doc_root / 'docs' / 'vae.md').read_text()
+  block = text.split('<!-- results:vae_loss_ablation -->')[1].split('<!-- /results:vae_loss_ablation -->')[0]
+  for line in (
+    '| variant | PSNR (dB) | SSIM | LPIPS-alex (random weights) | rFID (random Inception) | steps |',
+    '| L1 + KL (`l1_kl`) | 24.12 | 0.851 | 0.211 | 31.7 | 40 |',
+    '| + LPIPS (`l1_kl_lpips`) | 23.50 | 0.840 | 0.15 | 22.4 | 40 |',
+    '| + LPIPS + PatchGAN (`l1_kl_lpips_gan`) | 23.25 | 0.833 | 0.155 | 20.1 | 40 |',
+    'LPIPS-alex (backbone: random, heads: random) (RANDOM: not the trained LPIPS network)',
+    'random, BatchNorm calibrated on up to 64 held-out images (RANDOM: not the trained pytorch-fid network)',
+    'metrics of 64 held-out images',
+    '[`docs/results/vae_loss_ablation.json`](results/vae_loss_ablation.json)',
+  ):
+    assert line in block, (line, block)
+  assert run_cli('scripts/make_docs.py', '--check', '--root', str(doc_root)).returncode == 0
