@@ -333,6 +333,39 @@ def text_to_transformers(text: Any, special_ids: dict[str, int] | None = None) -
   )
 
 
+def is_t5(config: dict[str, Any]) -> bool:
+  """Whether a transformers config.json describes a T5 model (model_type 't5', or a T5 architecture)."""
+  architectures = config.get('architectures') or ()
+  return config.get('model_type') == 't5' or any(str(a).startswith('T5') for a in architectures)
+
+
+def t5_from_transformers(config: dict[str, Any], source: str) -> dict[str, Any]:
+  """A transformers T5Config (T5EncoderModel, or the encoder of a T5Model / T5ForConditionalGeneration) -> the
+  fields of `diffusion.models.T5EncoderModel`; `feed_forward_proj` expands as transformers expands it ('relu',
+  'gated-gelu' -> gelu_new gated, ...). Dropout does not change the (inference) computation."""
+  model_type = config.get('model_type', 't5')
+  if model_type != 't5':
+    raise UserError(f'{source}: model_type={model_type!r}; expected t5')
+  try:
+    t5 = transformers.T5Config.from_dict(config)
+  except (TypeError, ValueError) as e:
+    raise UserError(f'{source}: not a T5 config: {e}') from None
+  _check_activation(t5.dense_act_fn, 'feed_forward_proj', source)
+  return {
+    'vocab_size': int(t5.vocab_size),
+    'd_model': int(t5.d_model),
+    'd_kv': int(t5.d_kv),
+    'd_ff': int(t5.d_ff),
+    'num_layers': int(t5.num_layers),
+    'num_heads': int(t5.num_heads),
+    'relative_attention_num_buckets': int(t5.relative_attention_num_buckets),
+    'relative_attention_max_distance': int(t5.relative_attention_max_distance),
+    'layer_norm_epsilon': float(t5.layer_norm_epsilon),
+    'dense_act_fn': t5.dense_act_fn,
+    'is_gated_act': bool(t5.is_gated_act),
+  }
+
+
 def eos_id_representable(text: Any) -> bool:
   """False when transformers would pool our text encoder's output elsewhere (a real eos id of 2)."""
   return text['eos_token_id'] != 2

@@ -38,7 +38,7 @@ def _vae_target(module: models.AutoencoderKL) -> Params:
   )['params']
 
 
-def _text_target(module: models.CLIPTextTransformer) -> Params:
+def _text_target(module: models.CLIPTextTransformer | models.T5EncoderModel) -> Params:
   return _shaped_target(module, jnp.zeros((1, 1), jnp.int32))
 
 
@@ -125,21 +125,46 @@ def load_text_encoder_config(path: str) -> ml_collections.ConfigDict:
 
 def load_text_encoder(
   path: str, *, dtype: str = 'float32', param_dtype: Any = np.float32, state: dict[str, np.ndarray] | None = None
-) -> tuple[models.CLIPTextTransformer, Params]:
-  """(module, params) of a transformers CLIP text model (see `load_text_encoder_config` for the sources).
+) -> tuple[models.CLIPTextTransformer | models.T5EncoderModel, Params]:
+  """(module, params) of a transformers CLIP text model (see `load_text_encoder_config` for the sources) or
+  T5EncoderModel (config.json model_type 't5'; a full T5 model's encoder).
 
-  `module.apply({'params': params}, input_ids)` -> (last_hidden_state, pooled_output);
+  CLIP: `module.apply({'params': params}, input_ids)` -> (last_hidden_state, pooled_output);
   `output_hidden_state_index=-2` takes the penultimate layer (clip skip 1). A CLIPModel's vision tower is
   not loaded. `state`: the directory's tensors if already read (`interop.clip` reads a CLIPModel once).
+  T5: `module.apply({'params': params}, input_ids, attention_mask, output_hidden_states=False)` ->
+  `models.TextEncoderOutput` (pooler_output None). Tokenizers: `diffusion.data.tokenizer.load_tokenizer(path)`.
   """
   directory = files.model_directory(path, 'text_encoder', files.TRANSFORMERS_WEIGHTS)
   state = files.read_state_dict(directory, files.TRANSFORMERS_WEIGHTS) if state is None else state
+  source = os.path.join(directory, 'config.json')
+  config_json = files.read_json(source)
+  if configs.is_t5(config_json):
+    return _load_t5_encoder(directory, config_json, state, dtype, param_dtype)
   config = _text_config(directory, state)
   config.dtype = dtype
   module, target = _build(
     models.create_text_encoder, _text_target, config.to_dict(), os.path.join(directory, 'config.json')
   )
   params = naming.torch_to_flax(state, target, naming.CLIP_TEXT, source=directory, dtype=param_dtype)
+  return module, params
+
+
+def _load_t5_encoder(
+  directory: str, config_json: dict[str, Any], state: dict[str, np.ndarray], dtype: str, param_dtype: Any
+) -> tuple[models.T5EncoderModel, Params]:
+  source = os.path.join(directory, 'config.json')
+  fields = configs.t5_from_transformers(config_json, source)
+  try:
+    module = models.T5EncoderModel(**fields, dtype=jnp.dtype(dtype))
+    target = _text_target(module)
+  except (ValueError, TypeError) as e:
+    raise UserError(f'{source}: {e}') from None
+  state = dict(state)
+  tied = state.pop('encoder.embed_tokens.weight', None)  # transformers 4's copy of `shared.weight` (tied).
+  if tied is not None and 'shared.weight' not in state:
+    state['shared.weight'] = tied
+  params = naming.torch_to_flax(state, target, naming.T5_ENCODER, source=directory, dtype=param_dtype)
   return module, params
 
 

@@ -38,6 +38,8 @@ LIST_MODULES = frozenset(
     'to_out',
     'net',
     'layers',
+    'block',  # T5: encoder.block.<i>.layer.<j>
+    'layer',
   }
 )
 _INDEXED = re.compile(r'^(?P<name>[A-Za-z_]+?)_(?P<index>\d+)$')
@@ -136,6 +138,11 @@ CLIP_TEXT = Layout(
   aliases=((r'^(?!text_model\.|text_projection\.|vision_model\.|visual_projection\.|logit_scale$)', 'text_model.'),),
   ignore=(r'position_ids$', r'^vision_model\.', r'^visual_projection\.', r'^logit_scale$'),
 )
+
+# T5EncoderModel stores the token embedding as `shared.weight` (transformers 4 files also hold its tied copy
+# `encoder.embed_tokens.weight`, which the loader folds into `shared`); the decoder and lm_head of a full T5 model
+# (T5ForConditionalGeneration) are not the encoder's.
+T5_ENCODER = Layout('transformers T5EncoderModel', ignore=(r'^decoder\.', r'^lm_head\.'))
 
 
 def _listing(keys: Sequence[str], limit: int = 8) -> str:

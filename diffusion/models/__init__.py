@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion.models.text import CLIPTextTransformer
+from diffusion.models.t5 import T5EncoderModel
+from diffusion.models.text import CLIPTextTransformer, TextEncoderOutput
 from diffusion.models.unet import UNet2DConditionModel
 from diffusion.models.vae import AutoencoderKL
 from diffusion.models.validation import unet_downsample_factor, vae_downsample_factor, validate_config
@@ -131,6 +132,8 @@ __all__ = [
   'AutoencoderKL',
   'CLIPTextTransformer',
   'MODELS',
+  'T5EncoderModel',
+  'TextEncoderOutput',
   'UNet2DConditionModel',
   'count_params',
   'create_text_encoder',

@@ -15,6 +15,10 @@ attends uniformly (the mean of the values), never NaN.
 - 'auto': 'cudnn' on GPU, 'splash' on TPU, 'xla' otherwise, and 'xla' where the preferred kernel cannot run
   (one log line per reason).
 
+An additive `bias` broadcastable to (B, H, Lq, Lk) (T5's relative position bias) is added to the scaled logits in
+float32 before masking; it runs on the 'xla' path only: 'cudnn' and 'splash' (explicit or picked by 'auto') fall back
+to 'xla' with one log line. `scale` replaces the default 1/sqrt(head dim) (T5 does not scale: 1.0).
+
 Config validation calls `backend_error` so that asking for a kernel the backend lacks fails before compile.
 """
 
@@ -74,10 +78,23 @@ def _log_fallback_once(preferred: str, reason: str) -> None:
 
 
 def resolve_implementation(
-  implementation: str, head_dim: int, dtype: Dtype, general_mask: bool = False, backend: str | None = None
+  implementation: str,
+  head_dim: int,
+  dtype: Dtype,
+  general_mask: bool = False,
+  backend: str | None = None,
+  bias: bool = False,
 ) -> str:
-  """The implementation that runs: an explicit one (an error if it cannot run), or what 'auto' picks."""
-  backend = backend or jax.default_backend()
+  """The implementation that runs: an explicit one (an error if it cannot run), or what 'auto' picks; with an
+  additive `bias`, 'xla' (a fused kernel that could run falls back, with one log line)."""
+  impl = _resolve(implementation, head_dim, dtype, general_mask, backend or jax.default_backend())
+  if bias and impl != 'xla':
+    _log_fallback_once(impl, 'it takes no additive bias')
+    return 'xla'
+  return impl
+
+
+def _resolve(implementation: str, head_dim: int, dtype: Dtype, general_mask: bool, backend: str) -> str:
   if implementation == 'auto':
     preferred = _PREFERRED.get(backend, 'xla')
     reason = kernel_limitation(preferred, head_dim, dtype, general_mask)
@@ -103,13 +120,17 @@ def combined_mask(mask: Array | None, causal: bool, kv_mask: Array | None, lq: i
   return functools.reduce(jnp.logical_and, parts) if parts else None
 
 
-def _xla_attention(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype) -> Array:
-  """softmax(q k^T / sqrt(d)) v: both matmuls in `dtype`, the softmax in float32."""
-  scale = q.shape[-1] ** -0.5
+def _xla_attention(
+  q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype, bias: Array | None = None, scale: float | None = None
+) -> Array:
+  """softmax(q k^T * scale + bias) v (scale 1/sqrt(d) by default): both matmuls in `dtype`, the softmax in float32."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
   # Heads moved next to the batch axis first, so both matmuls are plain batched matmuls (batch dims leading): with
   # the heads in the middle XLA's CPU backend ran the U-Net forward pass ~2.5x slower (scripts/bench_sample.py).
   q, k, v = (a.astype(dtype).transpose(0, 2, 1, 3) for a in (q, k, v))
   logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32).reshape((1,) * (4 - bias.ndim) + bias.shape)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
@@ -131,11 +152,13 @@ def _uniform_where_empty(out: Array, v: Array, has_key: Array | None) -> Array:
   return jnp.where(has_key, out, jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True).astype(out.dtype))
 
 
-def _cudnn_attention(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype) -> Array:
+def _cudnn_attention(
+  q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype, scale: float | None = None
+) -> Array:
   """cuDNN flash attention; rows without a key attend every key inside the kernel, then take the mean of v."""
   q, k, v = (a.astype(dtype) for a in (q, k, v))
   if mask is None:
-    return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='cudnn')
   b, lq, h, _ = q.shape
   has_key = _row_has_key(mask, q.shape)
   heads = 1 if mask.shape[1] == 1 else h
@@ -144,7 +167,7 @@ def _cudnn_attention(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dt
   if k.shape[1] % 2:  # cuDNN wants even sequence lengths with a bias in training: one more, masked-out key.
     kp, vp = (jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0))) for a in (k, v))
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, 1)))
-  out = jax.nn.dot_product_attention(q, kp, vp, mask=mask, implementation='cudnn')
+  out = jax.nn.dot_product_attention(q, kp, vp, mask=mask, scale=scale, implementation='cudnn')
   return _uniform_where_empty(out, v, has_key)
 
 
@@ -177,7 +200,14 @@ def _splash_kernel(causal: bool, pq: int, pk: int, heads: int, interpret: bool) 
 
 
 def splash_attention(
-  q: Array, k: Array, v: Array, causal: bool, kv_mask: Array | None, dtype: Dtype, interpret: bool = False
+  q: Array,
+  k: Array,
+  v: Array,
+  causal: bool,
+  kv_mask: Array | None,
+  dtype: Dtype,
+  interpret: bool = False,
+  scale: float | None = None,
 ) -> Array:
   """The 'splash' path: TPU splash attention over (B, L, H, D), vmapped over the batch (`interpret` runs the
   Pallas kernel in interpret mode, which works on CPU). Causal -> the kernel's static causal mask; padding ->
@@ -187,7 +217,7 @@ def splash_attention(
 
   b, lq, h, d = q.shape
   lk = k.shape[1]
-  q = q.astype(jnp.float32) * d**-0.5  # Splash does not scale the logits.
+  q = q.astype(jnp.float32) * (d**-0.5 if scale is None else scale)  # Splash does not scale the logits.
   qs, ks, vs = (_pad_axis(_pad_axis(a.astype(dtype), 1, _SPLASH_BLOCK), 3, _SPLASH_BLOCK) for a in (q, k, v))
   pq, pk = qs.shape[1], ks.shape[1]
   real = jnp.ones((b, lk), bool) if kv_mask is None else kv_mask.astype(bool)
@@ -216,8 +246,10 @@ def dot_product_attention(
   *,
   causal: bool = False,
   kv_mask: Array | None = None,
+  bias: Array | None = None,
+  scale: float | None = None,
 ) -> Array:
-  """softmax(q k^T / sqrt(d)) v with the softmax in float32.
+  """softmax(q k^T / sqrt(d) + bias) v with the softmax in float32.
 
   Args:
     query: (B, Lq, H, D).
@@ -230,17 +262,22 @@ def dot_product_attention(
       these shapes / dtype / backend is a ValueError.
     causal: query i attends keys j <= i only.
     kv_mask: optional (B, Lk) boolean padding mask; True means a real key.
+    bias: optional float array broadcastable to (B, H, Lq, Lk), added to the scaled logits (in float32) before
+      the masks; it runs on the 'xla' path (a fused kernel falls back to it with one log line).
+    scale: the logits' scale; None is 1/sqrt(D).
 
   Returns:
     (B, Lq, H, D) in `dtype`.
   """
-  impl = resolve_implementation(implementation, query.shape[-1], dtype, general_mask=mask is not None)
+  impl = resolve_implementation(
+    implementation, query.shape[-1], dtype, general_mask=mask is not None, bias=bias is not None
+  )
   if impl == 'splash':
-    return splash_attention(query, key, value, causal, kv_mask, dtype)
+    return splash_attention(query, key, value, causal, kv_mask, dtype, scale=scale)
   full = combined_mask(mask, causal, kv_mask, query.shape[1], key.shape[1])
   if impl == 'cudnn':
-    return _cudnn_attention(query, key, value, full, dtype)
-  return _xla_attention(query, key, value, full, dtype)
+    return _cudnn_attention(query, key, value, full, dtype, scale)
+  return _xla_attention(query, key, value, full, dtype, bias, scale)
 
 
 __all__ = [

@@ -4,12 +4,32 @@ One module class serves both a randomly initialised text encoder and pretrained 
 parameters differ. Parameter names mirror transformers' `text_model.*` state dict (embeddings/
 token_embedding, encoder/layers_i/self_attn/q_proj, ..., final_layer_norm) plus an optional bias-free
 `text_projection` (`CLIPTextModelWithProjection`). Tokenizers are built outside this module.
+
+`TextEncoderOutput` is the output type of the text encoders added since (T5, `diffusion.models.t5`); this module
+still returns the plain pair (last_hidden_state, pooled_output), which its callers unpack as two values.
 """
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion.models.layers import Array, Dtype, dot_product_attention, get_activation
+
+
+class TextEncoderOutput(NamedTuple):
+  """What a text encoder returns; the first two fields keep `out[0]` / `out[1]` meaning what they mean in transformers.
+
+  last_hidden_state: (B, L, D).
+  pooler_output: (B, D), or None for an encoder without one (T5).
+  text_embeds: the projected pooled output, where the model has a projection (else None).
+  hidden_states: with output_hidden_states, every hidden state (embeddings first), else None.
+  """
+
+  last_hidden_state: Array
+  pooler_output: Array | None
+  text_embeds: Array | None = None
+  hidden_states: tuple[Array, ...] | None = None
 
 
 class CLIPTextEmbeddings(nn.Module):

@@ -21,10 +21,12 @@ def _qkv(b=2, lq=5, lk=7, h=3, d=8, seed=0):
   return tuple(jnp.asarray(rng.standard_normal((b, n, h, d), np.float32)) for n in (lq, lk, lk))
 
 
-def _closed_form(q, k, v, mask=None):
-  """softmax(q k^T / sqrt(d)) v in float64; a row without any key to attend takes the mean of the values."""
+def _closed_form(q, k, v, mask=None, bias=None, scale=None):
+  """softmax(q k^T / sqrt(d) + bias) v in float64; a row without any key to attend takes the mean of the values."""
   q, k, v = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (q, k, v))
-  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  logits = np.einsum('bqhd,bkhd->bhqk', q, k) * (1 / np.sqrt(q.shape[-1]) if scale is None else scale)
+  if bias is not None:
+    logits = logits + np.asarray(bias, np.float64)
   if mask is not None:
     mask = np.broadcast_to(np.asarray(mask), logits.shape)
     logits = np.where(mask, logits, -np.inf)
@@ -76,6 +78,46 @@ def test_xla_fully_masked_rows_attend_uniformly():
   kv = jnp.array([[False, True, True, True]])
   out = attention.dot_product_attention(*_qkv(b=1, lq=4, lk=4), kv_mask=kv, causal=True)
   assert bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize('bias_shape', [(1, 3, 7, 7), (2, 3, 7, 7), (3, 7, 7)])
+def test_additive_bias_and_scale_match_closed_form(bias_shape):
+  """T5's attention: a position bias (broadcast over the batch or per example) added to unscaled logits, with
+  padding, including a row whose every key is padding (it still attends uniformly)."""
+  q, k, v = _qkv(lq=7, lk=7)
+  bias = jnp.asarray(np.random.default_rng(5).normal(size=bias_shape).astype(np.float32))
+  kv = jnp.asarray(np.stack([np.arange(7) < 4, np.zeros(7, bool)]))
+  ours = attention.dot_product_attention(q, k, v, kv_mask=kv, bias=bias, scale=1.0)
+  expected = _closed_form(q, k, v, kv[:, None, None, :], bias.reshape((1,) * (4 - bias.ndim) + bias.shape), 1.0)
+  assert _rel(ours, expected) <= 1e-5
+  np.testing.assert_allclose(ours[1], jnp.broadcast_to(v[1].mean(0), ours[1].shape), rtol=1e-5)
+  reference = jax.nn.dot_product_attention(q, k, v, bias=bias.reshape((1,) * (4 - bias.ndim) + bias.shape), scale=0.5)
+  assert _rel(attention.dot_product_attention(q, k, v, bias=bias, scale=0.5), reference) <= 1e-5
+
+
+def test_bias_falls_back_to_xla_with_one_log_line(caplog, monkeypatch):
+  attention._log_fallback_once.cache_clear()
+  with caplog.at_level(logging.INFO, logger='absl'):
+    assert attention.resolve_implementation('auto', 64, jnp.bfloat16, backend='gpu', bias=True) == 'xla'
+    assert attention.resolve_implementation('auto', 64, jnp.float32, backend='tpu', bias=True) == 'xla'
+    assert attention.resolve_implementation('cudnn', 64, jnp.bfloat16, backend='gpu', bias=True) == 'xla'
+    assert attention.resolve_implementation('xla', 64, jnp.bfloat16, backend='gpu', bias=True) == 'xla'
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('attention: ')]
+  assert len(lines) == 2 and all('no additive bias' in line for line in lines), lines
+  # An explicit kernel on a backend that lacks it stays an error, bias or not.
+  with pytest.raises(ValueError, match="'splash' needs a"):
+    attention.resolve_implementation('splash', 64, jnp.float32, bias=True)
+  # On a (pretend) TPU the splash kernel is never called with a bias: the xla path runs instead.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  monkeypatch.setattr(attention, 'splash_attention', lambda *a, **k: pytest.fail('splash called with a bias'))
+  q, k, v = _qkv()
+  bias = jnp.ones((1, 3, 5, 7))
+  np.testing.assert_allclose(
+    attention.dot_product_attention(q, k, v, implementation='splash', bias=bias),
+    _closed_form(q, k, v, bias=bias),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def _splash(q, k, v, causal, kv, dtype=jnp.float32):
@@ -132,9 +174,9 @@ def test_cudnn_path_keeps_the_xla_semantics(monkeypatch, causal, lk):
   reference = jax.nn.dot_product_attention
   calls = []
 
-  def fake_cudnn(q, k, v, mask=None, implementation=None):
+  def fake_cudnn(q, k, v, mask=None, scale=None, implementation=None):
     calls.append((implementation, k.shape[1]))
-    return reference(q, k, v, mask=mask, implementation='xla')
+    return reference(q, k, v, mask=mask, scale=scale, implementation='xla')
 
   monkeypatch.setattr(jax.nn, 'dot_product_attention', fake_cudnn)
   q, k, v = _qkv(b=2, lq=7, lk=lk)
