@@ -15,13 +15,19 @@ The adapted kernel is W + scale * (alpha / r) * dW with dW[..., o] = sum_r A[r, 
 Targets are patterns over our module paths ('/'-joined, e.g. `unet/down_blocks_0/attentions_0/
 transformer_blocks_0/attn1/to_q`): a pattern (a regex) names a module when it matches the end of its path at a
 '/' boundary, so `to_q` is every U-Net attention's query projection and `resnets_\\d+/conv[12]` the res-block convs.
+
+A merged kernel cannot drop out the LoRA branch's input alone, so LoRA dropout (peft's `lora_dropout`) runs the LoRA
+unmerged: inside `with lora.unmerged(loras, rate=p, keys=keys): model.apply(base, x)` every adapted Dense / Conv
+returns base(x) + (alpha / r) B A dropout(x), each example's mask drawn from its own key.
 """
 
+import contextlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,6 +41,8 @@ DEFAULT_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out_0')
 # The CLIP text encoder's attention projections (config.lora.text_encoder=True).
 TEXT_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'out_proj')
 KEYS = ('a', 'b', 'alpha')
+# Folded into an example's key before LoRA dropout's draws (ASCII 'LoRA'), apart from the example's other draws.
+DROPOUT_STREAM = 0x4C6F5241
 
 
 def _flat(tree: Params) -> dict[tuple[str, ...], Any]:
@@ -194,6 +202,97 @@ def merge(params: Params, loras: Sequence[Params], scales: Sequence[float]) -> P
   for tree, scale in zip(loras, scales):
     params = apply(params, tree, scale)
   return params
+
+
+def dropout_keys(keys: jax.Array, index: int) -> jax.Array:
+  """The keys of LoRA dropout's masks at the `index`-th adapted module (sorted paths): fold_in(fold_in(key,
+  DROPOUT_STREAM), index) of each example's key, apart from whatever else the example draws from its key."""
+  return jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, DROPOUT_STREAM), index))(keys)
+
+
+def _branch(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """B A x of a Dense (x A^T B^T) or a Conv (the module's own conv down to r channels with A, then B as a 1x1)."""
+  if isinstance(module, nn.Dense):
+    down = jnp.einsum('...i,ri->...r', x, a.astype(x.dtype))
+  else:
+    kernel = jnp.moveaxis(a, 0, -1).astype(x.dtype)  # (r, kh, kw, in) -> HWIO with r output channels.
+    down = module.clone(parent=None, name=None, features=a.shape[0], use_bias=False).apply(
+      {'params': {'kernel': kernel}}, x
+    )
+  return jnp.einsum('...r,or->...o', down, b.astype(down.dtype))
+
+
+@contextlib.contextmanager
+def unmerged(
+  loras: Params,
+  *,
+  multiplier: float | None = None,
+  rate: float = 0.0,
+  keys: jax.Array | None = None,
+  parts: Mapping[str, nn.Module] | None = None,
+) -> Iterator[None]:
+  """Within the block, every Dense / Conv module that `loras` adapts returns base(x) + m * B A dropout(x), peft's
+  LoRA layer, instead of the merged kernel's output (m = `multiplier`, else the module's alpha / r; the base params
+  are the ones given to `apply`, unchanged). Jittable; gradients reach the factors through the branch.
+
+  `rate` > 0 needs `keys`, one per example, the leading axis of every adapted module's input: example i's mask at
+  the j-th adapted module (sorted paths) is bernoulli(dropout_keys(keys, j)[i], 1 - rate) over its input, kept values
+  scaled by 1 / (1 - rate), so an example's mask is the same in any batch. Rate 0 is the unmerged LoRA: the merged
+  model's output up to float rounding.
+
+  Paths are relative to the network applied inside the block; with `parts` ({'unet': unet_module, 'text': ...}),
+  `loras` is keyed by part and a network is recognised by its class when it is applied. A module of `loras` that no
+  Dense or Conv call reached inside the block is a `ValueError` at its end (its update would be missing)."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f'LoRA dropout rate must be in [0, 1), got {rate}')
+  if rate > 0 and keys is None:
+    raise ValueError('LoRA dropout needs the per-example keys')
+  by_path = modules(loras)
+  index = {path: i for i, path in enumerate(sorted(by_path))}
+  roots = {type(network): name for name, network in (parts or {}).items()}
+  if len(roots) != len(parts or {}):
+    raise ValueError(f'the parts {sorted(parts)} must be networks of distinct classes')
+  current: list[str] = []  # The part whose network runs now.
+  reached: set[tuple[str, ...]] = set()
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if module.scope is None:
+      return next_fun(*args, **kwargs)
+    if parts is not None and module.path == () and type(module) in roots:
+      current.append(roots[type(module)])
+      try:
+        return next_fun(*args, **kwargs)
+      finally:
+        current.pop()
+    if context.method_name != '__call__' or not isinstance(module, (nn.Dense, nn.Conv)):
+      return next_fun(*args, **kwargs)
+    if parts is not None and not current:
+      return next_fun(*args, **kwargs)
+    path = tuple(current[-1:]) + tuple(module.path)
+    factors = by_path.get(path)
+    if factors is None:
+      return next_fun(*args, **kwargs)
+    if isinstance(module, nn.Conv) and module.feature_group_count != 1:
+      raise ValueError(f'LoRA on the grouped convolution {_name(path)} is not supported')
+    reached.add(path)
+    out = next_fun(*args, **kwargs)
+    x = args[0] if args else kwargs['inputs']
+    x = x.astype(out.dtype)
+    if rate > 0:
+      if x.shape[0] != keys.shape[0]:
+        raise ValueError(f'LoRA dropout at {_name(path)}: input batch {x.shape[0]} but {keys.shape[0]} example keys')
+      shape = x.shape[1:]
+      keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, shape))(dropout_keys(keys, index[path]))
+      x = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+    m = _multiplier(factors) if multiplier is None else multiplier
+    return out + (m * _branch(module, x, factors['a'], factors['b'])).astype(out.dtype)
+
+  with nn.intercept_methods(interceptor):
+    yield
+  missing = sorted(_name(p) for p in set(by_path) - reached)
+  if missing:
+    raise ValueError(f'LoRA modules no Dense or Conv call reached: {", ".join(missing[:5])}')
 
 
 def config_targets(config: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -1,15 +1,20 @@
 """diffusion.lora: merged kernels against the closed form W + s (alpha / r) (B A)^T and, for convolutions, against the
-unmerged LoCon computation (conv down to r channels, 1x1 conv up); init, stacking, targets and their errors."""
+unmerged LoCon computation (conv down to r channels, 1x1 conv up); init, stacking, targets and their errors; the
+unmerged LoRA with dropout (`lora.unmerged`) against the merged model at rate 0 and a hand computation at rate p."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from diffusion import cli
+from diffusion import cli, models
 from diffusion import lora as lora_lib
 from diffusion.errors import ConfigError, UserError
+from support import ONE_LEVEL_UNET, random_params
 
 RNG = np.random.default_rng(0)
 
@@ -181,3 +186,172 @@ def test_adapter_and_scale(tmp_path):
   for bad in ('style.safetensors:strong', 'style.safetensors:', 'style.safetensors:nan'):
     with pytest.raises(UserError, match=r'--lora .*: the scale .* is not a number'):
       cli.adapter_and_scale(bad, 'lora')
+
+
+TEXT = dict(
+  type='transformer',
+  vocab_size=50,
+  hidden_size=12,
+  intermediate_size=24,
+  num_hidden_layers=1,
+  num_attention_heads=2,
+  max_position_embeddings=8,
+  hidden_act='quick_gelu',
+  layer_norm_eps=1e-5,
+  eos_token_id=2,
+  projection_dim=None,
+  dtype='float32',
+)
+
+
+class _MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name='fc2')(nn.relu(nn.Dense(8, name='fc1')(x)))
+
+
+def _mlp(rank: int = 2) -> tuple[dict, dict]:
+  """A 2-layer MLP's params and a LoRA of both layers with B off zero (a LoRA that has trained)."""
+  params = _MLP().init(jax.random.key(0), jnp.zeros((1, 5)))['params']
+  loras = lora_lib.init(jax.random.key(1), params, rank=rank, alpha=3.0, patterns=('fc1', 'fc2'))
+  for name, module in loras.items():
+    module['b'] = jnp.asarray(RNG.standard_normal(module['b'].shape), jnp.float32)
+  return params, lora_lib.factors(loras)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _unmerged_mlp(params, factors, x, keys, rate):
+  with lora_lib.unmerged(factors, multiplier=1.5, rate=rate, keys=keys):
+    return _MLP().apply({'params': params}, x)
+
+
+def test_unmerged_mlp_is_the_merged_one_at_rate_0_and_the_hand_computation_with_dropout():
+  params, factors = _mlp()
+  x = jnp.asarray(RNG.standard_normal((4, 5)), jnp.float32)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(7), i))(jnp.arange(4))
+  merged = _MLP().apply({'params': lora_lib.apply(params, factors, multiplier=1.5)}, x)
+  np.testing.assert_allclose(_unmerged_mlp(params, factors, x, keys, 0.0), merged, rtol=1e-5, atol=1e-6)
+  rate = 0.4
+  h = np.asarray(x)
+  for j, name in enumerate(('fc1', 'fc2')):  # Sorted paths: fc1 is module 0, fc2 module 1.
+    mask_keys = [jax.random.fold_in(jax.random.fold_in(k, lora_lib.DROPOUT_STREAM), j) for k in keys]
+    keep = np.stack([np.asarray(jax.random.bernoulli(k, 1 - rate, h.shape[1:])) for k in mask_keys])
+    assert 0 < keep.mean() < 1
+    dropped = np.where(keep, h / np.float32(1 - rate), 0)
+    a, b = (np.asarray(factors[name][k]) for k in 'ab')
+    h = h @ np.asarray(params[name]['kernel']) + np.asarray(params[name]['bias']) + 1.5 * (dropped @ a.T) @ b.T
+    h = np.maximum(h, 0) if name == 'fc1' else h
+  out = _unmerged_mlp(params, factors, x, keys, rate)
+  np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(out, merged, atol=1e-3)
+
+
+def test_dropout_masks_are_per_example_whatever_the_batch():
+  params, factors = _mlp()
+  x = jnp.broadcast_to(jnp.asarray(RNG.standard_normal(5), jnp.float32), (4, 5))  # One input, four examples.
+  keys = jax.random.split(jax.random.key(3), 4)
+  out = np.asarray(_unmerged_mlp(params, factors, x, keys, 0.5))
+  assert all(not np.allclose(out[i], out[j]) for i in range(4) for j in range(i))  # Each example its own masks.
+  order = jnp.asarray([2, 0, 3, 1])
+  np.testing.assert_allclose(
+    _unmerged_mlp(params, factors, x[order], keys[order], 0.5), out[order], rtol=1e-5, atol=1e-6
+  )
+  alone = _unmerged_mlp(params, factors, x[1:2], keys[1:2], 0.5)  # Rounding may differ with the batch size.
+  np.testing.assert_allclose(alone, out[1:2], rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_every_factor_through_the_unmerged_lora():
+  params, factors = _mlp()
+  x = jnp.asarray(RNG.standard_normal((4, 5)), jnp.float32)
+  keys = jax.random.split(jax.random.key(4), 4)
+  loss = lambda f, rate: jnp.sum(_unmerged_mlp(params, f, x, keys, rate) ** 2)
+  grads = jax.grad(loss)(factors, 0.3)
+  assert jax.tree.structure(grads) == jax.tree.structure(factors)
+  assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
+  merged = jax.grad(lambda f: jnp.sum(_MLP().apply({'params': lora_lib.apply(params, f, multiplier=1.5)}, x) ** 2))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), jax.grad(loss)(factors, 0.0), merged(factors)
+  )
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.relu(nn.Conv(4, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name='conv')(x))
+
+
+class _ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.remat(_Block)(name='block')(x)
+    return nn.Dense(3, name='head')(h.reshape(h.shape[0], -1))
+
+
+def test_unmerged_parts_remat_and_locon_convs():
+  """Two networks as parts (the LoRA task's 'unet' / 'text'), a conv inside a remat block: unmerged = merged at rate
+  0; at rate p every part's output moves."""
+  image, vector = _ConvNet(), _MLP()
+  x, y = jnp.asarray(RNG.standard_normal((2, 6, 6, 3)), jnp.float32), jnp.asarray(RNG.standard_normal((2, 5)))
+  params = {
+    'image': image.init(jax.random.key(0), x)['params'],
+    'vector': vector.init(jax.random.key(1), y)['params'],
+  }
+  loras = lora_lib.init(jax.random.key(2), params, rank=2, alpha=2.0, patterns=('conv', 'head', 'fc1'))
+  loras = jax.tree_util.tree_map_with_path(
+    lambda p, v: jnp.asarray(RNG.standard_normal(v.shape), jnp.float32) if p[-1].key == 'b' else v, loras
+  )
+  assert lora_lib.modules(loras)[('image', 'block', 'conv')]['a'].shape == (2, 3, 3, 3)
+  forward = lambda p: (image.apply({'params': p['image']}, x), vector.apply({'params': p['vector']}, y))
+  parts = {'image': image, 'vector': vector}
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def unmerged(p, f, rate):  # The multiplier is each module's alpha / r.
+    with lora_lib.unmerged(f, rate=rate, keys=jax.random.split(jax.random.key(3), 2), parts=parts):
+      return forward(p)
+
+  want = jax.jit(forward)(lora_lib.apply(params, loras))
+  got = unmerged(params, loras, 0.0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+  dropped = unmerged(params, loras, 0.5)
+  assert all(not np.allclose(a, b, atol=1e-3) for a, b in zip(dropped, want))
+
+
+@pytest.mark.slow
+def test_unmerged_unet_and_text_at_rate_0_are_the_merged_ones():
+  """The LoRA task's networks (parts keyed 'unet' / 'text', remat blocks, LoCon convs): unmerged = merged."""
+  unet = models.create_unet(ml_collections.ConfigDict({**ONE_LEVEL_UNET, 'dtype': 'float32', 'remat': True}))
+  text = models.create_text_encoder(ml_collections.ConfigDict(TEXT))
+  x, t = jnp.asarray(RNG.standard_normal((2, 8, 8, 4)), jnp.float32), jnp.asarray([10, 700])
+  ids = jnp.asarray([[1, 5, 7, 2, 0, 0], [1, 9, 9, 9, 9, 2]])
+  params = {
+    'unet': random_params(unet, x, t, jnp.zeros((2, 6, 12))),
+    'text': random_params(text, ids),
+  }
+  patterns = lora_lib.DEFAULT_TARGETS + lora_lib.TEXT_TARGETS + (r'resnets_\d+/conv[12]',)
+  loras = lora_lib.init(jax.random.key(0), params, rank=2, alpha=2.0, patterns=patterns)
+  loras = jax.tree_util.tree_map_with_path(
+    lambda p, v: jnp.asarray(RNG.standard_normal(v.shape), jnp.float32) if p[-1].key == 'b' else v, loras
+  )
+  assert any(len(m['a'].shape) == 4 for m in lora_lib.modules(loras).values())
+
+  def forward(p):
+    context = text.apply({'params': p['text']}, ids)[0]
+    return unet.apply({'params': p['unet']}, x, t, context)
+
+  def unmerged(p, f):
+    with lora_lib.unmerged(f, multiplier=1.0, parts={'unet': unet, 'text': text}):
+      return forward(p)
+
+  want = jax.jit(forward)(lora_lib.apply(params, loras, multiplier=1.0))
+  np.testing.assert_allclose(jax.jit(unmerged)(params, lora_lib.factors(loras)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_unmerged_errors():
+  params, factors = _mlp()
+  x = jnp.zeros((2, 5))
+  with pytest.raises(ValueError, match='needs the per-example keys'):
+    _unmerged_mlp(params, factors, x, None, 0.1)
+  with pytest.raises(ValueError, match='input batch 2 but 3 example keys'):
+    _unmerged_mlp(params, factors, x, jax.random.split(jax.random.key(0), 3), 0.1)
+  with pytest.raises(ValueError, match='no Dense or Conv call reached: fc3'):
+    _unmerged_mlp(params, {**factors, 'fc3': factors['fc2']}, x, None, 0.0)
