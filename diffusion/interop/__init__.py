@@ -5,6 +5,7 @@ pipeline directories <-> workdirs: `diffusion.training.pipeline_io`).
   out = unet.apply({'params': params}, z_t, t, context)  # NHWC, t in diffusers units (0 ... 999)
   vae, vae_params = load_vae(path)                       # apply(..., x, method='encode') -> (mean, logvar)
   clip, clip_params = load_text_encoder(path)            # apply(..., ids) -> (last_hidden, pooled)
+  t5, t5_params = load_text_encoder('path/to/t5')        # apply(..., ids, mask) -> TextEncoderOutput (T5EncoderModel)
   loras = load_lora('pytorch_lora_weights.safetensors')  # diffusers / kohya LoRA -> diffusion.lora.merge
 
 Conversions are table-driven (`naming`), all or nothing: a load fails listing missing, left-over and

@@ -161,7 +161,8 @@ CAPTIONS = [
 def test_sentencepiece_tokenizer_loads_through_transformers_from_the_model_directory(tmp_path):
   """A T5-style SentencePiece model (pad 0, eos 1, unk 2) trained here, beside a T5 encoder's weights: the directory
   gives the tokenizer (transformers' T5 tokenizer) whose ids are SentencePiece's plus eos, and those ids run the
-  encoder loaded from the same directory."""
+  encoder loaded from the same directory. (transformers 5's `T5Tokenizer(vocab_file=...)` ignores the keyword and
+  maps every word to the same few ids: a T5 tokenizer is built with `from_pretrained(directory)`.)"""
   spm = pytest.importorskip('sentencepiece')
   spm.SentencePieceTrainer.train(
     sentence_iterator=iter(CAPTIONS * 3),
