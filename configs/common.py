@@ -49,7 +49,7 @@ def get_lora_config() -> ml_collections.ConfigDict:
   lora = ml_collections.ConfigDict()
   lora.rank = 0  # > 0: trains LoRA factors on the frozen config.base_workdir (diffusion/training/lora_task.py).
   lora.alpha = 1.0  # The update is (alpha / rank) * B A.
-  lora.dropout = 0.0  # On the LoRA input (not implemented yet: must stay 0).
+  lora.dropout = 0.0  # In [0, 1): dropout of each adapted module's LoRA-branch input, in training only (peft's).
   lora.targets = ('to_q', 'to_k', 'to_v', 'to_out_0')  # Module-path patterns (diffusers/peft's SD U-Net set).
   lora.text_encoder = False  # Also the CLIP q_proj, k_proj, v_proj, out_proj.
   return lora

@@ -314,8 +314,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('lora.alpha', f'must be > 0, got {section.alpha!r}')
   if not 0.0 <= float(section.dropout) < 1.0:
     raise ConfigError('lora.dropout', f'must be in [0, 1), got {section.dropout!r}')
-  if section.dropout:
-    raise ConfigError('lora.dropout', 'LoRA dropout is not implemented yet: keep it 0')
   if not section.targets:
     raise ConfigError('lora.targets', 'name at least one module pattern (e.g. to_q)')
   for pattern in section.targets:

@@ -152,10 +152,11 @@ def test_validate_config():
     (config, 'base_workdir', 'needs the workdir of the frozen base'),
     (_config(rank=-1), 'lora.rank', 'integer >= 0'),
     (_config(alpha=0.0), 'lora.alpha', '> 0'),
-    (_config(dropout=0.1), 'lora.dropout', 'not implemented'),
+    (_config(dropout=1.0), 'lora.dropout', r'in \[0, 1\)'),
     (_config(targets=('to_q(',)), 'lora.targets', 'not a valid pattern'),
   ]
   lora_lib.validate_config(_config())  # A complete section on a base workdir: LoRA training.
+  lora_lib.validate_config(_config(dropout=0.1))
   for bad, key, message in cases:
     with pytest.raises(ConfigError, match=message) as error:
       lora_lib.validate_config(bad)

@@ -4,7 +4,9 @@ The base (a trained LDM workdir or a scripts/convert.py import) is read at every
 U-Net and text params are the task's frozen part `frozen['base']` (with its VAE as `frozen['vae']`), so they get no
 gradient, no optimizer state and no EMA, and checkpoints hold only the LoRA factors {'a', 'b'} per adapted module
 (`diffusion.lora`; alpha stays out of the trained tree: the loss scales every update by lora.alpha / lora.rank). The
-loss, the validation loss and the sample grids are the LDM task's on the effective params `lora.apply(base, lora)`.
+loss, the validation loss and the sample grids are the LDM task's on the effective params `lora.apply(base, lora)`;
+with `lora.dropout > 0` the training loss runs the LoRA unmerged instead (`lora.unmerged`: each adapted module's
+LoRA input dropped out, example i's masks drawn from its own key).
 The model, tokenizer and diffusion process come from the base workdir (the run's config cannot change them); the run
 keeps its data, optimizer, loss weighting and caption dropout. `loop.py` records the base's params hash
 (`workdir.record_built_on`) and refuses a changed base at resume.
@@ -68,6 +70,7 @@ class LoRATask(LDMTask):
     self._build(config, vae, tokenizer, workdir)
     self.frozen['base'] = cast_tree(self.base, frozen_dtype(config)) if self._bf16_frozen else self.base
     self.multiplier = multiplier(config)
+    self.dropout = float(config.lora.dropout)
 
   def _trains_text(self, config: ml_collections.ConfigDict) -> bool:
     return bool(config.lora.text_encoder)  # The base's text encoder gets gradients only through its LoRA.
@@ -93,6 +96,10 @@ class LoRATask(LDMTask):
     return lora_lib.apply(frozen['base'], params, 1.0, multiplier=self.multiplier)
 
   def loss_fn(self, params: Any, frozen: Any, batch: dict, keys: jax.Array, step: jax.Array):
+    if self.dropout > 0:  # The LoRA unmerged, its inputs dropped out per example (each mask from the example's key).
+      networks = {'unet': self.unet, 'text': self.text_encoder}
+      with lora_lib.unmerged(params, multiplier=self.multiplier, rate=self.dropout, keys=keys, parts=networks):
+        return super().loss_fn(frozen['base'], frozen, batch, keys, step)
     return super().loss_fn(self.effective(params, frozen), frozen, batch, keys, step)
 
   def eval_step(self, params: Any, frozen: Any, batch: dict, keys: jax.Array) -> dict:
