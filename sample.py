@@ -5,6 +5,7 @@ r"""Generates images from a trained latent diffusion workdir.
   python sample.py --workdir W --prompt "a blue circle" --sampler dpmpp_2m --karras --num_steps 20 --out DIR
   python sample.py --workdir W --prompt "a blue circle" --init_image in.png --strength 0.6 --out DIR    # img2img
   python sample.py --workdir W --prompt "a blue circle" --init_image in.png --mask mask.png --out DIR   # inpaint
+  python sample.py --workdir W --prompt "a blue circle" --init_image in.png --outpaint 64,0,64,0 --out DIR  # outpaint
   python sample.py --workdir W --prompts_file prompts.txt --guidance_scale 1,3,7 --num_steps 10,25 --out DIR  # sweep
   python sample.py --workdir W --prompt "a blue circle" --lora style.safetensors:0.7 --lora W2 --out DIR  # LoRAs
   python sample.py --workdir W --prompt "a blue circle" --watermark "my-lab" --watermark_method dwtDctSvd --out DIR
@@ -17,6 +18,11 @@ settings give the same bytes; another batch size or device count may round the o
 Sweeps: comma-separated --guidance_scale and/or --num_steps sample every combination from the same noise, into
 DIR/gs<scale>_steps<n>/0000.png ... (each with its settings.json), plus DIR/grid.png (a row per image, a column per
 combination, labelled) and DIR/settings.json listing the combinations.
+
+Outpainting: --outpaint LEFT,TOP,RIGHT,BOTTOM adds that many pixels to --init_image (kept at its own size) and
+generates them by inpainting, in overlapping windows of the model's size where the canvas is larger (see
+diffusion/outpaint.py for the window order); outside a seam band of --outpaint_blur pixels the input is pasted back
+exactly (an invisible watermark, on images of 256x256 or more, changes pixels by design: --watermark none keeps them).
 
 Watermarks: every image written (samples and grids) carries an invisible watermark, the text --watermark (default
 `ldm-jax`; `none`: no mark) by the `invisible-watermark` package's scheme --watermark_method, which that package's
@@ -32,7 +38,7 @@ import sys
 
 from absl import flags
 
-from diffusion import cli, samplers, watermark
+from diffusion import cli, outpaint, samplers, watermark
 from diffusion.errors import user_errors_exit
 from diffusion.prompts import read_prompts_file
 
@@ -67,10 +73,18 @@ _RESCALE = flags.DEFINE_float('guidance_rescale', None, 'Guidance rescale phi in
 _INTERVAL = flags.DEFINE_string(
   'guidance_interval', None, 'LO,HI: guide only where LO <= t / T <= HI (fractions of the training time).'
 )
-_INIT = flags.DEFINE_string('init_image', None, "An image to edit (img2img; resized to the model's size).")
+_INIT = flags.DEFINE_string(
+  'init_image', None, "An image to edit (img2img, inpainting: resized to the model's size; --outpaint: as it is)."
+)
 _MASK = flags.DEFINE_string('mask', None, 'Inpainting mask, same size as --init_image: white = repaint, black = keep.')
 _STRENGTH = flags.DEFINE_float(
-  'strength', None, 'How much of --init_image to redo, in (0, 1] (default 0.8; 1.0 with --mask).'
+  'strength', None, 'How much of --init_image to redo, in (0, 1] (default 0.8; 1.0 with --mask or --outpaint).'
+)
+_OUTPAINT = flags.DEFINE_string(
+  'outpaint', None, 'LEFT,TOP,RIGHT,BOTTOM: pixels to add to --init_image on each side, generated (outpainting).'
+)
+_OUTPAINT_BLUR = flags.DEFINE_integer(
+  'outpaint_blur', outpaint.DEFAULT_BLUR, 'Outpainting: width in pixels of the feathered seam band inside the input.'
 )
 _BATCH = flags.DEFINE_integer(
   'batch_size', 64, 'Images per sampling call, all local devices together; does not change the images.'
@@ -128,7 +142,10 @@ def main(argv: list[str]) -> None:
   cli.require(_BATCH.value >= 1, f'--batch_size must be >= 1, got {_BATCH.value}')
   num_steps, guidance = cli.comma_list(_NUM_STEPS, int, minimum=1), cli.comma_list(_GUIDANCE, float, minimum=0)
   overrides = _overrides()
-  samplers.editing_strength(_STRENGTH.value, _INIT.value is not None, _MASK.value is not None, flag_prefix='--')
+  amounts = cli.comma_list(_OUTPAINT, int, minimum=0, length=4)
+  edits = (_INIT.value is not None, _MASK.value is not None)
+  outpaint.check(amounts, _OUTPAINT_BLUR.value, *edits, flag_prefix='--')
+  samplers.editing_strength(_STRENGTH.value, edits[0], edits[1] or amounts is not None, flag_prefix='--')
   for flag in (_INIT, _MASK):
     cli.require(flag.value is None or os.path.isfile(flag.value), f'--{flag.name} {flag.value!r} does not exist')
   prompts, seeds = _prompts()
@@ -161,6 +178,8 @@ def main(argv: list[str]) -> None:
     loras=loras,
     watermark=mark,
     watermark_method=_WATERMARK_METHOD.value,
+    outpaint=amounts,
+    outpaint_blur=_OUTPAINT_BLUR.value,
     **overrides,
   )
   print(f'wrote {settings["num_images"]} images and grid.png to {_OUT.value}', flush=True)

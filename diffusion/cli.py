@@ -160,7 +160,8 @@ def comma_list(
     and (minimum is None or all(v >= minimum for v in values))
   )
   if not valid:
-    what = f'a number >= {minimum}' if minimum is not None else f'a {getattr(kind, "__name__", "value")}'
+    number = 'an integer' if kind is int else 'a number'
+    what = f'{number} >= {minimum}' if minimum is not None else f'a {getattr(kind, "__name__", "value")}'
     count = f'{length} comma-separated values, each {what}' if length else f'{what} or a comma list of them'
     raise UserError(f'--{flag.name} must be {count}, got {flag.value!r}')
   return values

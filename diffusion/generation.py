@@ -16,10 +16,11 @@ import numpy as np
 
 from diffusion import interop, samplers
 from diffusion import lora as lora_lib
+from diffusion import outpaint as outpaint_lib
 from diffusion import watermark as watermark_lib
 from diffusion import workdir as workdir_lib
 from diffusion.errors import UserError
-from diffusion.images import labelled_grid, load_image, load_mask, make_grid, save_png
+from diffusion.images import labelled_grid, load_image, load_mask, make_grid, read_image, save_png
 from diffusion.pipeline import LatentDiffusionPipeline
 from diffusion.workdir import load_workdir_config
 
@@ -43,16 +44,47 @@ def noise_plan(
 
 
 def _generate(
-  pipeline: LatentDiffusionPipeline, prompts: Sequence[str], noise: Sequence[tuple[int, int]], **kwargs: Any
+  pipeline: LatentDiffusionPipeline,
+  prompts: Sequence[str],
+  noise: Sequence[tuple[int, int]],
+  init_images: Any = None,
+  **kwargs: Any,
 ) -> np.ndarray:
-  """`pipeline.generate` with each image's (root seed, index): one call per distinct root seed."""
+  """`pipeline.generate` with each image's (root seed, index): one call per distinct root seed. `init_images`: one
+  image for all (H, W, 3) or one per prompt (N, H, W, 3)."""
   out: list[Any] = [None] * len(prompts)
+  per_image = init_images is not None and np.ndim(init_images) == 4
   for root in dict.fromkeys(s for s, _ in noise):
     rows = [i for i, (s, _) in enumerate(noise) if s == root]
+    kwargs['init_images'] = np.asarray(init_images)[rows] if per_image else init_images
     images = pipeline.generate([prompts[i] for i in rows], seed=root, indices=[noise[i][1] for i in rows], **kwargs)
     for i, image in zip(rows, images):
       out[i] = image
   return np.stack(out)
+
+
+def outpaint_window_keys(number: int) -> tuple[int, ...]:
+  """The `key_path` of outpainting window `number`: window 0 samples from the image's own key (a canvas of the
+  model's size is sampled from exactly the image's noise), window k > 0 from fold_in(fold_in(key, 2), k)."""
+  return () if number == 0 else (2, number)
+
+
+def outpaint_images(
+  pipeline: LatentDiffusionPipeline,
+  prompts: Sequence[str],
+  noise: Sequence[tuple[int, int]],
+  image: np.ndarray,
+  amounts: Sequence[int],
+  blur: int = outpaint_lib.DEFAULT_BLUR,
+  **kwargs: Any,
+) -> np.ndarray:
+  """uint8 outpaintings (N, H', W', 3) of the uint8 `image` by `amounts` (left, top, right, bottom), one per prompt,
+  image n's noise from `noise[n]` (see `noise_plan`), in windows at the model's size (see `diffusion.outpaint`).
+  `kwargs`: those of `pipeline.generate` (settings, batch_size, strength)."""
+  window = lambda crops, mask, number: _generate(
+    pipeline, prompts, noise, init_images=crops, masks=mask, key_path=outpaint_window_keys(number), **kwargs
+  )
+  return outpaint_lib.outpaint(window, image, amounts, pipeline.config.data.image_size, len(prompts), blur=blur)
 
 
 def workdir_lora(workdir: str, use_ema: bool = True, step: int | None = None) -> Any:
@@ -110,6 +142,8 @@ def sample_to_directory(
   loras: Sequence[tuple[str, float]] = (),
   watermark: str | None = None,
   watermark_method: str = watermark_lib.DEFAULT_METHOD,
+  outpaint: Sequence[int] | None = None,
+  outpaint_blur: int = outpaint_lib.DEFAULT_BLUR,
   **overrides: Any,
 ) -> dict:
   """Writes OUT/0000.png ... (prompt-major), OUT/grid.png (a row per prompt) and OUT/settings.json.
@@ -122,15 +156,21 @@ def sample_to_directory(
   workdirs merged into the workdir's weights for this call (see `merge_adapters`). `watermark`: a text every written
   image (samples and grids) carries as an invisible watermark by `watermark_method` (see `diffusion.watermark`);
   None writes them unmarked. Images smaller than the scheme's minimum are written unmarked, with one warning, and
-  settings.json records it (`watermark.too_small`).
+  settings.json records it (`watermark.too_small`). `outpaint`: (left, top, right, bottom) pixels to add to
+  `init_image` (kept at its own size), the new region generated with the seam band `outpaint_blur` (see
+  `diffusion.outpaint`); the images then have the grown size.
   """
-  edit_strength = samplers.editing_strength(strength, init_image is not None, mask is not None)  # Checks them.
-  strength = None if init_image is None else edit_strength
+  outpaint_lib.check(outpaint, outpaint_blur, init_image is not None, mask is not None)
+  edits = (init_image is not None, mask is not None or outpaint is not None)
+  strength = None if init_image is None else samplers.editing_strength(strength, *edits)  # Checks them.
   noise = noise_plan(len(prompts), num_images, seed, prompt_seeds)
   combos = list(itertools.product(_as_list(guidance_scale), _as_list(num_steps)))
   size = load_workdir_config(workdir, expect='ldm').data.image_size
-  mark, watermark_record = _watermarker(watermark, watermark_method, size)
-  image = None if init_image is None else load_image(init_image, size)
+  image = None if init_image is None or outpaint is not None else load_image(init_image, size)
+  if outpaint is not None:
+    image, outpaint_record = _outpaint_input(init_image, outpaint, outpaint_blur, size)
+  out_size = size if outpaint is None else tuple(outpaint_record['outpaint_size'][::-1])
+  mark, watermark_record = _watermarker(watermark, watermark_method, out_size)
   mask_array = None if mask is None else load_mask(mask, init_image, size)
   pipeline = LatentDiffusionPipeline.from_workdir(workdir, use_ema=use_ema, step=step)
   if loras:
@@ -148,9 +188,12 @@ def sample_to_directory(
     init_image=init_image and os.path.abspath(init_image),
     mask=mask and os.path.abspath(mask),
     strength=strength,
+    outpaint=outpaint and [int(v) for v in outpaint],
     noise='image i (file index) starts from fold_in(PRNGKey(seed), i)',
     watermark=watermark_record,
   )
+  if outpaint is not None:
+    common.update(outpaint_record)
   if loras:
     common['loras'] = [{'path': os.path.abspath(path), 'scale': float(scale)} for path, scale in loras]
   if prompt_seeds is not None and any(v is not None for v in prompt_seeds):
@@ -165,11 +208,27 @@ def sample_to_directory(
   run = lambda s: _generate(
     pipeline, expanded, noise, settings=s, batch_size=batch_size, init_images=image, masks=mask_array, strength=strength
   )
+  if outpaint is not None:
+    run = lambda s: outpaint_images(
+      pipeline, expanded, noise, image, outpaint, outpaint_blur, settings=s, batch_size=batch_size, strength=strength
+    )
   if len(settings) == 1:
     record = {**common, **_settings_record(settings[0])}
     _write(out, run(settings[0]), record, num_images, mark)
     return record
   return _sweep(run, settings, common, noise, out, mark)
+
+
+def _outpaint_input(path: str, amounts: Sequence[int], blur: int, size: int) -> tuple[np.ndarray, dict]:
+  """(the image to outpaint, uint8 at its own size; the settings.json fields of the outpainting)."""
+  image = read_image(path)
+  height, width = outpaint_lib.canvas_size(*image.shape[:2], amounts)
+  windows = [[x, y] for y, x in outpaint_lib.plan(image.shape, amounts, size)]
+  record = dict(outpaint_blur=blur, outpaint_size=[width, height], outpaint_windows=windows)
+  record['outpaint_noise'] = 'window 0 (of outpaint_windows, [left, top]) from the image key, window k from ' + (
+    'fold_in(fold_in(key, 2), k)'
+  )
+  return image, record
 
 
 def _settings_record(settings: samplers.SamplingSettings) -> dict:
@@ -182,18 +241,20 @@ def _settings_record(settings: samplers.SamplingSettings) -> dict:
 Marker = Callable[[np.ndarray], np.ndarray] | None
 
 
-def _watermarker(text: str | None, method: str, size: int) -> tuple[Marker, dict | None]:
+def _watermarker(text: str | None, method: str, size: int | tuple[int, int]) -> tuple[Marker, dict | None]:
   """(the function that marks a uint8 image, or None; the settings.json record). Checks the text and method first
-  (a text longer than a `size` image carries is a `UserError`) and warns once when `size` images are too small."""
+  (a text longer than a `size` (side, or (height, width)) image carries is a `UserError`) and warns once when such
+  images are too small."""
   if text is None:
     return None, None
-  too_small = not watermark_lib.markable(size, size)
+  height, width = (size, size) if isinstance(size, int) else size
+  too_small = not watermark_lib.markable(height, width)
   # Small samples leave only grids to mark: then the text must fit the smallest image that gets a mark.
-  side = watermark_lib.MIN_SIDE if too_small else size
-  watermark_lib.check(text, method, side, side)
+  side = (watermark_lib.MIN_SIDE,) * 2 if too_small else (height, width)
+  watermark_lib.check(text, method, *side)
   if too_small:
     print(
-      f'warning: {size}x{size} images are too small for a watermark (height x width must be >= '
+      f'warning: {width}x{height} images are too small for a watermark (height x width must be >= '
       f'{watermark_lib.MIN_PIXELS}): the samples are written unmarked (settings.json: watermark.too_small)',
       file=sys.stderr,
       flush=True,

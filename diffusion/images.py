@@ -36,12 +36,21 @@ def save_png(image: np.ndarray, path: str, upscale: int = 1) -> None:
   pil.save(path)
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-  """An RGB image file as (size, size, 3) floats in [-1, 1] (resized with bicubic filtering if needed)."""
+def _open_rgb(path: str) -> Image.Image:
   try:
-    image = Image.open(path).convert('RGB')
+    return Image.open(path).convert('RGB')
   except (OSError, ValueError) as e:
     raise UserError(f'cannot read image {path!r}: {e}') from None
+
+
+def read_image(path: str) -> np.ndarray:
+  """An RGB image file as uint8 (H, W, 3) at its own size."""
+  return np.asarray(_open_rgb(path), np.uint8)
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+  """An RGB image file as (size, size, 3) floats in [-1, 1] (resized with bicubic filtering if needed)."""
+  image = _open_rgb(path)
   if image.size != (size, size):
     image = image.resize((size, size), Image.BICUBIC)
   return np.asarray(image, np.float32) / 127.5 - 1.0

@@ -180,8 +180,12 @@ class LatentDiffusionPipeline:
     init_images: Any = None,
     masks: Any = None,
     strength: float | None = None,
+    key_path: Sequence[int] = (),
   ) -> np.ndarray:
     """Returns uint8 images (N, H, W, 3), one per prompt; image n uses noise index `indices[n]` (default n).
+
+    `key_path`: further indices folded into each image's key, in order (outpainting's windows draw their own noise
+    so); the pipeline itself folds 1 into a key for its per-step noise, so paths start with another number.
 
     `settings`: how to sample (default: the config's, `sampling_settings()`), negative prompt included.
     `batch_size` images are sampled per call, split over the local devices; it never changes an image.
@@ -202,6 +206,8 @@ class LatentDiffusionPipeline:
       chunk = slice(start, start + batch_size)
       count = len(indices[chunk])
       keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(indices[chunk]))
+      for index in key_path:
+        keys = jax.vmap(lambda k, i=index: jax.random.fold_in(k, i))(keys)
       inputs = {
         'cond_ids': self.tokenize(list(prompts[chunk])),
         'uncond_ids': self.tokenize([settings.negative_prompt] * count),

@@ -118,7 +118,7 @@ def test_comma_list_values(define, text, kind, minimum, length, expected):
   'text,kind,minimum,length,needle',
   [
     ('1,x', float, 0, None, 'a number >= 0 or a comma list'),
-    ('', int, 1, None, 'a number >= 1'),
+    ('', int, 1, None, 'an integer >= 1'),
     ('3,0', int, 1, None, "got '3,0'"),
     ('1,,2', float, None, None, 'a float'),
     ('0.1', float, 0, 2, '2 comma-separated values'),
