@@ -8,7 +8,7 @@ off). The canvas is covered by the fewest windows of the model's size that overl
 next being the one that holds the most known pixels (ties: top to bottom, then left to right; windows with nothing
 unknown are skipped): it inpaints its unknown pixels given everything known so far, the image's and those generated
 by earlier windows, which then count as known. Every window of a call draws its noise through the caller's
-`generate` (sample.py: deterministic from the seed and the window's number).
+`generate` (`generation.outpaint_images`: deterministic from the image's seed and the window's number).
 
 Paste-back: a known pixel `d` pixels from the new region (d = 1 next to it) inside the seam band (d <= blur) is
 blended as (d / (blur + 1)) * input + (1 - d / (blur + 1)) * the model's rendering of it; outside the band the output
