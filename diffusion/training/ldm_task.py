@@ -281,6 +281,9 @@ class LDMTask:
     images = self.sampling_pipeline().generate(prompts, seed=self.config.seed, params={**params, 'vae': frozen['vae']})
     return make_grid(images, ncols=s.num_images_per_prompt), ' | '.join(s.prompts)
 
+  def sampling_params(self, params: Any, frozen: Any) -> dict:
+    return {**params, **frozen}
+
   def sampling_pipeline(self) -> LatentDiffusionPipeline:
     """One pipeline per task, so its jitted sampling loop compiles once; call it with `params=`."""
     if self._pipeline is None:

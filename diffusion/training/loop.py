@@ -298,5 +298,5 @@ class _Run:
     if grid and jax.process_index() == 0:
       self.writer.write_images(step, 'samples', *self.task.sample_grid(params, self.frozen_local))
     if evals:  # Every process generates its share of each evaluator's samples; results are combined once.
-      results = self.suite.evaluate({**params, **self.frozen_local}, step, last=last)
+      results = self.suite.evaluate(self.task.sampling_params(params, self.frozen_local), step, last=last)
       self.writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items()}, progress=False)

@@ -57,8 +57,6 @@ class LoRATask(LDMTask):
   name = 'lora'
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    if config.get('evals') and len(config.evals):
-      raise ConfigError('evals', 'in-training evaluators are not supported for LoRA runs yet: leave config.evals empty')
     config = _base_sections(resolved_copy(config))
     base_dir = config.base_workdir
     vae = workdir_lib.load_frozen(base_dir, 'vae', key='base_workdir')
@@ -104,6 +102,10 @@ class LoRATask(LDMTask):
 
   def eval_step(self, params: Any, frozen: Any, batch: dict, keys: jax.Array) -> dict:
     return super().eval_step(self.effective(params, frozen), frozen, batch, keys)
+
+  def sampling_params(self, params: Any, frozen: Any) -> dict:
+    """The base with the LoRA merged in (host arrays: merged on the host) and the frozen VAE: what evaluators sample."""
+    return {**self.effective(params, frozen), 'vae': frozen['vae']}
 
   def sample_grid(self, params: Any, frozen: Any):
     return super().sample_grid(self.effective(params, frozen), frozen)

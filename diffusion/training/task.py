@@ -5,7 +5,8 @@ A task is built as `TASKS.get(config.model_type)(config, workdir)`. It never cha
 holds its resolved copy in `task.config` (facts read from the workdirs it is built on, the vocabulary size, a scale
 computed from data), and the loop writes that copy to `<workdir>/config.json`. The loop calls every protocol member
 on every task, in this order: `built_on`, `calibrate` (fresh runs only), `init_params`, `aux_networks`, `loss_fn` /
-`eval_step` (under jit), `prepare_sampling` (once per run), `sample_grid` (process 0), `meta` (with each checkpoint).
+`eval_step` (under jit), `prepare_sampling` (once per run), `sample_grid` (process 0), `sampling_params` (at each
+in-training evaluation), `meta` (with each checkpoint).
 """
 
 from typing import Any, Callable, Iterator, Protocol
@@ -58,6 +59,10 @@ class Task(Protocol):
 
   def sample_grid(self, params: Any, frozen: Any) -> tuple[np.ndarray, str]:
     """(uint8 image grid, caption) from host-local (EMA) params and frozen params; process 0 only."""
+
+  def sampling_params(self, params: Any, frozen: Any) -> Any:
+    """What `sampling_pipeline()` takes as `params=` for these host-local (EMA) trained params and frozen parts (what
+    in-training evaluators sample or reconstruct with)."""
 
   def sampling_pipeline(self) -> Any:
     """The text -> image pipeline of this task (built once per run; call it with `params=`), or None. What

@@ -209,6 +209,9 @@ class VAETask:
     images = np.concatenate([to_uint8(x), to_uint8(rec)])
     return make_grid(images, ncols=len(x)), 'top: held-out images, bottom: reconstructions'
 
+  def sampling_params(self, params: Any, frozen: Any) -> dict:
+    return {**params, **frozen}  # The VAE's params; the frozen parts beside them are not read.
+
   def sampling_pipeline(self) -> AutoencoderPipeline:
     """What reconstruction evaluators (`config.evals`: psnr, ssim, lpips, rfid) reconstruct held-out images with."""
     return AutoencoderPipeline(self.config, None)

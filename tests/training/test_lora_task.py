@@ -8,6 +8,7 @@ import sys
 
 import flax
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -49,8 +50,23 @@ def base(tmp_path_factory, ldm_workdir) -> str:
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, data_dir, base) -> str:
   workdir = str(tmp_path_factory.mktemp('lora'))
-  train_and_evaluate(lora_config(data_dir, base, **{'train.eval_every': 2, 'train.sample_every': 2}), workdir)
+  oracle = ml_collections.ConfigDict({'type': 'oracle', 'num_samples': 4, 'batch_size': 4})  # At the last step.
+  more = {'train.eval_every': 2, 'train.sample_every': 2, 'evals.oracle': oracle}
+  train_and_evaluate(lora_config(data_dir, base, **more), workdir)
   return workdir
+
+
+def test_in_training_evaluators_sample_base_plus_lora(trained):
+  """The run's last-step oracle evaluation equals the same evaluator on the workdir's merged pipeline (eval/run.py's
+  view), so the evaluators saw base + LoRA, not the raw factors."""
+  from diffusion.evaluation import EvalSuite, parse_evals
+
+  logged = [json.loads(line) for line in open(os.path.join(trained, 'metrics.jsonl'))]
+  during = [m['eval/oracle_caption_accuracy'] for m in logged if 'eval/oracle_caption_accuracy' in m]
+  assert len(during) == 1
+  pipeline = LatentDiffusionPipeline.from_workdir(trained)
+  after = EvalSuite(parse_evals(pipeline.config), pipeline.config, trained, pipeline).evaluate(None)
+  assert after['oracle_caption_accuracy'] == during[0]
 
 
 def test_checkpoint_holds_only_lora_factors_that_moved(trained, base):

@@ -63,6 +63,9 @@ class RegressionTask:
     del params, frozen
     return make_grid(to_uint8(self.images), ncols=4), 'held-out images'
 
+  def sampling_params(self, params, frozen):
+    return params
+
   def sampling_pipeline(self):
     return None
 
