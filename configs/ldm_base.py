@@ -213,8 +213,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.weight_decay = 0.0  # Also keeps the frozen text encoder exactly as imported.
     config.optim.ema_decay = 0.9999
   elif preset == 'dreambooth':
-    # Sized for small models (the shapes demo's); the model, tokenizer and process are the base's.
-    config.data = common.get_data_config(image_size=32)  # The image size becomes the base's.
+    # Sized for small models (the shapes demo's). A LoRA run trains with its base's model, tokenizer, process and
+    # image size; the tiny sections here only keep the config valid on its own.
+    config = get_config('tiny')
+    config.preset = preset
+    config.evals = ml_collections.ConfigDict()
     config.lora.rank = 8
     config.lora.alpha = 8.0
     config.lora.text_encoder = True
@@ -230,9 +233,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.lr_schedule = 'constant'
     config.optim.weight_decay = 0.0
     config.optim.ema_decay = 0.99
-    config.sample.num_steps = 25
-    config.sample.guidance_scale = 3.0
-    config.sample.prompts = ('a red circle', 'a blue square', 'a green triangle', 'a yellow circle')
+    return config
   else:
     raise ValueError(f'unknown preset {preset!r} for configs/ldm_base.py; known: base, tiny, sd15, dreambooth')
   config.model.vae.attention = 'auto'  # 'auto' | 'xla' | 'cudnn' | 'splash', as model.unet.attention.
