@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from typing import Callable
 
 import make_docs  # scripts/ is on sys.path when this runs as `python scripts/record_demo.py`.
 
@@ -74,34 +75,43 @@ def demo_results(demo_dir: str, root: str, wall_time_s: float) -> dict:
   }
   grid = os.path.join(demo_dir, 'samples', 'grid.png')
   if os.path.exists(grid):
-    target = os.path.join(root, make_docs.DEMO_GRID)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.copyfile(grid, target)
-    with open(target, 'rb') as f:
-      out['grid_sha256'] = hashlib.sha256(f.read()).hexdigest()
+    out['grid_sha256'] = copy_grid(grid, root, make_docs.DEMO_GRID)
     out['grid_prompts'] = grid_prompts(os.path.dirname(grid))
   return out
 
 
-@user_errors_exit
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def copy_grid(source: str, root: str, relpath: str) -> str:
+  """Copies a demo's grid image to `root/relpath` (docs/images) and returns its sha256, which the record keeps."""
+  target = os.path.join(root, relpath)
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  shutil.copyfile(source, target)
+  with open(target, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def parse_demo_args(description: str, command: str) -> argparse.Namespace:
+  """The flags every demo's record step takes (the Makefile passes the times and the load)."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument('--demo_dir', default=os.path.join('workdirs', 'demo'))
   parser.add_argument('--start_time', type=float, required=True, help='Unix time the demo started')
   parser.add_argument('--end_time', type=float, default=None, help='Unix time the demo ended (default: now)')
   parser.add_argument('--start_load', default='', help='1-minute load average when the demo started')
-  parser.add_argument('--command', default='make demo', help='the command the record names')
+  parser.add_argument('--command', default=command, help='the command the record names')
   parser.add_argument('--root', default=make_docs.ROOT, help='repository root whose docs are updated')
-  args = parser.parse_args()
+  return parser.parse_args()
+
+
+def write_demo_record(name: str, args: argparse.Namespace, numbers_of: Callable[[str, str, float], dict]) -> dict:
+  """Writes docs/results/<name>.json from `numbers_of(demo_dir, root, wall_time_s)` and regenerates the docs."""
   end = time.time() if args.end_time is None else args.end_time
   if end < args.start_time:
     raise UserError(f'--end_time {end} is before --start_time {args.start_time}')
   git = results.git_state()  # Before the grid is copied into docs/images: the tree the demo ran from.
-  numbers = demo_results(args.demo_dir, args.root, end - args.start_time)
+  numbers = numbers_of(args.demo_dir, args.root, end - args.start_time)
   results.write_record(
-    'demo',
+    name,
     numbers,
-    path=os.path.join(args.root, 'docs', 'results', 'demo.json'),
+    path=os.path.join(args.root, 'docs', 'results', f'{name}.json'),
     command=args.command,
     settings={'demo_dir': args.demo_dir},
     load_at_start=float(args.start_load) if args.start_load else None,
@@ -109,6 +119,12 @@ def main() -> None:
   )
   if make_docs.main(['--root', args.root]) != 0:
     raise UserError('the docs could not be regenerated from the records')
+  return numbers
+
+
+@user_errors_exit
+def main() -> None:
+  numbers = write_demo_record('demo', parse_demo_args(__doc__.splitlines()[0], 'make demo'), demo_results)
   acc = numbers['caption_accuracy']
   print(
     f'caption_accuracy guided={acc["guided"]:.3f} unguided={acc["unguided"]:.3f} '
