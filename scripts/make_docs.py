@@ -433,7 +433,13 @@ def render_vae_loss_ablation(record: dict) -> list[str]:
   rfid_head = 'rFID' + (' (random Inception)' if random_inception else '')
   lines = [
     f'The tiny VAE on the shapes data, each variant trained from the same seed for the same steps; metrics of '
-    f"{r['num_eval']} held-out images and their reconstructions (posterior mean, the last step's EMA params).",
+    f"{r['num_eval']} held-out images and their reconstructions (posterior mean, the last step's EMA params)."
+    + (
+      f' The PatchGAN: {r["disc"]["num_layers"]} layers, {r["disc"]["channels"]} base channels, from step '
+      f'{r["disc"]["disc_start"]}.'
+      if 'disc' in r
+      else ''
+    ),
     '',
     f'| variant | PSNR (dB) | SSIM | {lpips_head} | {rfid_head} | steps |',
     '|---|---|---|---|---|---|',

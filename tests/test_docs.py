@@ -170,7 +170,13 @@ def test_the_vae_loss_ablation_block_shows_every_variant_and_which_weights_score
     'machine': {'device_kind': 'cpu', 'device_count': 1, 'jax_backend': 'cpu', 'cpu_count': 2},
     'load_average': {'start': 1.0, 'end': 2.0},
     'settings': {},
-    'results': {'rows': rows, 'weights': weights, 'num_eval': 64, 'lpips_net': 'alex'},
+    'results': {
+      'rows': rows,
+      'weights': weights,
+      'num_eval': 64,
+      'lpips_net': 'alex',
+      'disc': {'num_layers': 3, 'channels': 16, 'disc_start': 20},
+    },
   }
   (doc_root / 'docs' / 'results' / 'vae_loss_ablation.json').write_text(json.dumps(record))
   assert run_cli('scripts/make_docs.py', '--check', '--root', str(doc_root)).returncode == 1
@@ -185,6 +191,7 @@ def test_the_vae_loss_ablation_block_shows_every_variant_and_which_weights_score
     'LPIPS-alex (backbone: random, heads: random) (RANDOM: not the trained LPIPS network)',
     'random, BatchNorm calibrated on up to 64 held-out images (RANDOM: not the trained pytorch-fid network)',
     'metrics of 64 held-out images',
+    'The PatchGAN: 3 layers, 16 base channels, from step 20.',
     '[`docs/results/vae_loss_ablation.json`](results/vae_loss_ablation.json)',
   ):
     assert line in block, (line, block)
