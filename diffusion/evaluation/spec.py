@@ -129,7 +129,12 @@ def parse_evaluator(name: str, entry: Mapping[str, Any], config: ml_collections.
     if given:
       raise ConfigError(f'evals.{name}.{given[0]}', f'metric {metric} reconstructs held-out images: it samples nothing')
   elif 'diffusion' not in config:
-    raise ConfigError(f'evals.{name}.type', f'metric {metric} scores images sampled from text; this run samples none')
+    pair_metrics = [m for m in METRICS.names() if getattr(METRICS.get(m), 'pairs', False)]
+    raise ConfigError(
+      f'evals.{name}.type',
+      f'metric {metric} scores images sampled from text, which an {"ldm"!r} (text-to-image) model makes; this is a '
+      f'{config.get("model_type")!r} model (its metrics: {", ".join(pair_metrics)})',
+    )
   else:
     _sampling(config, name, sampling)
   return EvaluatorSpec(

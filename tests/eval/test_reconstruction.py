@@ -138,7 +138,7 @@ def test_training_runs_reconstruction_evaluators_of_config_evals(vae_workdir):
 @pytest.mark.parametrize(
   'entry, key, needle',
   [
-    ({'type': 'fid'}, 'evals.e.type', 'samples none'),
+    ({'type': 'fid'}, 'evals.e.type', 'text-to-image'),
     ({'type': 'psnr', 'guidance_scale': 2.0}, 'evals.e.guidance_scale', 'samples nothing'),
   ],
   ids=['sampling-metric-on-vae', 'sampling-key-on-pair-metric'],
