@@ -56,8 +56,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any) -> 
   section = config.dreambooth
   if workdir_lib.has_tokenizer(workdir):
     tokenizer = workdir_lib.load_tokenizer(workdir)  # A resumed run keeps the ids it trained with.
-  else:
-    tokenizer = tokenizer_lib.add_words(tokenizer, list(section.new_words))
+  tokenizer = tokenizer_lib.add_words(tokenizer, list(section.new_words))  # Words it knows already keep their ids.
   instances = data_lib.instance_examples(section)
   tokenizer_lib.check_known_words(tokenizer, [c for _, c in instances], 'dreambooth instance captions')
   tokenizer_lib.check_known_words(tokenizer, data_lib.class_prompts(section), 'dreambooth class prompts')

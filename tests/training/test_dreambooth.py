@@ -133,3 +133,23 @@ def test_config_errors(data_dir, ldm_workdir, tmp_path):
     validate_config(dreambooth_config(data_dir, ldm_workdir, str(tmp_path / 'missing')))
   with pytest.raises(ConfigError, match='dreambooth.num_class_images'):
     validate_config(dreambooth_config(data_dir, ldm_workdir, instances, **{'dreambooth.num_class_images': 1}))
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_dreambooth_takes_the_base_over(tmp_path, data_dir, ldm_workdir):
+  """lora.rank = 0 with init_from: the run starts from the base's params and VAE, knows the new word, trains."""
+  instances = instance_folder(str(tmp_path / 'instances'))
+  config = dreambooth_config(data_dir, '', instances, **{'lora.rank': 0, 'dreambooth.num_class_images': 2})
+  config.init_from = ldm_workdir
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(config, workdir)
+  assert 'cross' in tokenizer_lib.word_vocabulary(workdir_lib.load_tokenizer(workdir))
+  assert 'vae_workdir' not in workdir_lib.load_built_on(workdir) and 'init_from' in workdir_lib.load_built_on(workdir)
+  vae = workdir_lib.load_frozen(workdir, 'vae')
+  base_vae = workdir_lib.load_frozen(ldm_workdir, 'vae')
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(vae), jax.tree.leaves(base_vae)))
+  params = workdir_lib.load_trained_params(workdir)[0]
+  base = workdir_lib.load_trained_params(ldm_workdir)[0]
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params['unet']), jax.tree.leaves(base['unet']))]
+  assert any(moved)
+  assert LatentDiffusionPipeline.from_workdir(workdir).tokenize(['a red cross']).shape[0] == 1
