@@ -88,7 +88,7 @@ class FolderDataSource:
     root = os.path.dirname(os.path.abspath(captions_path))
     self._files: list[str] = []
     self._captions: list = []
-    self._weights: list[float] | None = [] if rows and 'loss_weight' in rows[0] else None
+    self._weights: list[float] | None = [] if any('loss_weight' in row for row in rows) else None
     self.num_missing = 0
     for row in rows:
       file_path = os.path.join(root, row['file_name'])

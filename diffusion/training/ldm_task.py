@@ -144,8 +144,8 @@ class LDMTask:
     """Networks, objective, caption-dropout inputs and the latent-cache check of a resolved `config` on the frozen
     `vae` (shared by the tasks built on this one)."""
     self.tokenizer = tokenizer
-    if tokenizer_lib.unknown_words(tokenizer, list(config.sample.prompts)):  # Before compiling, not at the first grid.
-      unknown = tokenizer_lib.unknown_words(tokenizer, list(config.sample.prompts))
+    unknown = tokenizer_lib.unknown_words(tokenizer, list(config.sample.prompts))
+    if unknown:  # Before compiling, not at the first sample grid.
       raise ConfigError('sample.prompts', f'word(s) {unknown} are not in the tokenizer (they would become <unk>)')
     config.model.text.vocab_size = len(self.tokenizer)
     self.config = config
