@@ -100,3 +100,22 @@ def test_errors(tmp_path):
   (tmp_path / 'metadata.jsonl').write_text(json.dumps({'file_name': 'x.png'}) + '\n')
   with pytest.raises(ValueError, match='text'):
     folder.FolderDataSource(str(tmp_path))
+
+
+def test_loss_weight_column_reaches_the_batches(tmp_path, make_config, tok):
+  """A captions file's loss_weight column (DreamBooth's prior images) comes out per example; rows without it weigh 1."""
+  root = tmp_path / 'weighted'
+  root.mkdir()
+  rows = []
+  for i, (name, rgb) in enumerate(list(COLOURS.items())[:4]):
+    Image.new('RGB', (16, 16), rgb).save(root / f'{i}.png')
+    rows.append({'file_name': f'{i}.png', 'text': f'a {name} picture', **({'loss_weight': 0.25 * i} if i else {})})
+  with open(root / 'metadata.jsonl', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+  config = make_config(name='folder', image_size=16, max_text_length=8, folder=dict(path=str(root), captions_file=''))
+  loader = pipeline.create_image_pipeline(
+    config, 'train', tokenizer=tok, batch_size=2, seed=0, num_epochs=1, shuffle=False, drop_remainder=False
+  )
+  batches = list(loader)
+  weights = np.concatenate([b['loss_weight'] for b in batches])
+  assert weights.dtype == np.float32 and weights.tolist() == [1.0, 0.25, 0.5, 0.75]
